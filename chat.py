@@ -1,0 +1,658 @@
+"""A line-protocol chat server: one thread, one selectors reactor.
+
+    python3 chat.py 8080        then, in two terminals: nc localhost 8080
+
+The contract is PROTOCOL.md; protocol.py knows what lines mean, this module
+moves bytes. One turn of the loop (`ChatServer.run_once`):
+
+1. select: wait for readable and writable sockets, without waiting at all
+   while some connection still has received lines to process.
+2. read: at most one recv of READ_SIZE bytes per ready connection, split
+   into lines (protocol.split_lines) and queued on the connection. A
+   connection with a large backlog is not read until it shrinks.
+3. process: up to LINES_PER_TURN queued lines per connection, round robin.
+   Replies go to the connection's own write buffer; each accepted SEND is
+   formatted once and appended to the turn's broadcast batch.
+4. flush: the batch is joined into one bytes object and sent as it is to
+   every member (one send each), except the few that need their own copy:
+   the turn's senders, who never get their own lines, and members who joined
+   during the turn, who get only what came after. Whatever the kernel does
+   not take goes to that connection's write buffer, and write interest is
+   registered only while such a buffer is not empty. A connection whose
+   buffer passes the output limit is closed as a slow consumer.
+5. close: connections that reached end of input, once their lines are
+   processed and their output flushed.
+
+Nothing is ever sent to one connection in the middle of handling another,
+and no connection is closed in the middle of a broadcast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from itertools import accumulate
+from selectors import EVENT_READ, EVENT_WRITE, DefaultSelector
+from types import FrameType
+from typing import Final, NoReturn
+
+import protocol
+from protocol import BadSend, Blank, Reply, Send, SetName
+
+PORT = 8080
+
+DEFAULT_MAX_CLIENTS: Final = 10_000
+# PROTOCOL.md, "Limits and failures": unsent output above this closes the
+# connection as a slow consumer.
+DEFAULT_OUTPUT_LIMIT: Final = 1 << 20
+# One recv per ready connection per turn, of at most this much: a flooder
+# gets the same share of a turn as everybody else.
+READ_SIZE: Final = 64 * 1024
+# Lines processed per connection per turn. A 64 KiB read holds up to 64 Ki
+# lines; processing them all while 1,000 members wait would stall the room.
+LINES_PER_TURN: Final = 512
+# Once this many bytes of RECEIVE lines are batched, the turn stops
+# processing and flushes, so neither the batch nor a turn grows without
+# bound when many connections send at once.
+BATCH_BYTES: Final = 256 * 1024
+# Connections accepted per turn, so a connection storm cannot starve the
+# clients already connected.
+ACCEPTS_PER_TURN: Final = 512
+# How long to stop accepting after running out of file descriptors: the
+# listener stays readable meanwhile, so retrying at once would spin.
+ACCEPT_PAUSE: Final = 0.1
+# Errors of accept() that mean "out of descriptors or memory", not "this
+# one connection failed".
+_RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+log = logging.getLogger("chat")
+
+
+class Connection:
+    """One client: its socket, its buffers and its place in the room."""
+
+    __slots__ = (
+        "sock",
+        "fd",
+        "peer",
+        "name",
+        "key",
+        "receive_prefix",
+        "partial",
+        "discarding",
+        "lines",
+        "next_line",
+        "out",
+        "wants_write",
+        "at_eof",
+        "closed",
+    )
+
+    def __init__(self, sock: socket.socket, peer: str) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.name: str | None = None
+        self.key = ""  # protocol.name_key(name), the key in the room's table
+        self.receive_prefix = b""  # b"RECEIVE <name> ", encoded once per rename
+        # Framing state, as protocol.split_lines hands it back.
+        self.partial = b""
+        self.discarding = False
+        # Received lines not processed yet: lines[next_line:].
+        self.lines: list[bytes] = []
+        self.next_line = 0
+        self.out = bytearray()  # output the kernel has not taken yet
+        self.wants_write = False  # registered for EVENT_WRITE
+        self.at_eof = False  # the client sent end of input
+        self.closed = False
+
+    def backlog(self) -> int:
+        return len(self.lines) - self.next_line
+
+    def __repr__(self) -> str:
+        who = f" {self.name!r}" if self.name is not None else ""
+        return f"<fd {self.fd} {self.peer}{who}>"
+
+
+class _Listener:
+    """Selector tag of the listening socket."""
+
+
+class _Wakeup:
+    """Selector tag of the socket that `stop` writes to."""
+
+
+class Batch:
+    """The RECEIVE lines accepted during one turn, in the order accepted."""
+
+    __slots__ = ("lines", "size", "own", "joined_at")
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self.size = 0
+        # Indices in `lines` of each sender's own lines, which it must not get.
+        self.own: dict[Connection, list[int]] = {}
+        # Members who joined during the turn: the index of the first line
+        # they may get (a message accepted before they had a name is not
+        # theirs).
+        self.joined_at: dict[Connection, int] = {}
+
+    def add(self, sender: Connection, line: bytes) -> None:
+        own = self.own.get(sender)
+        if own is None:
+            self.own[sender] = [len(self.lines)]
+        else:
+            own.append(len(self.lines))
+        self.lines.append(line)
+        self.size += len(line)
+
+    def clear(self) -> None:
+        self.lines = []
+        self.size = 0
+        self.own.clear()
+        self.joined_at.clear()
+
+
+def format_peer(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = str(address[0]), address[1]
+        host = host.removeprefix("::ffff:")  # an IPv4 client of a dual-stack socket
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address)
+
+
+def open_listener(host: str | None, port: int, backlog: int = 4096) -> socket.socket:
+    """A non-blocking listening socket: dual-stack IPv6 + IPv4 when `host` is
+    None and the system allows it, else on `host` (a name or an address)."""
+    if host is None:
+        if socket.has_dualstack_ipv6():
+            sock = socket.create_server(
+                ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=backlog
+            )
+        else:
+            sock = socket.create_server(("", port), backlog=backlog)
+    else:
+        family, _, _, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.create_server(address, family=family, backlog=backlog)
+    sock.setblocking(False)
+    return sock
+
+
+class ChatServer:
+    """The chat room and its reactor. Binds in the constructor (port 0 picks
+    a free port, see `address`); `serve_forever` runs until `stop`, which is
+    safe to call from another thread or a signal handler."""
+
+    def __init__(
+        self,
+        host: str | None = None,
+        port: int = PORT,
+        *,
+        max_clients: int = DEFAULT_MAX_CLIENTS,
+        output_limit: int = DEFAULT_OUTPUT_LIMIT,
+    ) -> None:
+        self.max_clients = max_clients
+        self.output_limit = output_limit
+        self._listener = open_listener(host, port)
+        self._selector = DefaultSelector()
+        self._selector.register(self._listener, EVENT_READ, _Listener)
+        self._wakeup_reader, self._wakeup_writer = socket.socketpair()
+        self._wakeup_reader.setblocking(False)
+        self._wakeup_writer.setblocking(False)
+        self._selector.register(self._wakeup_reader, EVENT_READ, _Wakeup)
+        self._stopping = False
+        self._accept_resumes_at: float | None = None  # set while out of fds
+        self._connections: dict[int, Connection] = {}
+        # The room: every connection with a name, by protocol.name_key.
+        self._members: dict[str, Connection] = {}
+        # Connections with lines left to process, in round-robin order.
+        self._busy: dict[Connection, None] = {}
+        # Connections to send to at the end of the turn.
+        self._dirty: set[Connection] = set()
+        # Connections to close once the turn's output is flushed.
+        self._finished: list[Connection] = []
+        self._batch = Batch()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._listener.getsockname()[:2]
+        return host, port
+
+    # --- the loop -------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        try:
+            while not self._stopping:
+                self.run_once()
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        self._stopping = True
+        # Full means a wake-up is already pending; closed means we are done.
+        with contextlib.suppress(OSError):
+            self._wakeup_writer.send(b"\0")
+
+    def run_once(self) -> None:
+        """One turn: select, read, process, flush, close."""
+        for key, mask in self._selector.select(self._select_timeout()):
+            tag = key.data
+            if isinstance(tag, Connection):
+                if mask & EVENT_READ:
+                    self._read(tag)
+                if mask & EVENT_WRITE:
+                    self._dirty.add(tag)
+            elif tag is _Listener:
+                self._accept()
+            else:
+                self._drain_wakeup()
+        self._resume_accepting_if_due()
+        self._process_backlogs()
+        self._flush()
+        for conn in self._finished:
+            self._close(conn, "client closed the connection")
+        self._finished.clear()
+
+    def _select_timeout(self) -> float | None:
+        if self._busy:
+            return 0
+        if self._accept_resumes_at is not None:
+            return max(0.0, self._accept_resumes_at - time.monotonic())
+        return None
+
+    def close(self) -> None:
+        """Close every connection and the listener. Idempotent."""
+        for conn in list(self._connections.values()):
+            self._close(conn, "server shutting down")
+        for sock in (self._listener, self._wakeup_reader, self._wakeup_writer):
+            if sock.fileno() >= 0:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._selector.unregister(sock)
+                sock.close()
+        self._selector.close()
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while self._wakeup_reader.recv(4096):
+                pass
+        except OSError:  # drained (BlockingIOError) or closed
+            pass
+
+    # --- accepting ------------------------------------------------------
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPTS_PER_TURN):
+            try:
+                sock, address = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                if error.errno in _RESOURCE_ERRNOS:
+                    self._pause_accepting(error)
+                    return
+                # ECONNABORTED and the like: that one client gave up.
+                log.debug("accept failed: %s", error)
+                continue
+            self._admit(sock, format_peer(address))
+
+    def _admit(self, sock: socket.socket, peer: str) -> None:
+        sock.setblocking(False)
+        if len(self._connections) >= self.max_clients:
+            log.warning("refused %s: server is full (%d clients)", peer, self.max_clients)
+            try:
+                sock.send(protocol.SERVER_FULL)
+                # Unread input would turn close() into a reset that can
+                # destroy the reply in flight; drop what already arrived.
+                sock.recv(READ_SIZE)
+            except OSError:
+                pass
+            sock.close()
+            return
+        # We coalesce writes ourselves, so Nagle would only add latency.
+        with contextlib.suppress(OSError):  # not TCP: a Unix socket in a test
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Connection(sock, peer)
+        self._connections[conn.fd] = conn
+        self._selector.register(sock, EVENT_READ, conn)
+        log.info("%r connected", conn)
+
+    def _pause_accepting(self, error: OSError) -> None:
+        log.error(
+            "cannot accept connections: %s; pausing accept for %.1fs",
+            error.strerror,
+            ACCEPT_PAUSE,
+        )
+        self._selector.unregister(self._listener)
+        self._accept_resumes_at = time.monotonic() + ACCEPT_PAUSE
+
+    def _resume_accepting_if_due(self) -> None:
+        if self._accept_resumes_at is not None and time.monotonic() >= self._accept_resumes_at:
+            self._accept_resumes_at = None
+            self._selector.register(self._listener, EVENT_READ, _Listener)
+
+    # --- reading and processing ------------------------------------------
+
+    def _read(self, conn: Connection) -> None:
+        if conn.closed or conn.at_eof or conn.backlog() > LINES_PER_TURN:
+            return  # its backlog is processed first: it is on the busy list
+        try:
+            data = conn.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self._close(conn, f"connection error: {error.strerror or error}")
+            return
+        if data:
+            lines, conn.partial, conn.discarding = protocol.split_lines(
+                data, conn.partial, conn.discarding
+            )
+            if not lines:
+                return
+            if conn.next_line:
+                conn.lines = conn.lines[conn.next_line :]
+                conn.next_line = 0
+            conn.lines += lines
+        else:
+            conn.at_eof = True
+            if conn.partial:  # a final line without "\n" is still a line
+                conn.lines.append(conn.partial)
+                conn.partial = b""
+        self._busy[conn] = None
+
+    def _process_backlogs(self) -> None:
+        busy = self._busy
+        batch = self._batch
+        for conn in list(busy):
+            if batch.size >= BATCH_BYTES:
+                break  # the rest wait for the next turn, in the same order
+            del busy[conn]
+            if conn.closed:
+                continue
+            self._process_lines(conn)
+            if conn.closed:
+                continue
+            if conn.backlog():
+                busy[conn] = None  # to the back of the queue
+            elif conn.at_eof:
+                self._finished.append(conn)
+
+    def _process_lines(self, conn: Connection) -> None:
+        lines = conn.lines
+        start = conn.next_line
+        end = min(len(lines), start + LINES_PER_TURN)
+        parse_line = protocol.parse_line
+        batch = self._batch
+        for index in range(start, end):
+            command = parse_line(lines[index])
+            # The common case first: a valid message from a member.
+            if type(command) is Send and conn.name is not None:
+                batch.add(conn, conn.receive_prefix + command.message + b"\n")
+                continue
+            match command:
+                case Blank():
+                    pass
+                case Reply(line):
+                    self._reply(conn, line)
+                case SetName(name, key):
+                    self._set_name(conn, name, key)
+                case Send():
+                    self._reply(conn, protocol.NAME_REQUIRED)
+                case BadSend(line):
+                    self._reply(conn, line if conn.name is not None else protocol.NAME_REQUIRED)
+        if end == len(lines):
+            conn.lines = []
+            conn.next_line = 0
+        else:
+            conn.next_line = end
+
+    def _reply(self, conn: Connection, line: bytes) -> None:
+        conn.out += line
+        self._dirty.add(conn)
+
+    def _set_name(self, conn: Connection, name: str, key: str) -> None:
+        holder = self._members.get(key)
+        if holder is not None and holder is not conn:
+            self._reply(conn, protocol.NAME_TAKEN)
+            return
+        old_name = conn.name
+        if old_name is None:
+            if self._batch.lines:
+                self._batch.joined_at[conn] = len(self._batch.lines)
+        elif conn.key != key:
+            del self._members[conn.key]
+        self._members[key] = conn
+        conn.name = name
+        conn.key = key
+        conn.receive_prefix = b"RECEIVE " + name.encode() + b" "
+        if old_name is None:
+            log.info("%r took the name %r", conn, name)
+        elif old_name != name:
+            log.info("%r renamed itself from %r to %r", conn, old_name, name)
+
+    # --- writing --------------------------------------------------------
+
+    def _flush(self) -> None:
+        if self._batch.lines:
+            self._deliver(self._batch)
+            self._batch.clear()
+        for conn in self._dirty:
+            if not conn.closed and conn.out:
+                self._send_buffered(conn)
+        self._dirty.clear()
+
+    def _deliver(self, batch: Batch) -> None:
+        """Hand the turn's batch to every member, in one send each where the
+        member has nothing queued already."""
+        shared = b"".join(batch.lines)
+        needs_own_copy = batch.own.keys() | batch.joined_at.keys()
+        offsets: list[int] = []
+        if needs_own_copy:
+            offsets = list(accumulate(map(len, batch.lines), initial=0))
+        dirty = self._dirty
+        backed_up: list[Connection] = []
+        for conn in self._members.values():
+            data = shared
+            if conn in needs_own_copy:
+                data = self._own_copy(conn, batch, shared, offsets)
+                if not data:
+                    continue
+            if conn.out:
+                conn.out += data  # behind what is queued; sent by _flush
+                dirty.add(conn)
+                continue
+            try:
+                sent = conn.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                # Queue it instead: the buffered send at the end of the turn
+                # meets the same error and closes the connection there.
+                dirty.add(conn)
+                sent = 0
+            if sent < len(data):
+                conn.out += memoryview(data)[sent:]
+                backed_up.append(conn)
+        # Not during the loop above: closing a slow consumer changes the room.
+        for conn in backed_up:
+            self._settle(conn)
+
+    @staticmethod
+    def _own_copy(conn: Connection, batch: Batch, shared: bytes, offsets: list[int]) -> bytes:
+        """The batch as `conn` must see it: without its own lines, and from
+        the line it joined at."""
+        first = batch.joined_at.get(conn, 0)
+        view = memoryview(shared)
+        pieces = []
+        position = offsets[first]
+        for index in batch.own.get(conn, ()):
+            if index >= first:
+                pieces.append(view[position : offsets[index]])
+                position = offsets[index + 1]
+        pieces.append(view[position:])
+        return b"".join(pieces)
+
+    def _send_buffered(self, conn: Connection) -> None:
+        """One send of what `conn` has queued."""
+        try:
+            sent = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as error:
+            self._close(conn, f"connection error: {error.strerror or error}")
+            return
+        del conn.out[:sent]  # bytearray drops a prefix without moving the rest
+        self._settle(conn)
+
+    def _settle(self, conn: Connection) -> None:
+        """After a send: close `conn` as a slow consumer if what it left
+        unsent is over the limit, else watch for writability while (and
+        only while) something is left."""
+        unsent = len(conn.out)
+        if unsent > self.output_limit:
+            log.warning(
+                "%r is a slow consumer: %d bytes unsent (limit %d); closing it",
+                conn,
+                unsent,
+                self.output_limit,
+            )
+            self._close(conn, "slow consumer")
+            return
+        wants_write = unsent > 0
+        if wants_write != conn.wants_write:
+            conn.wants_write = wants_write
+            events = EVENT_READ | EVENT_WRITE if wants_write else EVENT_READ
+            self._selector.modify(conn.sock, events, conn)
+
+    # --- closing --------------------------------------------------------
+
+    def _close(self, conn: Connection, reason: str) -> None:
+        """Close `conn` now and free its name. Safe to call twice."""
+        if conn.closed:
+            return
+        conn.closed = True
+        if conn.name is not None and self._members.get(conn.key) is conn:
+            del self._members[conn.key]
+        self._connections.pop(conn.fd, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(conn.sock)
+        conn.sock.close()
+        conn.out = bytearray()
+        conn.lines = []
+        log.info("%r disconnected: %s", conn, reason)
+
+
+# --- the command line ----------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: not a number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {port}: must be 0 to 65535")
+    return port
+
+
+def _positive(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
+_LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in _LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"invalid level {text!r}: choose from {', '.join(_LOG_LEVELS)}"
+        )
+    return level
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = _Parser(
+        prog="chat.py",
+        description="A line-protocol chat server. Connect with: nc localhost PORT",
+    )
+    parser.add_argument(
+        "port",
+        nargs="?",
+        type=_port,
+        default=PORT,
+        metavar="PORT",
+        help=f"TCP port to listen on; 0 picks a free one (default: {PORT})",
+    )
+    parser.add_argument(
+        "--host",
+        default=None,
+        help="address or name to listen on (default: every interface, IPv6 and IPv4)",
+    )
+    parser.add_argument(
+        "--max-clients",
+        type=_positive,
+        default=DEFAULT_MAX_CLIENTS,
+        metavar="N",
+        help="connections over N are told 'ERROR Server is full.' and closed "
+        f"(default: {DEFAULT_MAX_CLIENTS})",
+    )
+    parser.add_argument(
+        "--log-level",
+        type=_log_level,
+        default="INFO",
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING or ERROR, in any case (default: INFO)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        server = ChatServer(args.host, args.port, max_clients=args.max_clients)
+    except OSError as error:
+        where = f"{args.host}:{args.port}" if args.host else f"port {args.port}"
+        print(f"chat.py: cannot listen on {where}: {error.strerror or error}", file=sys.stderr)
+        return 1
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        server.stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    host, port = server.address
+    log.info("listening on %s", format_peer((host or "*", port)))
+    server.serve_forever()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
