@@ -395,6 +395,7 @@ class ChatServer:
             command = parse_line(lines[index])
             # The common case first: a valid message from a member.
             if type(command) is Send and conn.name is not None:
+                # protocol.format_receive, with the name part made once.
                 batch.add(conn, conn.receive_prefix + command.message + b"\n")
                 continue
             match command:
@@ -432,7 +433,7 @@ class ChatServer:
         self._members[key] = conn
         conn.name = name
         conn.key = key
-        conn.receive_prefix = b"RECEIVE " + name.encode() + b" "
+        conn.receive_prefix = protocol.receive_prefix(name)
         if old_name is None:
             log.info("%r took the name %r", conn, name)
         elif old_name != name:
@@ -619,6 +620,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         f"(default: {DEFAULT_MAX_CLIENTS})",
     )
     parser.add_argument(
+        "--output-limit",
+        type=_positive,
+        default=DEFAULT_OUTPUT_LIMIT,
+        metavar="BYTES",
+        help="a client with more than BYTES of output it has not read is "
+        f"disconnected as a slow consumer (default: {DEFAULT_OUTPUT_LIMIT}, 1 MiB)",
+    )
+    parser.add_argument(
         "--log-level",
         type=_log_level,
         default="INFO",
@@ -636,7 +645,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        server = ChatServer(args.host, args.port, max_clients=args.max_clients)
+        server = ChatServer(
+            args.host,
+            args.port,
+            max_clients=args.max_clients,
+            output_limit=args.output_limit,
+        )
     except OSError as error:
         where = f"{args.host}:{args.port}" if args.host else f"port {args.port}"
         print(f"chat.py: cannot listen on {where}: {error.strerror or error}", file=sys.stderr)

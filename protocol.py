@@ -29,13 +29,16 @@ def format_error(text: str) -> bytes:
     return b"ERROR " + text.encode() + b"\n"
 
 
-def format_receive(name: bytes, message: bytes) -> bytes:
-    """The line every other member gets for an accepted SEND.
+def receive_prefix(name: str) -> bytes:
+    """What every RECEIVE line from `name` starts with. The server makes it
+    once per name, not once per message."""
+    return b"RECEIVE " + name.encode() + b" "
 
-    `name` is the sender's name as UTF-8 bytes (the server encodes it once
-    per rename, not once per message); `message` is relayed byte for byte.
-    """
-    return b"RECEIVE " + name + b" " + message + b"\n"
+
+def format_receive(name: str, message: bytes) -> bytes:
+    """The line every other member gets for an accepted SEND; `message` is
+    relayed byte for byte."""
+    return receive_prefix(name) + message + b"\n"
 
 
 # Every error line of the contract, spelled exactly as in PROTOCOL.md.
