@@ -80,7 +80,6 @@ class Connection:
 
     __slots__ = (
         "sock",
-        "fd",
         "peer",
         "name",
         "key",
@@ -97,7 +96,6 @@ class Connection:
 
     def __init__(self, sock: socket.socket, peer: str) -> None:
         self.sock = sock
-        self.fd = sock.fileno()
         self.peer = peer
         self.name: str | None = None
         self.key = ""  # protocol.name_key(name), the key in the room's table
@@ -105,20 +103,35 @@ class Connection:
         # Framing state, as protocol.split_lines hands it back.
         self.partial = b""
         self.discarding = False
-        # Received lines not processed yet: lines[next_line:].
-        self.lines: list[bytes] = []
+        # Received lines not processed yet: lines[next_line:]. None rather
+        # than an empty list, and `out` None rather than an empty bytearray,
+        # to keep idle connections small: 10,000 of them are expected.
+        self.lines: list[bytes] | None = None
         self.next_line = 0
-        self.out = bytearray()  # output the kernel has not taken yet
+        self.out: bytearray | None = None  # output the kernel has not taken yet
         self.wants_write = False  # registered for EVENT_WRITE
         self.at_eof = False  # the client sent end of input
         self.closed = False
 
     def backlog(self) -> int:
-        return len(self.lines) - self.next_line
+        return 0 if self.lines is None else len(self.lines) - self.next_line
+
+    def enqueue_lines(self, lines: list[bytes]) -> None:
+        if self.lines is None:
+            self.lines = lines
+        else:
+            self.lines = self.lines[self.next_line :] + lines
+            self.next_line = 0
+
+    def enqueue_output(self, data: bytes | memoryview) -> None:
+        if self.out is None:
+            self.out = bytearray(data)
+        else:
+            self.out += data
 
     def __repr__(self) -> str:
         who = f" {self.name!r}" if self.name is not None else ""
-        return f"<fd {self.fd} {self.peer}{who}>"
+        return f"<fd {self.sock.fileno()} {self.peer}{who}>"
 
 
 class _Listener:
@@ -184,6 +197,9 @@ def open_listener(host: str | None, port: int, backlog: int = 4096) -> socket.so
         )[0]
         sock = socket.create_server(address, family=family, backlog=backlog)
     sock.setblocking(False)
+    # The server coalesces its writes itself, so Nagle's algorithm would only
+    # add latency. Set here, every accepted socket inherits it (Linux).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
 
@@ -211,7 +227,7 @@ class ChatServer:
         self._selector.register(self._wakeup_reader, EVENT_READ, _Wakeup)
         self._stopping = False
         self._accept_resumes_at: float | None = None  # set while out of fds
-        self._connections: dict[int, Connection] = {}
+        self._client_count = 0
         # The room: every connection with a name, by protocol.name_key.
         self._members: dict[str, Connection] = {}
         # Connections with lines left to process, in round-robin order.
@@ -271,8 +287,9 @@ class ChatServer:
 
     def close(self) -> None:
         """Close every connection and the listener. Idempotent."""
-        for conn in list(self._connections.values()):
-            self._close(conn, "server shutting down")
+        for key in list(self._selector.get_map().values()):
+            if isinstance(key.data, Connection):
+                self._close(key.data, "server shutting down")
         for sock in (self._listener, self._wakeup_reader, self._wakeup_writer):
             if sock.fileno() >= 0:
                 with contextlib.suppress(KeyError, ValueError):
@@ -306,7 +323,7 @@ class ChatServer:
 
     def _admit(self, sock: socket.socket, peer: str) -> None:
         sock.setblocking(False)
-        if len(self._connections) >= self.max_clients:
+        if self._client_count >= self.max_clients:
             log.warning("refused %s: server is full (%d clients)", peer, self.max_clients)
             try:
                 sock.send(protocol.SERVER_FULL)
@@ -317,11 +334,8 @@ class ChatServer:
                 pass
             sock.close()
             return
-        # We coalesce writes ourselves, so Nagle would only add latency.
-        with contextlib.suppress(OSError):  # not TCP: a Unix socket in a test
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Connection(sock, peer)
-        self._connections[conn.fd] = conn
+        self._client_count += 1
         self._selector.register(sock, EVENT_READ, conn)
         log.info("%r connected", conn)
 
@@ -357,14 +371,11 @@ class ChatServer:
             )
             if not lines:
                 return
-            if conn.next_line:
-                conn.lines = conn.lines[conn.next_line :]
-                conn.next_line = 0
-            conn.lines += lines
+            conn.enqueue_lines(lines)
         else:
             conn.at_eof = True
             if conn.partial:  # a final line without "\n" is still a line
-                conn.lines.append(conn.partial)
+                conn.enqueue_lines([conn.partial])
                 conn.partial = b""
         self._busy[conn] = None
 
@@ -387,6 +398,8 @@ class ChatServer:
 
     def _process_lines(self, conn: Connection) -> None:
         lines = conn.lines
+        if lines is None:
+            return
         start = conn.next_line
         end = min(len(lines), start + LINES_PER_TURN)
         parse_line = protocol.parse_line
@@ -410,13 +423,13 @@ class ChatServer:
                 case BadSend(line):
                     self._reply(conn, line if conn.name is not None else protocol.NAME_REQUIRED)
         if end == len(lines):
-            conn.lines = []
+            conn.lines = None
             conn.next_line = 0
         else:
             conn.next_line = end
 
     def _reply(self, conn: Connection, line: bytes) -> None:
-        conn.out += line
+        conn.enqueue_output(line)
         self._dirty.add(conn)
 
     def _set_name(self, conn: Connection, name: str, key: str) -> None:
@@ -467,7 +480,7 @@ class ChatServer:
                 if not data:
                     continue
             if conn.out:
-                conn.out += data  # behind what is queued; sent by _flush
+                conn.enqueue_output(data)  # behind what is queued; sent by _flush
                 dirty.add(conn)
                 continue
             try:
@@ -480,7 +493,7 @@ class ChatServer:
                 dirty.add(conn)
                 sent = 0
             if sent < len(data):
-                conn.out += memoryview(data)[sent:]
+                conn.enqueue_output(memoryview(data)[sent:])
                 backed_up.append(conn)
         # Not during the loop above: closing a slow consumer changes the room.
         for conn in backed_up:
@@ -503,21 +516,24 @@ class ChatServer:
 
     def _send_buffered(self, conn: Connection) -> None:
         """One send of what `conn` has queued."""
+        out = conn.out
+        if out is None:
+            return
         try:
-            sent = conn.sock.send(conn.out)
+            sent = conn.sock.send(out)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as error:
             self._close(conn, f"connection error: {error.strerror or error}")
             return
-        del conn.out[:sent]  # bytearray drops a prefix without moving the rest
+        del out[:sent]  # bytearray drops a prefix without moving the rest
         self._settle(conn)
 
     def _settle(self, conn: Connection) -> None:
         """After a send: close `conn` as a slow consumer if what it left
         unsent is over the limit, else watch for writability while (and
         only while) something is left."""
-        unsent = len(conn.out)
+        unsent = 0 if conn.out is None else len(conn.out)
         if unsent > self.output_limit:
             log.warning(
                 "%r is a slow consumer: %d bytes unsent (limit %d); closing it",
@@ -527,6 +543,8 @@ class ChatServer:
             )
             self._close(conn, "slow consumer")
             return
+        if not unsent:
+            conn.out = None  # and its memory with it
         wants_write = unsent > 0
         if wants_write != conn.wants_write:
             conn.wants_write = wants_write
@@ -542,13 +560,13 @@ class ChatServer:
         conn.closed = True
         if conn.name is not None and self._members.get(conn.key) is conn:
             del self._members[conn.key]
-        self._connections.pop(conn.fd, None)
+        self._client_count -= 1
+        log.info("%r disconnected: %s", conn, reason)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(conn.sock)
         conn.sock.close()
-        conn.out = bytearray()
-        conn.lines = []
-        log.info("%r disconnected: %s", conn, reason)
+        conn.out = None
+        conn.lines = None
 
 
 # --- the command line ----------------------------------------------------

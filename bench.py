@@ -1,0 +1,626 @@
+#!/usr/bin/env python3
+"""Load generator for the chat server (and, with --redis, Redis pub/sub).
+
+    python3 bench.py --spawn fanout                  # starts chat.py itself
+    python3 bench.py --spawn --pin fanout -n 1000 -s 4
+    python3 bench.py --spawn --redis latency         # the same load on Redis
+    python3 bench.py --port 8080 conns -n 10000 --pid $(pgrep -f chat.py)
+
+Scenarios:
+  fanout   n clients register; s of them send m messages each, closed loop:
+           a sender is at most w messages ahead of what the probe (client 0)
+           has received from it. Deliveries/s, lost deliveries, probe latency.
+  latency  n registered clients; one sender at a fixed rate; probe latency
+           percentiles.
+  conns    n idle registered connections; connect+register rate, proof that
+           all of them get one broadcast, server RSS per connection.
+  flood    one client sends as fast as it can while a pair exchanges
+           messages at a low rate: the pair's round trip (fairness).
+
+Each scenario prints a table and one JSON line, and stops by itself
+(--timeout). Clients count lines with bytes.count on a reused buffer; only
+the probe parses, so the load generator stays cheap. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import selectors
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+HERE = Path(__file__).resolve().parent
+RECV_SIZE = 256 * 1024
+PAD = b"x" * 24  # makes a message about as long as a short chat line
+# A RESP pub/sub push, "*3 $7 message $4 chat $N payload", holds exactly 7
+# CRLFs when the payload holds none: counting "\n" counts messages, even
+# across reads.
+REDIS_LINES_PER_MESSAGE = 7
+
+
+# --- the server under test -------------------------------------------------
+
+
+@dataclass
+class Target:
+    """Where the load goes, and how to speak to it."""
+
+    host: str
+    port: int
+    redis: bool
+    pid: int | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout=10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def join(self, index: int) -> bytes:
+        """The bytes a subscriber sends to join, then to prove it joined."""
+        if self.redis:
+            return b"SUBSCRIBE chat\r\n"
+        return b"USERNAME u%d\nSYNC\n" % index
+
+    @property
+    def joined(self) -> bytes:
+        """The end of the reply that proves `join` was processed."""
+        return b":1\r\n" if self.redis else b"ERROR Unrecognised command.\n"
+
+    def publish(self, payload: bytes) -> bytes:
+        if self.redis:
+            return b"PUBLISH chat " + payload + b"\r\n"
+        return b"SEND " + payload + b"\n"
+
+    def deliveries(self, newlines: int) -> int:
+        return newlines // REDIS_LINES_PER_MESSAGE if self.redis else newlines
+
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time of the server process, if it is local."""
+        if self.pid is None:
+            return None
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_bytes(self) -> int | None:
+        if self.pid is None:
+            return None
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until_listening(host: str, port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"bench.py: the server exited with {process.returncode}")
+        with contextlib.suppress(OSError):
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        time.sleep(0.05)
+    process.kill()
+    sys.exit("bench.py: the server did not start listening within 10 s")
+
+
+@contextlib.contextmanager
+def target_from(args: argparse.Namespace) -> Iterator[Target]:
+    """The target the arguments name; with --spawn, started here and stopped
+    afterwards."""
+    if not args.spawn:
+        yield Target(args.host, args.port, args.redis, pid=args.pid)
+        return
+    port = free_port()
+    if args.redis:
+        server = shutil.which("redis-server")
+        if server is None:
+            sys.exit("bench.py: redis-server not found (apt-get install -y redis-server)")
+        command = [server, "--port", str(port), "--save", "", "--appendonly", "no"]
+        command += ["--maxclients", "20000"]
+    else:
+        command = [sys.executable, str(HERE / "chat.py"), str(port), "--host", "127.0.0.1"]
+        command += ["--log-level", "WARNING", "--max-clients", "20000"]
+
+    def pin_server() -> None:
+        os.sched_setaffinity(0, {0})
+        raise_fd_limit()
+
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=pin_server if args.pin else raise_fd_limit,
+    )
+    if args.pin:
+        os.sched_setaffinity(0, {1})
+    try:
+        wait_until_listening("127.0.0.1", port, process)
+        yield Target("127.0.0.1", port, args.redis, pid=process.pid, process=process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def raise_fd_limit() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# --- measuring ---------------------------------------------------------------
+
+
+@dataclass
+class Latencies:
+    nanoseconds: list[int] = field(default_factory=list)
+
+    def add(self, sent_ns: int) -> None:
+        self.nanoseconds.append(time.perf_counter_ns() - sent_ns)
+
+    def percentile_ms(self, fraction: float) -> float | None:
+        values = sorted(self.nanoseconds)
+        if not values:
+            return None
+        return round(values[min(len(values) - 1, int(fraction * len(values)))] / 1e6, 3)
+
+
+class Progress:
+    """One line on stderr, rewritten in place, only on a terminal and only
+    once the run has taken a couple of seconds."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.started = time.monotonic()
+        self.shown_at = 0.0
+        self.enabled = sys.stderr.isatty()
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        return self.enabled and now - self.started >= 2 and now - self.shown_at >= 0.5
+
+    def show(self, text: str) -> None:
+        now = self.shown_at = time.monotonic()
+        sys.stderr.write(f"\r{self.label}: {text}  [{now - self.started:.0f}s]\033[K")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled and self.shown_at:
+            sys.stderr.write("\r\033[K")
+
+
+def connect_all(target: Target, count: int, deadline: float) -> list[socket.socket]:
+    """Open `count` subscribers, joined, in pipelined batches: send every
+    join of a batch first, then collect the replies."""
+    clients: list[socket.socket] = []
+    progress = Progress("connecting")
+    batch_size = 256
+    while len(clients) < count:
+        batch = [target.connect() for _ in range(min(batch_size, count - len(clients)))]
+        for offset, sock in enumerate(batch):
+            sock.sendall(target.join(len(clients) + offset))
+        for sock in batch:
+            read_through(sock, target.joined, deadline)
+        clients += batch
+        if progress.due():
+            progress.show(f"{len(clients)}/{count}")
+    progress.done()
+    return clients
+
+
+def read_through(sock: socket.socket, token: bytes, deadline: float) -> None:
+    """Read until `token` ends what was received (nothing may follow it)."""
+    data = b""
+    while not data.endswith(token):
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        chunk = sock.recv(65536)
+        if not chunk:
+            sys.exit("bench.py: the server closed a connection during set-up")
+        data += chunk
+
+
+def result(name: str, figures: dict[str, Any]) -> None:
+    """The human-readable table, then the JSON line."""
+    width = max(map(len, figures))
+    print(f"{name}")
+    for key, value in figures.items():
+        shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
+        print(f"  {key:<{width}}  {shown}")
+    print(json.dumps({"scenario": name, **figures}))
+    sys.stdout.flush()
+
+
+# --- scenarios ---------------------------------------------------------------
+
+
+def fanout(target: Target, args: argparse.Namespace) -> None:
+    deadline = time.monotonic() + args.timeout
+    clients = connect_all(target, args.n, deadline)
+    if target.redis:
+        senders = [target.connect() for _ in range(args.s)]
+        sender_names = [b"p%d" % j for j in range(args.s)]
+    else:
+        senders = clients[1 : args.s + 1]
+        sender_names = [b"u%d" % j for j in range(1, args.s + 1)]
+    del sender_names  # senders are told apart by the payload's first field
+    probe = clients[0]
+    for sock in clients + senders:
+        sock.setblocking(False)
+    selector = selectors.DefaultSelector()
+    for sock in clients:
+        selector.register(sock, selectors.EVENT_READ, True)
+    if target.redis:
+        for sock in senders:
+            selector.register(sock, selectors.EVENT_READ, False)  # ":N" replies
+
+    if target.redis:
+        expected = args.n * args.s * args.m
+    else:  # senders do not get their own lines
+        expected = (args.n - args.s) * args.s * args.m + args.s * (args.s - 1) * args.m
+    sent = [0] * args.s
+    seen = [0] * args.s
+    in_order = True
+    latencies = Latencies()
+    probe_tail = b""
+    newlines = 0
+    buffer = bytearray(RECV_SIZE)
+    view = memoryview(buffer)
+
+    def pump() -> None:
+        for j, sock in enumerate(senders):
+            count = min(args.m, seen[j] + args.w) - sent[j]
+            if count <= 0:
+                continue
+            now = time.perf_counter_ns()
+            data = b"".join(
+                target.publish(b"%d:%d:%d:%s" % (j, sent[j] + i, now, PAD)) for i in range(count)
+            )
+            sock.setblocking(True)
+            sock.sendall(data)
+            sock.setblocking(False)
+            sent[j] += count
+
+    def probe_lines(chunk: bytes) -> None:
+        nonlocal probe_tail, in_order
+        lines = (probe_tail + chunk).split(b"\n")
+        probe_tail = lines.pop()
+        for line in lines:
+            payload = payload_of(line, target.redis)
+            if payload is None:
+                continue
+            j_text, seq, stamp, _ = payload.split(b":", 3)
+            j = int(j_text)
+            if int(seq) != seen[j]:
+                in_order = False
+            seen[j] += 1
+            latencies.add(int(stamp))
+
+    progress = Progress("fanout")
+    cpu_before = target.cpu_seconds()
+    started = time.perf_counter()
+    pump()
+    while target.deliveries(newlines) < expected and time.monotonic() < deadline:
+        for key, _ in selector.select(0.5):
+            sock = cast(socket.socket, key.fileobj)
+            try:
+                size = sock.recv_into(buffer)
+            except BlockingIOError:
+                continue
+            if not size:
+                sys.exit("bench.py: the server closed a connection")
+            if not key.data:
+                continue
+            newlines += buffer.count(b"\n", 0, size)
+            if sock is probe:
+                probe_lines(bytes(view[:size]))
+        pump()
+        if progress.due():
+            progress.show(f"{target.deliveries(newlines):,}/{expected:,} deliveries")
+    elapsed = time.perf_counter() - started
+    cpu_after = target.cpu_seconds()
+    progress.done()
+    delivered = target.deliveries(newlines)
+    figures: dict[str, Any] = {
+        "target": "redis" if target.redis else "chat",
+        "clients": args.n,
+        "senders": args.s,
+        "messages_per_sender": args.m,
+        "window": args.w,
+        "seconds": round(elapsed, 3),
+        "deliveries": delivered,
+        "lost": expected - delivered,
+        "deliveries_per_s": round(delivered / elapsed),
+        "messages_per_s": round(args.s * args.m / elapsed),
+        "probe_p50_ms": latencies.percentile_ms(0.5),
+        "probe_p99_ms": latencies.percentile_ms(0.99),
+        "probe_max_ms": latencies.percentile_ms(1.0),
+        "probe_order_ok": in_order,
+    }
+    if cpu_before is not None and cpu_after is not None:
+        figures["server_cpu_percent"] = round(100 * (cpu_after - cpu_before) / elapsed)
+    result("fanout", figures)
+    for sock in clients + (senders if target.redis else []):
+        sock.close()
+
+
+def payload_of(line: bytes, redis: bool) -> bytes | None:
+    """The message payload in one received line, if the line carries one."""
+    if redis:  # the payload is the one line of a push that is not RESP framing
+        line = line.rstrip(b"\r")
+        if line.count(b":") >= 3 and not line.startswith((b"*", b"$", b":")):
+            return line
+        return None
+    if line.startswith(b"RECEIVE "):
+        return line.split(b" ", 2)[2]
+    return None
+
+
+def latency(target: Target, args: argparse.Namespace) -> None:
+    deadline = time.monotonic() + args.timeout
+    clients = connect_all(target, args.n, deadline)
+    probe = clients[0]
+    sender = target.connect() if target.redis else clients[1]
+    probe.setblocking(False)
+    readers = clients if args.all_read else [probe]
+    selector = selectors.DefaultSelector()
+    for sock in readers:
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ)
+    if target.redis:
+        sender.setblocking(False)
+        selector.register(sender, selectors.EVENT_READ)
+    latencies = Latencies()
+    tail = b""
+    interval = 1 / args.rate
+    total = int(args.rate * args.duration)
+    sent = 0
+    progress = Progress("latency")
+    started = time.perf_counter()
+    next_send = started
+    while (sent < total or len(latencies.nanoseconds) < total) and time.monotonic() < deadline:
+        now = time.perf_counter()
+        if sent < total and now >= next_send:
+            payload = b"0:%d:%d:%s" % (sent, time.perf_counter_ns(), PAD)
+            sender.sendall(target.publish(payload))
+            sent += 1
+            next_send += interval
+        wait = max(0.0, next_send - time.perf_counter()) if sent < total else 0.5
+        for key, _ in selector.select(wait):
+            sock = cast(socket.socket, key.fileobj)
+            try:
+                chunk = sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                sys.exit("bench.py: the server closed a connection")
+            if sock is not probe:
+                continue
+            lines = (tail + chunk).split(b"\n")
+            tail = lines.pop()
+            for line in lines:
+                if payload_of(line, target.redis) is not None:
+                    latencies.add(int(line.split(b":")[-2]))
+        if progress.due():
+            progress.show(f"{sent:,}/{total:,} sent")
+    progress.done()
+    result(
+        "latency",
+        {
+            "target": "redis" if target.redis else "chat",
+            "clients": args.n,
+            "rate_per_s": args.rate,
+            "messages": total,
+            "received_by_probe": len(latencies.nanoseconds),
+            "lost": total - len(latencies.nanoseconds),
+            "all_clients_read": args.all_read,
+            "p50_ms": latencies.percentile_ms(0.5),
+            "p99_ms": latencies.percentile_ms(0.99),
+            "p99_9_ms": latencies.percentile_ms(0.999),
+            "max_ms": latencies.percentile_ms(1.0),
+        },
+    )
+    for sock in clients:
+        sock.close()
+
+
+def conns(target: Target, args: argparse.Namespace) -> None:
+    raise_fd_limit()
+    deadline = time.monotonic() + args.timeout
+    rss_before = target.rss_bytes()
+    cpu_before = target.cpu_seconds()
+    started = time.perf_counter()
+    clients = connect_all(target, args.n, deadline)
+    elapsed = time.perf_counter() - started
+    cpu_after = target.cpu_seconds()
+    rss_after = target.rss_bytes()
+    # One broadcast must reach every idle connection.
+    sender = target.connect()
+    if not target.redis:
+        sender.sendall(b"USERNAME bench-sender\nSYNC\n")
+        read_through(sender, target.joined, deadline)
+    sender.sendall(target.publish(b"hello-everyone"))
+    reached = 0
+    for sock in clients:
+        data = b""
+        with contextlib.suppress(OSError):
+            while b"hello-everyone" not in data and time.monotonic() < deadline:
+                sock.settimeout(max(0.1, deadline - time.monotonic()))
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        reached += b"hello-everyone" in data
+    figures: dict[str, Any] = {
+        "target": "redis" if target.redis else "chat",
+        "connections": args.n,
+        "connect_register_per_s": round(args.n / elapsed),
+        "broadcast_reached": reached,
+    }
+    if cpu_before is not None and cpu_after is not None:
+        figures["server_cpu_percent"] = round(100 * (cpu_after - cpu_before) / elapsed)
+    if rss_before is not None and rss_after is not None:
+        figures["server_rss_before_kib"] = rss_before // 1024
+        figures["server_rss_after_kib"] = rss_after // 1024
+        figures["rss_per_connection_kib"] = round((rss_after - rss_before) / args.n / 1024, 3)
+    result("conns", figures)
+    for sock in [*clients, sender]:
+        sock.close()
+
+
+def flood(target: Target, args: argparse.Namespace) -> None:
+    deadline = time.monotonic() + args.timeout
+    if target.redis:
+        sys.exit("bench.py: flood speaks the chat protocol only")
+    ping, pong, flooder = connect_all(target, 3, deadline)
+    for sock in (ping, pong, flooder):
+        sock.setblocking(False)
+    # The flooder sends valid messages, so the pair must read the flood too:
+    # the round trip measures both the server's fairness and its fan-out.
+    line = b"SEND " + b"f" * 40 + b"\n"
+    burst = line * (65536 // len(line))
+    selector = selectors.DefaultSelector()
+    selector.register(ping, selectors.EVENT_READ, "ping")
+    selector.register(pong, selectors.EVENT_READ, "pong")
+    selector.register(flooder, selectors.EVENT_READ | selectors.EVENT_WRITE, "flooder")
+    tails = {"ping": b"", "pong": b""}
+    round_trips: list[float] = []
+    flood_lines = 0
+    exchange = 0
+    sent_at = 0.0
+    waiting = False
+    progress = Progress("flood")
+    started = time.perf_counter()
+    while exchange < args.exchanges and time.monotonic() < deadline:
+        now = time.perf_counter()
+        if not waiting and now - started >= exchange * args.interval:
+            ping.sendall(b"SEND ping-%d\n" % exchange)
+            sent_at = now
+            waiting = True
+        for key, events in selector.select(0.01):
+            role = key.data
+            sock = cast(socket.socket, key.fileobj)
+            if role == "flooder":
+                if events & selectors.EVENT_WRITE:
+                    with contextlib.suppress(BlockingIOError):
+                        sock.send(burst)
+                if events & selectors.EVENT_READ:
+                    with contextlib.suppress(BlockingIOError):
+                        sock.recv(RECV_SIZE)
+                continue
+            try:
+                chunk = sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                sys.exit("bench.py: the server closed a connection")
+            flood_lines += chunk.count(b"\n")
+            data = tails[role] + chunk
+            tails[role] = data[-32:]
+            if role == "pong" and b"RECEIVE u0 ping-%d\n" % exchange in data:
+                pong.sendall(b"SEND pong-%d\n" % exchange)
+                tails[role] = b""
+            elif role == "ping" and waiting and b"RECEIVE u1 pong-%d\n" % exchange in data:
+                round_trips.append(time.perf_counter() - sent_at)
+                tails[role] = b""
+                waiting = False
+                exchange += 1
+        if progress.due():
+            progress.show(f"{exchange}/{args.exchanges} round trips")
+    elapsed = time.perf_counter() - started
+    progress.done()
+    trips = sorted(round_trips)
+
+    def trip_ms(fraction: float) -> float | None:
+        if not trips:
+            return None
+        return round(1000 * trips[min(len(trips) - 1, int(fraction * len(trips)))], 3)
+
+    result(
+        "flood",
+        {
+            "target": "chat",
+            "round_trips": len(trips),
+            "flood_lines_per_s_at_pair": round(flood_lines / 2 / elapsed),
+            "round_trip_p50_ms": trip_ms(0.5),
+            "round_trip_p99_ms": trip_ms(0.99),
+            "round_trip_max_ms": trip_ms(1.0),
+        },
+    )
+    for sock in (ping, pong, flooder):
+        sock.close()
+
+
+SCENARIOS: dict[str, Callable[[Target, argparse.Namespace], None]] = {
+    "fanout": fanout,
+    "latency": latency,
+    "conns": conns,
+    "flood": flood,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--pid", type=int, help="the server's pid, for its CPU and RSS")
+    parser.add_argument("--spawn", action="store_true", help="start the server on a free port")
+    parser.add_argument(
+        "--pin", action="store_true", help="with --spawn: server on core 0, load on core 1"
+    )
+    parser.add_argument("--redis", action="store_true", help="speak Redis pub/sub instead")
+    parser.add_argument("--timeout", type=float, default=120, help="stop after this many seconds")
+    sub = parser.add_subparsers(dest="scenario", required=True)
+    p = sub.add_parser("fanout", help="n clients, s senders, closed loop")
+    p.add_argument("-n", type=int, default=100, help="clients (default 100)")
+    p.add_argument("-s", type=int, default=10, help="senders among them (default 10)")
+    p.add_argument("-m", type=int, default=20_000, help="messages per sender (default 20000)")
+    p.add_argument("-w", type=int, default=64, help="window per sender (default 64)")
+    p = sub.add_parser("latency", help="one sender at a fixed rate")
+    p.add_argument("-n", type=int, default=100, help="clients (default 100)")
+    p.add_argument("--rate", type=float, default=500, help="messages per second (default 500)")
+    p.add_argument("--duration", type=float, default=10, help="seconds of sending (default 10)")
+    p.add_argument("--all-read", action="store_true", help="every client reads, not just one")
+    p = sub.add_parser("conns", help="many idle registered connections")
+    p.add_argument("-n", type=int, default=10_000, help="connections (default 10000)")
+    p = sub.add_parser("flood", help="a flooder beside a ping-pong pair")
+    p.add_argument("--exchanges", type=int, default=200, help="round trips (default 200)")
+    p.add_argument("--interval", type=float, default=0.02, help="seconds between round trips")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with target_from(args) as target:
+        SCENARIOS[args.scenario](target, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
