@@ -143,19 +143,26 @@ class _Wakeup:
 
 
 class Batch:
-    """The RECEIVE lines accepted during one turn, in the order accepted."""
+    """What the turn accepted for broadcast, in the order it was processed.
 
-    __slots__ = ("lines", "size", "own", "joined_at")
+    Most members get `lines` joined, as they are. A few must get their own
+    copy: a sender never gets its own lines; a member who took its first
+    name during the turn gets only the lines after that; and a member who was
+    answered during the turn gets its answer between the lines processed
+    before and after its command, so that every connection sees one order.
+    """
+
+    __slots__ = ("joined_at", "lines", "own", "replies", "size")
 
     def __init__(self) -> None:
         self.lines: list[bytes] = []
         self.size = 0
-        # Indices in `lines` of each sender's own lines, which it must not get.
+        # Each sender's own lines, as indices in `lines`.
         self.own: dict[Connection, list[int]] = {}
-        # Members who joined during the turn: the index of the first line
-        # they may get (a message accepted before they had a name is not
-        # theirs).
+        # Members new this turn: the index of the first line they may get.
         self.joined_at: dict[Connection, int] = {}
+        # Answers to members, each with the index of the line it precedes.
+        self.replies: dict[Connection, list[tuple[int, bytes]]] = {}
 
     def add(self, sender: Connection, line: bytes) -> None:
         own = self.own.get(sender)
@@ -166,11 +173,39 @@ class Batch:
         self.lines.append(line)
         self.size += len(line)
 
+    def add_reply(self, member: Connection, line: bytes) -> None:
+        self.replies.setdefault(member, []).append((len(self.lines), line))
+
+    def needs_own_copy(self) -> set[Connection]:
+        return self.own.keys() | self.joined_at.keys() | self.replies.keys()
+
+    def copy_for(self, member: Connection, shared: memoryview, offsets: list[int]) -> bytes:
+        """The turn's output for one of `needs_own_copy()`. `shared` is
+        `lines` joined; `offsets[i]` is where line i starts in it."""
+        pieces: list[bytes | memoryview] = []
+        position = offsets[self.joined_at.get(member, 0)]
+        # (index, line): insert `line` before line `index`; (index, None):
+        # leave line `index` out. An answer recorded before a member's own
+        # line (same index) comes first, as it was processed first.
+        edits: list[tuple[int, bytes | None]] = list(self.replies.get(member, ()))
+        edits += [(index, None) for index in self.own.get(member, ())]
+        edits.sort(key=lambda edit: (edit[0], edit[1] is None))
+        for index, reply in edits:
+            pieces.append(shared[position : offsets[index]])
+            if reply is None:
+                position = offsets[index + 1]
+            else:
+                pieces.append(reply)
+                position = offsets[index]
+        pieces.append(shared[position:])
+        return b"".join(pieces)
+
     def clear(self) -> None:
         self.lines = []
         self.size = 0
         self.own.clear()
         self.joined_at.clear()
+        self.replies.clear()
 
 
 def format_peer(address: object) -> str:
@@ -227,6 +262,7 @@ class ChatServer:
         self._selector.register(self._wakeup_reader, EVENT_READ, _Wakeup)
         self._stopping = False
         self._accept_resumes_at: float | None = None  # set while out of fds
+        self._accept_failing = False  # out of fds since the last good accept
         self._client_count = 0
         # The room: every connection with a name, by protocol.name_key.
         self._members: dict[str, Connection] = {}
@@ -334,17 +370,22 @@ class ChatServer:
                 pass
             sock.close()
             return
+        if self._accept_failing:
+            self._accept_failing = False
+            log.warning("accepting connections again")
         conn = Connection(sock, peer)
         self._client_count += 1
         self._selector.register(sock, EVENT_READ, conn)
         log.info("%r connected", conn)
 
     def _pause_accepting(self, error: OSError) -> None:
-        log.error(
-            "cannot accept connections: %s; pausing accept for %.1fs",
-            error.strerror,
-            ACCEPT_PAUSE,
-        )
+        if not self._accept_failing:  # once per episode, not every retry
+            self._accept_failing = True
+            log.error(
+                "cannot accept connections: %s; retrying every %.1fs",
+                error.strerror,
+                ACCEPT_PAUSE,
+            )
         self._selector.unregister(self._listener)
         self._accept_resumes_at = time.monotonic() + ACCEPT_PAUSE
 
@@ -429,8 +470,13 @@ class ChatServer:
             conn.next_line = end
 
     def _reply(self, conn: Connection, line: bytes) -> None:
-        conn.enqueue_output(line)
-        self._dirty.add(conn)
+        if conn.name is not None and self._batch.lines:
+            # Behind the messages processed before this command, ahead of
+            # those processed after it.
+            self._batch.add_reply(conn, line)
+        else:
+            conn.enqueue_output(line)
+            self._dirty.add(conn)
 
     def _set_name(self, conn: Connection, name: str, key: str) -> None:
         holder = self._members.get(key)
@@ -467,16 +513,17 @@ class ChatServer:
         """Hand the turn's batch to every member, in one send each where the
         member has nothing queued already."""
         shared = b"".join(batch.lines)
-        needs_own_copy = batch.own.keys() | batch.joined_at.keys()
+        needs_own_copy = batch.needs_own_copy()
         offsets: list[int] = []
         if needs_own_copy:
             offsets = list(accumulate(map(len, batch.lines), initial=0))
+        shared_view = memoryview(shared)
         dirty = self._dirty
         backed_up: list[Connection] = []
         for conn in self._members.values():
             data = shared
             if conn in needs_own_copy:
-                data = self._own_copy(conn, batch, shared, offsets)
+                data = batch.copy_for(conn, shared_view, offsets)
                 if not data:
                     continue
             if conn.out:
@@ -498,21 +545,6 @@ class ChatServer:
         # Not during the loop above: closing a slow consumer changes the room.
         for conn in backed_up:
             self._settle(conn)
-
-    @staticmethod
-    def _own_copy(conn: Connection, batch: Batch, shared: bytes, offsets: list[int]) -> bytes:
-        """The batch as `conn` must see it: without its own lines, and from
-        the line it joined at."""
-        first = batch.joined_at.get(conn, 0)
-        view = memoryview(shared)
-        pieces = []
-        position = offsets[first]
-        for index in batch.own.get(conn, ()):
-            if index >= first:
-                pieces.append(view[position : offsets[index]])
-                position = offsets[index + 1]
-        pieces.append(view[position:])
-        return b"".join(pieces)
 
     def _send_buffered(self, conn: Connection) -> None:
         """One send of what `conn` has queued."""

@@ -124,7 +124,11 @@ def check_name(raw: bytes) -> SetName | Reply:
         return Reply(NAME_INVALID)
     if _WHITESPACE.search(name):
         return Reply(NAME_HAS_SPACES)
-    if any(unicodedata.category(char) in _NAME_REFUSED_CATEGORIES for char in name):
+    # isprintable() is False for every Cc and Cf character (and for some
+    # others), so the per-character look-up runs only on unusual names.
+    if not name.isprintable() and any(
+        unicodedata.category(char) in _NAME_REFUSED_CATEGORIES for char in name
+    ):
         return Reply(NAME_INVALID)
     if len(name) > MAX_NAME_CHARS:
         return Reply(NAME_TOO_LONG)
