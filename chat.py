@@ -429,8 +429,13 @@ class ChatServer:
             del busy[conn]
             if conn.closed:
                 continue
-            self._process_lines(conn)
-            if conn.closed:
+            try:
+                self._process_lines(conn)
+            except Exception:
+                # A bug, not an input: protocol.parse_line never raises. Lose
+                # this one client, not the room.
+                log.exception("%r: internal error while processing its input", conn)
+                self._close(conn, "internal error")
                 continue
             if conn.backlog():
                 busy[conn] = None  # to the back of the queue
