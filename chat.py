@@ -699,6 +699,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    server: ChatServer | None = None
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if server is None:  # still starting: nothing to close yet
+            raise SystemExit(0)
+        server.stop()
+
+    # Before binding, so a signal at any moment after the port is open
+    # ends in the same clean exit.
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     try:
         server = ChatServer(
             args.host,
@@ -707,15 +718,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             output_limit=args.output_limit,
         )
     except OSError as error:
-        where = f"{args.host}:{args.port}" if args.host else f"port {args.port}"
+        where = f"port {args.port}" if args.host is None else f"{args.host!r} port {args.port}"
         print(f"chat.py: cannot listen on {where}: {error.strerror or error}", file=sys.stderr)
         return 1
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        server.stop()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     host, port = server.address
     log.info("listening on %s", format_peer((host or "*", port)))
     server.serve_forever()
