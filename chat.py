@@ -488,20 +488,19 @@ class ChatServer:
         if holder is not None and holder is not conn:
             self._reply(conn, protocol.NAME_TAKEN)
             return
-        old_name = conn.name
-        if old_name is None:
+        if conn.name is None:
+            log.info("%r took the name %r", conn, name)
             if self._batch.lines:
                 self._batch.joined_at[conn] = len(self._batch.lines)
-        elif conn.key != key:
-            del self._members[conn.key]
+        else:
+            if conn.name != name:
+                log.info("%r renamed itself %r", conn, name)
+            if conn.key != key:
+                del self._members[conn.key]
         self._members[key] = conn
         conn.name = name
         conn.key = key
         conn.receive_prefix = protocol.receive_prefix(name)
-        if old_name is None:
-            log.info("%r took the name %r", conn, name)
-        elif old_name != name:
-            log.info("%r renamed itself from %r to %r", conn, old_name, name)
 
     # --- writing --------------------------------------------------------
 
