@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -110,8 +111,9 @@ class Client:
         return data
 
     def reset(self) -> None:
-        """Close with an RST instead of a FIN."""
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00" * 2)
+        """Close with an RST instead of a FIN: SO_LINGER on, with a zero
+        timeout (struct linger is two ints, l_onoff and l_linger)."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.sock.close()
 
     def close(self) -> None:
