@@ -314,6 +314,9 @@ class ChatServer:
         self._dirty: set[Connection] = set()
         # Connections to close once the turn's output is flushed.
         self._finished: list[Connection] = []
+        # Cluster mode: connections whose USERNAME waits for Redis (they
+        # are in no other list, and maybe not in the selector either).
+        self._held: set[Connection] = set()
         self._batch = Batch()
         # Where an accepted SEND goes: this turn's batch, or (cluster mode)
         # Redis, whence it comes back into the batch of every server.
@@ -323,7 +326,9 @@ class ChatServer:
             from cluster import RedisRoom  # needs hiredis: cluster mode only
 
             try:
-                self._cluster = RedisRoom(self, self._selector, redis, room=room, lease_ms=lease_ms)
+                self._cluster = RedisRoom(
+                    self, self._selector, self._batch, redis, room=room, lease_ms=lease_ms
+                )
             except BaseException:
                 self.close()
                 raise
@@ -395,6 +400,8 @@ class ChatServer:
         for key in list(self._selector.get_map().values()):
             if isinstance(key.data, Connection):
                 self._close(key.data, "server shutting down")
+        for conn in list(self._held):
+            self._close(conn, "server shutting down")
         if self._cluster is not None:
             self._cluster.close()  # after the closes above queued their releases
         for sock in (self._listener, self._wakeup_reader, self._wakeup_writer):
@@ -630,11 +637,13 @@ class ChatServer:
 
     def _hold(self, conn: Connection) -> None:
         conn.waiting = True
+        self._held.add(conn)
         self._watch(conn)
 
     def resume(self, conn: Connection) -> None:
         """Redis answered `conn`'s USERNAME: process its later lines again."""
         conn.waiting = False
+        self._held.discard(conn)
         if not conn.closed:
             self._watch(conn)
             self._busy[conn] = None

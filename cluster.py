@@ -48,7 +48,7 @@ import hiredis
 import protocol
 
 if TYPE_CHECKING:
-    from chat import ChatServer, Connection
+    from chat import Batch, ChatServer, Connection
 
 log = logging.getLogger("chat")
 
@@ -66,6 +66,10 @@ CONNECT_TIMEOUT: Final = 5.0
 SUBSCRIPTION_BUDGET: Final = 1 << 20
 COMMAND_BUDGET: Final = 256 * 1024
 RECV_SIZE: Final = 256 * 1024
+# Commands Redis has not taken yet, above which the link counts as broken:
+# memory stays bounded when Redis stops reading, and SENDs are refused
+# rather than piled up.
+MAX_UNSENT: Final = 16 << 20
 
 # Renew a lease we hold, or take it if it is free; 0 if another owner has it.
 CLAIM_OR_RENEW: Final = b"""\
@@ -217,6 +221,7 @@ class RedisRoom:
         self,
         server: ChatServer,
         selector: BaseSelector,
+        batch: Batch,
         url: str,
         *,
         room: str,
@@ -224,6 +229,8 @@ class RedisRoom:
     ) -> None:
         self._server = server
         self._selector = selector
+        self._batch = batch
+        self._published = 0  # bytes published this turn
         self._redis = parse_redis_url(url)
         try:
             family, _, _, _, address = socket.getaddrinfo(
@@ -276,6 +283,11 @@ class RedisRoom:
         payload = self._owner[conn] + b" " + line
         cmd.out += b"%s$%d\r\n%s\r\n" % (self._publish_head, len(payload), payload)
         self._waiting.append(None)
+        # Published bytes count against the turn's batch budget as batched
+        # ones do in single-server mode: a turn stops processing once it
+        # has produced BATCH_BYTES. `flush` takes them out again.
+        self._batch.size += len(line)
+        self._published += len(line)
 
     def claim(self, conn: Connection, name: str, key: str) -> None:
         """Ask Redis for the name; the server holds `conn` until the answer."""
@@ -313,12 +325,17 @@ class RedisRoom:
 
     def flush(self) -> None:
         """End of a turn: send what the turn queued for Redis, in one go."""
+        self._batch.size -= self._published
+        self._published = 0
         for link in (self._cmd, self._sub):
             if link is not None and link.out:
                 try:
                     link.send()
                 except OSError as error:
                     self._fail(_describe(error))
+                    return
+                if len(link.out) > MAX_UNSENT:
+                    self._fail(f"Redis is not reading: {len(link.out)} bytes unsent")
                     return
 
     def next_due(self) -> float | None:
