@@ -614,14 +614,6 @@ class ChatServer:
         if not conn.closed:
             self._reply(conn, line)
 
-    def relay(self, sender: Connection | None, line: bytes) -> None:
-        """A RECEIVE line that came back from Redis: deliver it this turn to
-        every member but `sender` (None: it came from another server)."""
-        if sender is None:
-            self._batch.add_foreign(line)
-        else:
-            self._batch.add(sender, line)
-
     def drop_name(self, conn: Connection) -> None:
         """`conn` lost its name to another server (its lease ran out while
         Redis was out of reach): it has no name now, and is told so."""

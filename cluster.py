@@ -561,7 +561,8 @@ class RedisRoom:
             self._fail(_describe(error) if isinstance(error, OSError) else repr(error))
 
     def _relay(self, payload: bytes) -> None:
-        """One published message: "<server>:<id> RECEIVE <name> <text>\\n"."""
+        """One published message, "<server>:<id> RECEIVE <name> <text>\\n":
+        into this turn's batch, for every member but its sender."""
         space = payload.find(b" ")
         line = payload[space + 1 :]
         # The channel is the cluster's own, but a line that is not one whole
@@ -569,9 +570,12 @@ class RedisRoom:
         if space < 0 or not line.startswith(b"RECEIVE ") or line.find(b"\n") != len(line) - 1:
             log.debug("ignored a malformed message on %r", self._channel)
             return
-        sender = None
-        tag = self._server_tag
-        if payload.startswith(tag):
-            with contextlib.suppress(ValueError):
-                sender = self._by_id.get(int(payload[len(tag) : space]))
-        self._server.relay(sender, line)
+        if payload.startswith(self._server_tag):
+            try:
+                sender = self._by_id.get(int(payload[len(self._server_tag) : space]))
+            except ValueError:
+                sender = None
+            if sender is not None:
+                self._batch.add(sender, line)
+                return
+        self._batch.add_foreign(line)
