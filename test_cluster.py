@@ -212,6 +212,18 @@ def test_two_users_on_two_servers_talk(cluster: Cluster) -> None:
     assert nobody.sync() == [NAME_REQUIRED]
 
 
+def test_lines_after_a_username_wait_for_it_in_order(cluster: Cluster) -> None:
+    one, two = cluster.spawn(), cluster.spawn()
+    bob = cluster.client(two, "bob")
+    carol = cluster.client(one)
+    # More lines than a turn processes, all behind a USERNAME that waits for
+    # Redis, in one packet.
+    count = 1200
+    carol.send(b"USERNAME carol\n" + b"".join(b"SEND m%d\n" % k for k in range(count)))
+    assert bob.lines(count) == [b"RECEIVE carol m%d" % k for k in range(count)]
+    assert carol.sync() == []
+
+
 def test_one_global_order_across_servers(cluster: Cluster) -> None:
     servers = [cluster.spawn() for _ in range(3)]
     senders = [cluster.client(server, f"sender{i}") for i, server in enumerate(servers)]
@@ -284,6 +296,15 @@ def test_names_are_unique_across_servers(cluster: Cluster) -> None:
     wait_until_free(other, "jeff")
     # Changing only the case of one's own name needs nobody's leave.
     assert take(other, "Jeff") == []
+
+
+def test_a_stopped_server_frees_its_names_at_once(cluster: Cluster) -> None:
+    # A lease far longer than the wait below: only a release frees the name.
+    one, two = cluster.spawn("--lease-ms", "600000"), cluster.spawn()
+    cluster.client(one, "alice")
+    one.process.terminate()
+    assert one.process.wait(TIMEOUT) == 0
+    wait_until_free(cluster.client(two), "alice")
 
 
 def test_a_killed_servers_names_are_freed_within_the_lease(cluster: Cluster) -> None:
