@@ -297,12 +297,12 @@ class RedisRoom:
         def claimed(reply: Any) -> None:
             server = self._server
             if reply == b"OK":
-                if conn.closed:
+                if conn.closed:  # meanwhile
                     self._release(redis_key, owner)
-                    return
-                if conn.name is not None:
-                    self._release(self._key_prefix + conn.key.encode(), owner)
-                server.take_name(conn, name, key)
+                else:
+                    if conn.name is not None:
+                        self._release(self._key_prefix + conn.key.encode(), owner)
+                    server.take_name(conn, name, key)
             elif reply is None:
                 server.reply(conn, protocol.NAME_TAKEN)
             else:  # LOST, or an error reply
