@@ -6,11 +6,15 @@ Redis's replies without doing any I/O. Commands are encoded here.
 
 The contract is PROTOCOL.md, "Cluster mode". How it is kept:
 
-- Messages. An accepted SEND is PUBLISHed to the room's channel and not
-  delivered at once. Every server, the sender's included, delivers what comes
-  back through its subscription, so every server delivers in Redis's order.
-  The payload starts with "<server id>:<connection id> ", so the origin
-  server knows whom not to send it to; the rest is the RECEIVE line itself.
+- Messages. The SENDs a server accepts in one loop turn are PUBLISHed to
+  the room's channel together, in one message, at the end of the turn, and
+  not delivered at once. Every server, the sender's included, delivers what
+  comes back through its subscription, so every server delivers in Redis's
+  order. A message is "<server id>:<id>,<id>,...\n" then the RECEIVE lines,
+  one connection id per line: the origin server splits it to leave each
+  sender out; every other server hands the lines on as one piece, without
+  looking at each, which keeps the work every server does for every
+  message small.
 - Names. A name is a key, `chat:<room>:name:<name_key>`, holding its owner
   ("<server id>:<connection id>") with a lease: `SET key owner NX PX lease`.
   The holder renews its leases every third of the lease, in one pipeline;
@@ -253,8 +257,12 @@ class RedisRoom:
         # never passes for its former self.
         self._server_tag = os.urandom(8).hex().encode() + b":"
         self._next_id = 0
+        self._id: dict[Connection, bytes] = {}  # b"<id>", decimal
         self._owner: dict[Connection, bytes] = {}  # b"<server>:<id>"
-        self._by_id: dict[int, Connection] = {}
+        self._by_id: dict[bytes, Connection] = {}
+        # This turn's accepted SENDs, published together by `flush`.
+        self._outgoing: list[bytes] = []
+        self._outgoing_ids: list[bytes] = []
 
         self.available = False  # connected, subscribed: USERNAME and SEND work
         self._cmd: _RedisSocket | None = None
@@ -275,14 +283,13 @@ class RedisRoom:
     # --- what ChatServer calls ---------------------------------------------
 
     def publish(self, conn: Connection, line: bytes) -> None:
-        """An accepted SEND's RECEIVE line: to Redis, and back to every server."""
-        cmd = self._cmd
-        if not self.available or cmd is None:
+        """An accepted SEND's RECEIVE line: to Redis at the end of the turn
+        (`flush`), and back to every server."""
+        if not self.available:
             self._server.reply(conn, protocol.SERVICE_UNAVAILABLE)
             return
-        payload = self._owner[conn] + b" " + line
-        cmd.out += b"%s$%d\r\n%s\r\n" % (self._publish_head, len(payload), payload)
-        self._waiting.append(None)
+        self._outgoing.append(line)
+        self._outgoing_ids.append(self._id[conn])
         # Published bytes count against the turn's batch budget as batched
         # ones do in single-server mode: a turn stops processing once it
         # has produced BATCH_BYTES. `flush` takes them out again.
@@ -319,7 +326,7 @@ class RedisRoom:
         owner = self._owner.pop(conn, None)
         if owner is None:
             return
-        del self._by_id[int(owner[len(self._server_tag) :])]
+        del self._by_id[self._id.pop(conn)]
         if conn.name is not None:
             self._release(self._key_prefix + conn.key.encode(), owner)
 
@@ -327,6 +334,8 @@ class RedisRoom:
         """End of a turn: send what the turn queued for Redis, in one go."""
         self._batch.size -= self._published
         self._published = 0
+        if self._outgoing:
+            self._publish_turn()
         for link in (self._cmd, self._sub):
             if link is not None and link.out:
                 try:
@@ -372,13 +381,26 @@ class RedisRoom:
 
     # --- names ---------------------------------------------------------------
 
+    def _publish_turn(self) -> None:
+        payload = b"".join(
+            (self._server_tag, b",".join(self._outgoing_ids), b"\n", *self._outgoing)
+        )
+        self._outgoing = []
+        self._outgoing_ids = []
+        cmd = self._cmd
+        if cmd is not None:
+            cmd.out += b"%s$%d\r\n%s\r\n" % (self._publish_head, len(payload), payload)
+            self._waiting.append(None)
+
     def _owner_of(self, conn: Connection) -> bytes:
         owner = self._owner.get(conn)
         if owner is None:
             self._next_id += 1
-            owner = self._server_tag + b"%d" % self._next_id
+            conn_id = b"%d" % self._next_id
+            owner = self._server_tag + conn_id
+            self._id[conn] = conn_id
             self._owner[conn] = owner
-            self._by_id[self._next_id] = conn
+            self._by_id[conn_id] = conn
         return owner
 
     def _release(self, redis_key: bytes, owner: bytes) -> None:
@@ -493,6 +515,8 @@ class RedisRoom:
         self._cmd = self._sub = None
         self.available = self._cmd_ready = self._sub_ready = False
         self._connect_deadline = self._renew_at = None
+        self._outgoing = []
+        self._outgoing_ids = []
         now = time.monotonic()
         if self._down_since is None:
             self._down_since = now
@@ -561,21 +585,30 @@ class RedisRoom:
             self._fail(_describe(error) if isinstance(error, OSError) else repr(error))
 
     def _relay(self, payload: bytes) -> None:
-        """One published message, "<server>:<id> RECEIVE <name> <text>\\n":
-        into this turn's batch, for every member but its sender."""
-        space = payload.find(b" ")
-        line = payload[space + 1 :]
-        # The channel is the cluster's own, but a line that is not one whole
-        # RECEIVE line must never reach a client.
-        if space < 0 or not line.startswith(b"RECEIVE ") or line.find(b"\n") != len(line) - 1:
+        """One published turn, "<server>:<id>,<id>,...\\n" and a RECEIVE line
+        per id: into this turn's batch, for every member but its senders."""
+        newline = payload.find(b"\n")
+        body = payload[newline + 1 :]
+        # The channel is the cluster's own; still, only whole RECEIVE lines
+        # may ever reach a client.
+        if newline < 0 or not body.startswith(b"RECEIVE ") or not body.endswith(b"\n"):
             log.debug("ignored a malformed message on %r", self._channel)
             return
-        if payload.startswith(self._server_tag):
-            try:
-                sender = self._by_id.get(int(payload[len(self._server_tag) : space]))
-            except ValueError:
-                sender = None
-            if sender is not None:
-                self._batch.add(sender, line)
-                return
-        self._batch.add_foreign(line)
+        tag = self._server_tag
+        if not payload.startswith(tag):
+            self._batch.add_foreign(body)  # from another server: one piece
+            return
+        ids = payload[len(tag) : newline].split(b",")
+        lines = body.split(b"\n")
+        lines.pop()  # the empty rest after the last "\n"
+        if len(ids) != len(lines):
+            log.debug("ignored a malformed message on %r", self._channel)
+            return
+        by_id = self._by_id
+        batch = self._batch
+        for conn_id, line in zip(ids, lines, strict=True):
+            sender = by_id.get(conn_id)
+            if sender is None:  # gone meanwhile
+                batch.add_foreign(line + b"\n")
+            else:
+                batch.add(sender, line + b"\n")
