@@ -374,6 +374,36 @@ def test_redis_outage_keeps_connections_and_recovers(cluster: Cluster) -> None:
         assert log.count("is back after") == 1, log
 
 
+def test_a_redis_that_stops_answering_counts_as_an_outage(cluster: Cluster) -> None:
+    one, two = cluster.spawn(), cluster.spawn()
+    alice = cluster.client(one, "alice")
+    bob = cluster.client(two, "bob")
+    # Redis keeps its connections but answers no command for 4 s. A server
+    # renews every LEASE_MS / 3 and gives up when a renewal goes unanswered
+    # until the next one is due.
+    assert cluster.redis.command(b"CLIENT", b"PAUSE", b"4000", b"ALL") == b"OK"
+
+    def refused() -> bool:
+        alice.send(b"SEND anyone?\n")
+        lines = alice.sync()
+        assert lines in ([], [UNAVAILABLE]), lines
+        return lines == [UNAVAILABLE]
+
+    wait_for("alice's server to give up on Redis", refused)
+
+    def flows() -> bool:
+        alice.send(b"SEND back\n")
+        lines = alice.sync()
+        assert lines in ([], [UNAVAILABLE]), lines
+        return lines == []
+
+    wait_for("alice's server to reconnect", flows)
+    wait_for("bob's server to be back", lambda: take(cluster.client(two), "ALICE") == [TAKEN])
+    alice.send(b"SEND after\n")
+    while (line := bob.line()) != b"RECEIVE alice after":
+        assert line in (b"RECEIVE alice anyone?", b"RECEIVE alice back"), line
+
+
 def test_a_name_given_away_during_an_outage_is_lost(cluster: Cluster) -> None:
     one, two = cluster.spawn(), cluster.spawn()
     alice = cluster.client(one, "alice")
