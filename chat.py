@@ -934,6 +934,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     host, port = server.address
     log.info("listening on %s", format_peer((host or "*", port)))
+    if args.reuse_port and args.redis is None:
+        log.warning("--reuse-port without --redis: servers sharing the port do not share a room")
     server.serve_forever()
     log.info("stopped")
     return 0
