@@ -87,6 +87,7 @@ _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, 
 # Cluster mode: PROTOCOL.md, "a server that dies without cleaning up frees
 # its names within 30 s". The holder renews its leases every third of this.
 DEFAULT_LEASE_MS: Final = 30_000
+MIN_LEASE_MS: Final = 300
 DEFAULT_ROOM: Final = "chat"
 
 log = logging.getLogger("chat")
@@ -790,6 +791,14 @@ def _positive(text: str) -> int:
     return number
 
 
+def _lease_ms(text: str) -> int:
+    lease = _positive(text)
+    # Renewed every third of it: much shorter, and renewing is all it does.
+    if lease < MIN_LEASE_MS:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_LEASE_MS}, not {lease}")
+    return lease
+
+
 def _room(text: str) -> str:
     if not text or not text.isprintable() or any(char.isspace() for char in text):
         raise argparse.ArgumentTypeError(f"invalid room {text!r}: printable, no spaces")
@@ -877,7 +886,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     cluster.add_argument(
         "--lease-ms",
-        type=_positive,
+        type=_lease_ms,
         default=DEFAULT_LEASE_MS,
         metavar="MS",
         help="with --redis: how long a name stays taken in Redis after its server "

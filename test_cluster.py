@@ -439,6 +439,18 @@ def test_a_server_started_before_redis_connects_by_itself(redis: Redis) -> None:
         running.close()
 
 
+def test_rooms_on_one_redis_are_apart(cluster: Cluster) -> None:
+    one, two = cluster.spawn("--room", "red"), cluster.spawn("--room", "blue")
+    alice, carol = cluster.client(one, "same"), cluster.client(one, "carol")
+    bob, dave = cluster.client(two, "same"), cluster.client(two, "dave")  # no clash
+    alice.send(b"SEND in red\n")
+    assert carol.line() == b"RECEIVE same in red"
+    # Published before dave's line, so it would come first if it crossed.
+    dave.send(b"SEND in blue\n")
+    assert bob.line() == b"RECEIVE dave in blue"
+    assert alice.sync() == [] and carol.sync() == []
+
+
 # --- the program ---------------------------------------------------------
 
 
