@@ -5,6 +5,8 @@
     python3 bench.py --spawn --pin fanout -n 1000 -s 4
     python3 bench.py --spawn --redis latency         # the same load on Redis
     python3 bench.py --port 8080 conns -n 10000 --pid $(pgrep -f chat.py)
+    python3 bench.py --spawn --cluster 2 --reuse-port fanout   # Redis + 2 chat.py
+    python3 bench.py --ports 9001,9002 latency                 # clients round robin
 
 Scenarios:
   fanout   n clients register; s of them send m messages each, closed loop:
@@ -54,16 +56,19 @@ REDIS_LINES_PER_MESSAGE = 7
 
 @dataclass
 class Target:
-    """Where the load goes, and how to speak to it."""
+    """Where the load goes, and how to speak to it. With several ports
+    (several chat servers of one cluster), client i connects to port
+    i mod len(ports)."""
 
     host: str
-    port: int
+    ports: list[int]
     redis: bool
-    pid: int | None = None
-    process: subprocess.Popen[bytes] | None = None
+    pids: list[int] = field(default_factory=list)  # the chat servers (or Redis)
+    redis_pid: int | None = None  # cluster mode: the Redis they share
 
-    def connect(self) -> socket.socket:
-        sock = socket.create_connection((self.host, self.port), timeout=10)
+    def connect(self, index: int = 0) -> socket.socket:
+        port = self.ports[index % len(self.ports)]
+        sock = socket.create_connection((self.host, port), timeout=10)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
@@ -87,25 +92,45 @@ class Target:
         return newlines // REDIS_LINES_PER_MESSAGE if self.redis else newlines
 
     def cpu_seconds(self) -> float | None:
-        """User + system CPU time of the server process, if it is local."""
-        if self.pid is None:
-            return None
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time of the server processes, if they are local."""
+        total = 0.0
+        for pid in self.pids:
+            seconds = cpu_seconds_of(pid)
+            if seconds is None:
+                return None
+            total += seconds
+        return total if self.pids else None
+
+    def describe(self) -> str:
+        """ "chat", "redis", or "cluster of N" (chat servers sharing a Redis)."""
+        if self.redis:
+            return "redis"
+        servers = max(len(self.pids), len(self.ports))
+        if self.redis_pid is not None or servers > 1:
+            return f"cluster of {servers}"
+        return "chat"
+
+    def redis_cpu_seconds(self) -> float | None:
+        return None if self.redis_pid is None else cpu_seconds_of(self.redis_pid)
 
     def rss_bytes(self) -> int | None:
-        if self.pid is None:
-            return None
-        try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            return None
+        total = 0
+        for pid in self.pids:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            except OSError:
+                return None
+        return total if self.pids else None
+
+
+def cpu_seconds_of(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
         return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -133,7 +158,12 @@ def target_from(args: argparse.Namespace) -> Iterator[Target]:
     """The target the arguments name; with --spawn, started here and stopped
     afterwards."""
     if not args.spawn:
-        yield Target(args.host, args.port, args.redis, pid=args.pid)
+        ports = [int(port) for port in args.ports.split(",")] if args.ports else [args.port]
+        yield Target(args.host, ports, args.redis, pids=[args.pid] if args.pid else [])
+        return
+    if args.cluster:
+        with spawn_cluster(args) as target:
+            yield target
         return
     port = free_port()
     if args.redis:
@@ -160,14 +190,84 @@ def target_from(args: argparse.Namespace) -> Iterator[Target]:
         os.sched_setaffinity(0, {1})
     try:
         wait_until_listening("127.0.0.1", port, process)
-        yield Target("127.0.0.1", port, args.redis, pid=process.pid, process=process)
+        yield Target("127.0.0.1", [port], args.redis, pids=[process.pid])
     finally:
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def spawn_cluster(args: argparse.Namespace) -> Iterator[Target]:
+    """Redis and `args.cluster` chat.py servers in cluster mode: on one
+    shared port with --reuse-port, else on a port each."""
+    server = shutil.which("redis-server")
+    if server is None:
+        sys.exit("bench.py: redis-server not found (apt-get install -y redis-server)")
+    if args.redis or args.pin:
+        sys.exit("bench.py: --cluster speaks the chat protocol and is not pinned")
+    redis_port = free_port()
+    processes = [
+        subprocess.Popen(
+            [server, "--port", str(redis_port), "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
+    try:
+        shared = free_port()
+        ports = [shared if args.reuse_port else free_port() for _ in range(args.cluster)]
+        for port in ports:
+            command = [sys.executable, str(HERE / "chat.py"), str(port), "--host", "127.0.0.1"]
+            command += ["--log-level", "WARNING", "--max-clients", "20000"]
+            command += ["--redis", f"redis://127.0.0.1:{redis_port}/0"]
+            command += ["--reuse-port"] if args.reuse_port else []
+            processes.append(
+                subprocess.Popen(
+                    command,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    preexec_fn=raise_fd_limit,
+                )
+            )
+        for process, port in zip(processes[1:], ports, strict=True):
+            wait_until_listening("127.0.0.1", port, process)
+        wait_until_subscribed(redis_port, args.cluster)
+        yield Target(
+            "127.0.0.1",
+            sorted(set(ports)),
+            False,
+            pids=[process.pid for process in processes[1:]],
+            redis_pid=processes[0].pid,
+        )
+    finally:
+        for process in reversed(processes):
+            stop(process)
+
+
+def wait_until_subscribed(redis_port: int, count: int) -> None:
+    """Until `count` chat servers listen to the room (each binds first)."""
+    deadline = time.monotonic() + 10
+    query = b"*3\r\n$6\r\nPUBSUB\r\n$6\r\nNUMSUB\r\n$9\r\nchat:chat\r\n"
+    while time.monotonic() < deadline:
+        with socket.create_connection(("127.0.0.1", redis_port), timeout=5) as sock:
+            sock.sendall(query)
+            reply = b""
+            while reply.count(b"\r\n") < 4:
+                reply += sock.recv(4096)
+        if reply.split(b"\r\n")[3] == b":%d" % count:
+            # Subscribed; the command connection answers its PING next.
+            time.sleep(0.2)
+            return
+        time.sleep(0.05)
+    sys.exit("bench.py: the chat servers did not reach Redis within 10 s")
 
 
 def raise_fd_limit() -> None:
@@ -223,7 +323,8 @@ def connect_all(target: Target, count: int, deadline: float) -> list[socket.sock
     progress = Progress("connecting")
     batch_size = 256
     while len(clients) < count:
-        batch = [target.connect() for _ in range(min(batch_size, count - len(clients)))]
+        size = min(batch_size, count - len(clients))
+        batch = [target.connect(len(clients) + i) for i in range(size)]
         for offset, sock in enumerate(batch):
             sock.sendall(target.join(len(clients) + offset))
         for sock in batch:
@@ -324,6 +425,7 @@ def fanout(target: Target, args: argparse.Namespace) -> None:
 
     progress = Progress("fanout")
     cpu_before = target.cpu_seconds()
+    redis_cpu_before = target.redis_cpu_seconds()
     started = time.perf_counter()
     pump()
     while target.deliveries(newlines) < expected and time.monotonic() < deadline:
@@ -345,10 +447,11 @@ def fanout(target: Target, args: argparse.Namespace) -> None:
             progress.show(f"{target.deliveries(newlines):,}/{expected:,} deliveries")
     elapsed = time.perf_counter() - started
     cpu_after = target.cpu_seconds()
+    redis_cpu_after = target.redis_cpu_seconds()
     progress.done()
     delivered = target.deliveries(newlines)
     figures: dict[str, Any] = {
-        "target": "redis" if target.redis else "chat",
+        "target": target.describe(),
         "clients": args.n,
         "senders": args.s,
         "messages_per_sender": args.m,
@@ -365,6 +468,8 @@ def fanout(target: Target, args: argparse.Namespace) -> None:
     }
     if cpu_before is not None and cpu_after is not None:
         figures["server_cpu_percent"] = round(100 * (cpu_after - cpu_before) / elapsed)
+    if redis_cpu_before is not None and redis_cpu_after is not None:
+        figures["redis_cpu_percent"] = round(100 * (redis_cpu_after - redis_cpu_before) / elapsed)
     result("fanout", figures)
     for sock in clients + (senders if target.redis else []):
         sock.close()
@@ -433,7 +538,7 @@ def latency(target: Target, args: argparse.Namespace) -> None:
     result(
         "latency",
         {
-            "target": "redis" if target.redis else "chat",
+            "target": target.describe(),
             "clients": args.n,
             "rate_per_s": args.rate,
             "messages": total,
@@ -478,7 +583,7 @@ def conns(target: Target, args: argparse.Namespace) -> None:
                 data += chunk
         reached += b"hello-everyone" in data
     figures: dict[str, Any] = {
-        "target": "redis" if target.redis else "chat",
+        "target": target.describe(),
         "connections": args.n,
         "connect_register_per_s": round(args.n / elapsed),
         "broadcast_reached": reached,
@@ -589,12 +694,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument(
+        "--ports", help="several servers of one cluster, e.g. 9001,9002: client i uses the i-th"
+    )
     parser.add_argument("--pid", type=int, help="the server's pid, for its CPU and RSS")
     parser.add_argument("--spawn", action="store_true", help="start the server on a free port")
     parser.add_argument(
         "--pin", action="store_true", help="with --spawn: server on core 0, load on core 1"
     )
     parser.add_argument("--redis", action="store_true", help="speak Redis pub/sub instead")
+    parser.add_argument(
+        "--cluster",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --spawn: start Redis and N chat.py servers in cluster mode",
+    )
+    parser.add_argument(
+        "--reuse-port", action="store_true", help="with --cluster: the N servers share one port"
+    )
     parser.add_argument("--timeout", type=float, default=120, help="stop after this many seconds")
     sub = parser.add_subparsers(dest="scenario", required=True)
     p = sub.add_parser("fanout", help="n clients, s senders, closed loop")

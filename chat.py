@@ -25,6 +25,16 @@ moves bytes. One turn of the loop (`ChatServer.run_once`):
 
 Nothing is ever sent to one connection in the middle of handling another,
 and no connection is closed in the middle of a broadcast.
+
+Cluster mode (`--redis URL`, PROTOCOL.md "Cluster mode") adds one object,
+`cluster.RedisRoom`, imported only then. The room hands it three things:
+claiming a name (the connection waits, its later lines with it, until Redis
+answers), releasing one, and publishing an accepted SEND instead of batching
+it. Messages come back through the subscription, in Redis's order, and join
+the turn's batch like local ones. Its two Redis sockets are in the same
+selector, tagged with the callable that handles them. Without --redis, the
+only difference on the hot path is that `_process_lines` calls the batch's
+`add` through a local variable bound once.
 """
 
 from __future__ import annotations
@@ -37,14 +47,17 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence, ValuesView
 from itertools import accumulate
 from selectors import EVENT_READ, EVENT_WRITE, DefaultSelector
 from types import FrameType
-from typing import Final, NoReturn
+from typing import TYPE_CHECKING, Final, NoReturn
 
 import protocol
 from protocol import BadSend, Blank, Reply, Send, SetName
+
+if TYPE_CHECKING:
+    from cluster import RedisRoom
 
 PORT = 8080
 
@@ -71,6 +84,11 @@ ACCEPT_PAUSE: Final = 0.1
 # Errors of accept() that mean "out of descriptors or memory", not "this
 # one connection failed".
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Cluster mode: PROTOCOL.md, "a server that dies without cleaning up frees
+# its names within 30 s". The holder renews its leases every third of this.
+DEFAULT_LEASE_MS: Final = 30_000
+MIN_LEASE_MS: Final = 300
+DEFAULT_ROOM: Final = "chat"
 
 log = logging.getLogger("chat")
 
@@ -92,6 +110,7 @@ class Connection:
         "wants_write",
         "at_eof",
         "closed",
+        "waiting",
     )
 
     def __init__(self, sock: socket.socket, peer: str) -> None:
@@ -112,6 +131,9 @@ class Connection:
         self.wants_write = False  # registered for EVENT_WRITE
         self.at_eof = False  # the client sent end of input
         self.closed = False
+        # Cluster mode: its USERNAME awaits Redis's answer, so its later
+        # lines wait too; not read meanwhile, and off the busy list.
+        self.waiting = False
 
     def backlog(self) -> int:
         return 0 if self.lines is None else len(self.lines) - self.next_line
@@ -173,6 +195,12 @@ class Batch:
         self.lines.append(line)
         self.size += len(line)
 
+    def add_foreign(self, line: bytes) -> None:
+        """A line every member gets: a message published by another server
+        (cluster mode), or by a connection that is gone."""
+        self.lines.append(line)
+        self.size += len(line)
+
     def add_reply(self, member: Connection, line: bytes) -> None:
         self.replies.setdefault(member, []).append((len(self.lines), line))
 
@@ -216,21 +244,29 @@ def format_peer(address: object) -> str:
     return str(address)
 
 
-def open_listener(host: str | None, port: int, backlog: int = 4096) -> socket.socket:
+def open_listener(
+    host: str | None, port: int, backlog: int = 4096, *, reuse_port: bool = False
+) -> socket.socket:
     """A non-blocking listening socket: dual-stack IPv6 + IPv4 when `host` is
-    None and the system allows it, else on `host` (a name or an address)."""
+    None and the system allows it, else on `host` (a name or an address).
+    `reuse_port` sets SO_REUSEPORT, so that several processes can share the
+    port and the kernel spreads new connections over them."""
     if host is None:
         if socket.has_dualstack_ipv6():
             sock = socket.create_server(
-                ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=backlog
+                ("", port),
+                family=socket.AF_INET6,
+                dualstack_ipv6=True,
+                backlog=backlog,
+                reuse_port=reuse_port,
             )
         else:
-            sock = socket.create_server(("", port), backlog=backlog)
+            sock = socket.create_server(("", port), backlog=backlog, reuse_port=reuse_port)
     else:
         family, _, _, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
-        sock = socket.create_server(address, family=family, backlog=backlog)
+        sock = socket.create_server(address, family=family, backlog=backlog, reuse_port=reuse_port)
     sock.setblocking(False)
     # The server coalesces its writes itself, so Nagle's algorithm would only
     # add latency. Set here, every accepted socket inherits it (Linux).
@@ -241,7 +277,10 @@ def open_listener(host: str | None, port: int, backlog: int = 4096) -> socket.so
 class ChatServer:
     """The chat room and its reactor. Binds in the constructor (port 0 picks
     a free port, see `address`); `serve_forever` runs until `stop`, which is
-    safe to call from another thread or a signal handler."""
+    safe to call from another thread or a signal handler.
+
+    With `redis` (a redis:// URL) the room is shared with every server using
+    the same Redis and `room` (cluster mode, see the module docstring)."""
 
     def __init__(
         self,
@@ -250,10 +289,14 @@ class ChatServer:
         *,
         max_clients: int = DEFAULT_MAX_CLIENTS,
         output_limit: int = DEFAULT_OUTPUT_LIMIT,
+        reuse_port: bool = False,
+        redis: str | None = None,
+        room: str = DEFAULT_ROOM,
+        lease_ms: int = DEFAULT_LEASE_MS,
     ) -> None:
         self.max_clients = max_clients
         self.output_limit = output_limit
-        self._listener = open_listener(host, port)
+        self._listener = open_listener(host, port, reuse_port=reuse_port)
         self._selector = DefaultSelector()
         self._selector.register(self._listener, EVENT_READ, _Listener)
         self._wakeup_reader, self._wakeup_writer = socket.socketpair()
@@ -272,7 +315,25 @@ class ChatServer:
         self._dirty: set[Connection] = set()
         # Connections to close once the turn's output is flushed.
         self._finished: list[Connection] = []
+        # Cluster mode: connections whose USERNAME waits for Redis (they
+        # are in no other list, and maybe not in the selector either).
+        self._held: set[Connection] = set()
         self._batch = Batch()
+        # Where an accepted SEND goes: this turn's batch, or (cluster mode)
+        # Redis, whence it comes back into the batch of every server.
+        self._publish: Callable[[Connection, bytes], None] = self._batch.add
+        self._cluster: RedisRoom | None = None
+        if redis is not None:
+            from cluster import RedisRoom  # needs hiredis: cluster mode only
+
+            try:
+                self._cluster = RedisRoom(
+                    self, self._selector, self._batch, redis, room=room, lease_ms=lease_ms
+                )
+            except BaseException:
+                self.close()
+                raise
+            self._publish = self._cluster.publish
 
     @property
     def address(self) -> tuple[str, int]:
@@ -305,20 +366,34 @@ class ChatServer:
                     self._dirty.add(tag)
             elif tag is _Listener:
                 self._accept()
-            else:
+            elif tag is _Wakeup:
                 self._drain_wakeup()
+            else:
+                tag(mask)  # a Redis socket (cluster mode): its own handler
         self._resume_accepting_if_due()
+        cluster = self._cluster
+        if cluster is not None:
+            cluster.on_timer()
         self._process_backlogs()
+        if cluster is not None:
+            cluster.flush()  # the turn's messages, claims and releases
         self._flush()
         for conn in self._finished:
             self._close(conn, "client closed the connection")
         self._finished.clear()
+        if cluster is not None:
+            cluster.flush()  # the releases of the names just freed
 
     def _select_timeout(self) -> float | None:
         if self._busy:
             return 0
-        if self._accept_resumes_at is not None:
-            return max(0.0, self._accept_resumes_at - time.monotonic())
+        due = self._accept_resumes_at
+        if self._cluster is not None:
+            cluster_due = self._cluster.next_due()
+            if cluster_due is not None and (due is None or cluster_due < due):
+                due = cluster_due
+        if due is not None:
+            return max(0.0, due - time.monotonic())
         return None
 
     def close(self) -> None:
@@ -326,6 +401,10 @@ class ChatServer:
         for key in list(self._selector.get_map().values()):
             if isinstance(key.data, Connection):
                 self._close(key.data, "server shutting down")
+        for conn in list(self._held):
+            self._close(conn, "server shutting down")
+        if self._cluster is not None:
+            self._cluster.close()  # after the closes above queued their releases
         for sock in (self._listener, self._wakeup_reader, self._wakeup_writer):
             if sock.fileno() >= 0:
                 with contextlib.suppress(KeyError, ValueError):
@@ -437,6 +516,8 @@ class ChatServer:
                 log.exception("%r: internal error while processing its input", conn)
                 self._close(conn, "internal error")
                 continue
+            if conn.waiting:
+                continue  # for Redis's answer; `resume` puts it back in line
             if conn.backlog():
                 busy[conn] = None  # to the back of the queue
             elif conn.at_eof:
@@ -449,13 +530,13 @@ class ChatServer:
         start = conn.next_line
         end = min(len(lines), start + LINES_PER_TURN)
         parse_line = protocol.parse_line
-        batch = self._batch
+        publish = self._publish
         for index in range(start, end):
             command = parse_line(lines[index])
             # The common case first: a valid message from a member.
             if type(command) is Send and conn.name is not None:
                 # protocol.format_receive, with the name part made once.
-                batch.add(conn, conn.receive_prefix + command.message + b"\n")
+                publish(conn, conn.receive_prefix + command.message + b"\n")
                 continue
             match command:
                 case Blank():
@@ -464,6 +545,9 @@ class ChatServer:
                     self._reply(conn, line)
                 case SetName(name, key):
                     self._set_name(conn, name, key)
+                    if conn.waiting:  # for Redis: the rest waits with it
+                        end = index + 1
+                        break
                 case Send():
                     self._reply(conn, protocol.NAME_REQUIRED)
                 case BadSend(line):
@@ -484,10 +568,25 @@ class ChatServer:
             self._dirty.add(conn)
 
     def _set_name(self, conn: Connection, name: str, key: str) -> None:
+        cluster = self._cluster
+        if cluster is not None and not cluster.available:
+            self._reply(conn, protocol.SERVICE_UNAVAILABLE)
+            return
         holder = self._members.get(key)
         if holder is not None and holder is not conn:
             self._reply(conn, protocol.NAME_TAKEN)
             return
+        if cluster is not None and key != conn.key:
+            # Another server may hold it: ask Redis, and hold this
+            # connection's later lines until it answers (`take_name` or a
+            # `reply`, then `resume`).
+            self._hold(conn)
+            cluster.claim(conn, name, key)
+            return
+        self.take_name(conn, name, key)
+
+    def take_name(self, conn: Connection, name: str, key: str) -> None:
+        """Give `conn` the name `name` (whose name_key is `key`, free)."""
         if conn.name is None:
             log.info("%r took the name %r", conn, name)
             if self._batch.lines:
@@ -501,6 +600,45 @@ class ChatServer:
         conn.name = name
         conn.key = key
         conn.receive_prefix = protocol.receive_prefix(name)
+
+    # --- the seam of cluster mode ------------------------------------------
+    # What cluster.RedisRoom calls. None of it runs without --redis.
+
+    @property
+    def members(self) -> ValuesView[Connection]:
+        """Every connection with a name, on this server."""
+        return self._members.values()
+
+    def reply(self, conn: Connection, line: bytes) -> None:
+        """Answer `conn`, in its place among the turn's messages."""
+        if not conn.closed:
+            self._reply(conn, line)
+
+    def drop_name(self, conn: Connection) -> None:
+        """`conn` lost its name to another server (its lease ran out while
+        Redis was out of reach): it has no name now, and is told so."""
+        if conn.name is None or conn.closed:
+            return
+        log.info("%r lost the name %r: another server holds it now", conn, conn.name)
+        if self._members.get(conn.key) is conn:
+            del self._members[conn.key]
+        conn.name = None
+        conn.key = ""
+        conn.receive_prefix = b""
+        self._reply(conn, protocol.NAME_TAKEN)
+
+    def _hold(self, conn: Connection) -> None:
+        conn.waiting = True
+        self._held.add(conn)
+        self._watch(conn)
+
+    def resume(self, conn: Connection) -> None:
+        """Redis answered `conn`'s USERNAME: process its later lines again."""
+        conn.waiting = False
+        self._held.discard(conn)
+        if not conn.closed:
+            self._watch(conn)
+            self._busy[conn] = None
 
     # --- writing --------------------------------------------------------
 
@@ -584,8 +722,23 @@ class ChatServer:
         wants_write = unsent > 0
         if wants_write != conn.wants_write:
             conn.wants_write = wants_write
-            events = EVENT_READ | EVENT_WRITE if wants_write else EVENT_READ
+            self._watch(conn)
+
+    def _watch(self, conn: Connection) -> None:
+        """Watch `conn` for what it needs now: reading, unless it waits for
+        Redis (its input would pile up, and a readable socket nobody reads
+        would make select spin); writing, while output is left."""
+        events = 0 if conn.waiting else EVENT_READ
+        if conn.wants_write:
+            events |= EVENT_WRITE
+        if not events:
+            with contextlib.suppress(KeyError):
+                self._selector.unregister(conn.sock)
+            return
+        try:
             self._selector.modify(conn.sock, events, conn)
+        except KeyError:  # unregistered while it waited
+            self._selector.register(conn.sock, events, conn)
 
     # --- closing --------------------------------------------------------
 
@@ -594,6 +747,8 @@ class ChatServer:
         if conn.closed:
             return
         conn.closed = True
+        if self._cluster is not None:
+            self._cluster.forget(conn)  # releases its name in Redis
         if conn.name is not None and self._members.get(conn.key) is conn:
             del self._members[conn.key]
         self._client_count -= 1
@@ -633,6 +788,20 @@ def _positive(text: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
     return number
+
+
+def _lease_ms(text: str) -> int:
+    lease = _positive(text)
+    # Renewed every third of it: much shorter, and renewing is all it does.
+    if lease < MIN_LEASE_MS:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_LEASE_MS}, not {lease}")
+    return lease
+
+
+def _room(text: str) -> str:
+    if not text or not text.isprintable() or any(char.isspace() for char in text):
+        raise argparse.ArgumentTypeError(f"invalid room {text!r}: printable, no spaces")
+    return text
 
 
 _LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -688,6 +857,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="LEVEL",
         help="DEBUG, INFO, WARNING or ERROR, in any case (default: INFO)",
     )
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="set SO_REUSEPORT, so that several servers on one machine can share "
+        "the port (with --redis, to use every core)",
+    )
+    cluster = parser.add_argument_group(
+        "cluster mode",
+        "several servers, on one machine or many, serving one room through Redis "
+        "(needs the hiredis package: pip install -r requirements-cluster.txt)",
+    )
+    cluster.add_argument(
+        "--redis",
+        default=None,
+        metavar="URL",
+        help="join the cluster of every server using this Redis, e.g. "
+        "redis://127.0.0.1:6379/0 (default: none, a single server)",
+    )
+    cluster.add_argument(
+        "--room",
+        type=_room,
+        default=DEFAULT_ROOM,
+        metavar="NAME",
+        help="with --redis: servers with the same Redis and NAME share one room "
+        f"(default: {DEFAULT_ROOM})",
+    )
+    cluster.add_argument(
+        "--lease-ms",
+        type=_lease_ms,
+        default=DEFAULT_LEASE_MS,
+        metavar="MS",
+        help="with --redis: how long a name stays taken in Redis after its server "
+        f"stops renewing it, e.g. because it died (default: {DEFAULT_LEASE_MS})",
+    )
     return parser.parse_args(argv)
 
 
@@ -709,19 +912,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ends in the same clean exit.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    if args.redis is not None:
+        try:
+            import cluster
+        except ImportError as error:
+            print(
+                f"chat.py: --redis needs the hiredis package ({error}); "
+                "pip install -r requirements-cluster.txt",
+                file=sys.stderr,
+            )
+            return 1
+        try:
+            cluster.parse_redis_url(args.redis)
+        except ValueError as error:
+            print(f"chat.py: error: invalid --redis URL {args.redis!r}: {error}", file=sys.stderr)
+            return 2
     try:
         server = ChatServer(
             args.host,
             args.port,
             max_clients=args.max_clients,
             output_limit=args.output_limit,
+            reuse_port=args.reuse_port,
+            redis=args.redis,
+            room=args.room,
+            lease_ms=args.lease_ms,
         )
+    except ValueError as error:  # cluster mode: the Redis host cannot be resolved
+        print(f"chat.py: {error}", file=sys.stderr)
+        return 1
     except OSError as error:
         where = f"port {args.port}" if args.host is None else f"{args.host!r} port {args.port}"
         print(f"chat.py: cannot listen on {where}: {error.strerror or error}", file=sys.stderr)
         return 1
     host, port = server.address
     log.info("listening on %s", format_peer((host or "*", port)))
+    if args.reuse_port and args.redis is None:
+        log.warning("--reuse-port without --redis: servers sharing the port do not share a room")
     server.serve_forever()
     log.info("stopped")
     return 0

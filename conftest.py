@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -151,7 +152,7 @@ class RunningServer:
         assert not self.thread.is_alive(), "the server did not stop"
 
 
-def start_server(**options: int) -> RunningServer:
+def start_server(**options: Any) -> RunningServer:
     server = ChatServer("127.0.0.1", 0, **options)
     thread = threading.Thread(target=server.serve_forever, name="chat-server", daemon=True)
     thread.start()

@@ -53,6 +53,8 @@ MESSAGE_EMPTY: Final = format_error("Message cannot be empty.")
 MESSAGE_INVALID: Final = format_error("Message contains invalid characters.")
 UNRECOGNISED: Final = format_error("Unrecognised command.")
 SERVER_FULL: Final = format_error("Server is full.")
+# Cluster mode only: the server cannot reach Redis just now.
+SERVICE_UNAVAILABLE: Final = format_error("Service unavailable.")
 
 
 @dataclass(frozen=True, slots=True)
