@@ -4,6 +4,7 @@ subprocess server, and a line client whose every read has a timeout."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 import struct
 import subprocess
@@ -13,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -167,10 +168,49 @@ def server() -> Iterator[RunningServer]:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port no socket holds now, chosen below the kernel's ephemeral range
+    so that no client socket of the tests (thousands of them) can take it
+    before the server binds it."""
+    low, _ = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 12_000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
+class StderrReader(threading.Thread):
+    """Reads a child's stderr as it comes: the server logs every connection,
+    so a test with hundreds of them would otherwise fill the 64 KiB pipe and
+    block the server on a log write. Also lets a test wait for a log line."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        super().__init__(name="stderr-reader", daemon=True)
+        self.fd = stream.fileno()
+        self.chunks: list[bytes] = []
+        self.lock = threading.Lock()
+        self.start()
+
+    def run(self) -> None:
+        # os.read, not the buffered stream: it returns what is there now.
+        while chunk := os.read(self.fd, 65536):
+            with self.lock:
+                self.chunks.append(chunk)
+
+    def text(self) -> str:
+        with self.lock:
+            return b"".join(self.chunks).decode("utf-8", "replace")
+
+    def wait_for(self, needle: str, timeout: float = TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.text():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"gave up waiting for {needle!r} in the server's log")
+            time.sleep(0.01)
 
 
 @dataclass
@@ -179,6 +219,7 @@ class ServerProcess:
 
     process: subprocess.Popen[bytes]
     port: int
+    stderr: StderrReader
 
     @property
     def address(self) -> tuple[str, int]:
@@ -187,11 +228,12 @@ class ServerProcess:
     def stderr_text(self) -> str:
         """Stop the process if needed; everything it wrote to stderr."""
         try:
-            _, err = self.process.communicate(timeout=TIMEOUT)
+            self.process.wait(TIMEOUT)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            _, err = self.process.communicate()
-        return err.decode("utf-8", "replace")
+            self.process.wait()
+        self.stderr.join(TIMEOUT)
+        return self.stderr.text()
 
 
 def spawn_server(
@@ -205,17 +247,21 @@ def spawn_server(
         stderr=subprocess.PIPE,
         preexec_fn=preexec,
     )
+    assert process.stderr is not None
+    running = ServerProcess(process, port, StderrReader(process.stderr))
     deadline = time.monotonic() + TIMEOUT
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()
-            break
         except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"chat.py did not start: {process.communicate()[1]!r}") from None
-            time.sleep(0.05)
-    return ServerProcess(process, port)
+            pass
+        else:
+            if process.poll() is None:
+                return running
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"chat.py did not start: {running.stderr_text()}")
+        time.sleep(0.05)
 
 
 @pytest.fixture
