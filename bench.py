@@ -317,16 +317,19 @@ class Progress:
 
 
 def connect_all(target: Target, count: int, deadline: float) -> list[socket.socket]:
-    """Open `count` subscribers, joined, in pipelined batches: send every
-    join of a batch first, then collect the replies."""
+    """Open `count` subscribers, joined, in pipelined batches: each sends its
+    join as soon as it is connected; the replies are collected per batch."""
     clients: list[socket.socket] = []
     progress = Progress("connecting")
-    batch_size = 256
+    batch_size = 1024
     while len(clients) < count:
         size = min(batch_size, count - len(clients))
-        batch = [target.connect(len(clients) + i) for i in range(size)]
-        for offset, sock in enumerate(batch):
+        batch = []
+        for offset in range(size):
+            # Joining at once keeps the server busy while the rest connect.
+            sock = target.connect(len(clients) + offset)
             sock.sendall(target.join(len(clients) + offset))
+            batch.append(sock)
         for sock in batch:
             read_through(sock, target.joined, deadline)
         clients += batch

@@ -43,7 +43,7 @@ settings.register_profile(
 )
 settings.register_profile(
     "soak",
-    max_examples=20_000,
+    max_examples=int(os.environ.get("SOAK_EXAMPLES", "20000")),
     deadline=None,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
