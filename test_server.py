@@ -1374,24 +1374,22 @@ def test_program_without_host_serves_ipv4_and_ipv6() -> None:
 # has arrived, everything that client sent before it has been processed, and
 # every RECEIVE it caused has been handed to its recipients.
 
-# --- The contract, typed again from PROTOCOL.md ---------------------------
-
 
 class Wire:
-    """Every line the server may send, spelled as in PROTOCOL.md, without its
-    "\\n". Typed here rather than imported so a typo in protocol.py is caught."""
+    """The contract's lines (the constants at the top of this file), as the
+    model and the fuzzer use them."""
 
-    LINE_TOO_LONG: Final = b"ERROR Line too long."
-    NAME_EMPTY: Final = b"ERROR Username cannot be empty."
-    NAME_INVALID: Final = b"ERROR Username contains invalid characters."
-    NAME_HAS_SPACES: Final = b"ERROR Username contains empty spaces."
-    NAME_TOO_LONG: Final = b"ERROR Username is too long."
-    NAME_TAKEN: Final = b"ERROR Username already in use."
-    NAME_REQUIRED: Final = b"ERROR You must set a username first."
-    MESSAGE_EMPTY: Final = b"ERROR Message cannot be empty."
-    MESSAGE_INVALID: Final = b"ERROR Message contains invalid characters."
-    UNRECOGNISED: Final = b"ERROR Unrecognised command."
-    # Not in this list: "Server is full.", which these tests never provoke.
+    LINE_TOO_LONG: Final = LINE_TOO_LONG
+    NAME_EMPTY: Final = NAME_EMPTY
+    NAME_INVALID: Final = NAME_INVALID
+    NAME_HAS_SPACES: Final = NAME_HAS_SPACES
+    NAME_TOO_LONG: Final = NAME_TOO_LONG
+    NAME_TAKEN: Final = NAME_TAKEN
+    NAME_REQUIRED: Final = NAME_REQUIRED
+    MESSAGE_EMPTY: Final = MESSAGE_EMPTY
+    MESSAGE_INVALID: Final = MESSAGE_INVALID
+    UNRECOGNISED: Final = UNRECOGNISED
+    # Not in this set: "Server is full.", which these tests never provoke.
     ERRORS: Final = frozenset(
         {
             LINE_TOO_LONG,
@@ -1408,7 +1406,7 @@ class Wire:
     )
 
 
-MODEL_MAX_LINE: Final = 4096  # bytes, not counting "\r\n" or "\n"
+MODEL_MAX_LINE: Final = MAX_LINE
 MODEL_MAX_NAME: Final = 32  # code points
 
 
