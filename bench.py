@@ -27,6 +27,7 @@ the probe parses, so the load generator stays cheap. Standard library only.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import contextlib
 import json
 import os
@@ -213,6 +214,8 @@ def spawn_cluster(args: argparse.Namespace) -> Iterator[Target]:
         sys.exit("bench.py: redis-server not found (apt-get install -y redis-server)")
     if args.redis or args.pin:
         sys.exit("bench.py: --cluster speaks the chat protocol and is not pinned")
+    if importlib.util.find_spec("hiredis") is None:  # the servers run on this Python
+        sys.exit("bench.py: --cluster needs hiredis: pip install -r requirements-cluster.txt")
     redis_port = free_port()
     processes = [
         subprocess.Popen(
