@@ -27,8 +27,8 @@ the probe parses, so the load generator stays cheap. Standard library only.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import contextlib
+import importlib.util
 import json
 import os
 import resource
