@@ -398,7 +398,10 @@ class ChatServer:
 
     def close(self) -> None:
         """Close every connection and the listener. Idempotent."""
-        for key in list(self._selector.get_map().values()):
+        selector_map = self._selector.get_map()
+        if selector_map is None:  # closed already
+            return
+        for key in list(selector_map.values()):
             if isinstance(key.data, Connection):
                 self._close(key.data, "server shutting down")
         for conn in list(self._held):

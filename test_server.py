@@ -3080,3 +3080,14 @@ def test_every_member_sees_the_turn_in_processing_order(
                 from_batch = shared
         got.append(direct[who] + from_batch)
     assert got == expected_streams(events)
+
+
+def test_closing_a_server_twice_is_harmless() -> None:
+    """close() runs when serve_forever ends, and an embedding program may
+    call it again."""
+    server = ChatServer("127.0.0.1", 0)
+    port = server.address[1]
+    server.close()
+    server.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
