@@ -442,7 +442,7 @@ class ChatServer:
     def _admit(self, sock: socket.socket, peer: str) -> None:
         sock.setblocking(False)
         if self._client_count >= self.max_clients:
-            log.warning("refused %s: server is full (%d clients)", peer, self.max_clients)
+            log.warning("refused %s: server is full (limit %d)", peer, self.max_clients)
             try:
                 sock.send(protocol.SERVER_FULL)
                 # Unread input would turn close() into a reset that can
@@ -950,6 +950,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     host, port = server.address
     log.info("listening on %s", format_peer((host or "*", port)))
+    if args.redis is None and (args.room != DEFAULT_ROOM or args.lease_ms != DEFAULT_LEASE_MS):
+        log.warning("--room and --lease-ms only matter with --redis: ignored")
     if args.reuse_port and args.redis is None:
         log.warning("--reuse-port without --redis: servers sharing the port do not share a room")
     server.serve_forever()

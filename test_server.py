@@ -3091,3 +3091,16 @@ def test_closing_a_server_twice_is_harmless() -> None:
     server.close()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+
+
+def test_cluster_options_without_redis_are_ignored_with_a_warning() -> None:
+    running = spawn_server("--room", "elsewhere")
+    try:
+        client = ready_member(running.address, "alice")
+        client.close()
+        running.process.send_signal(signal.SIGTERM)
+        text = running.stderr_text()
+    finally:
+        running.process.kill()
+    assert "--room and --lease-ms only matter with --redis" in text
+    assert running.process.returncode == 0
