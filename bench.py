@@ -134,6 +134,19 @@ def cpu_seconds_of(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class LineReader:
+    """Whole lines out of chunks read from one socket: only the probe pays
+    for parsing."""
+
+    def __init__(self) -> None:
+        self.tail = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        lines = (self.tail + chunk).split(b"\n")
+        self.tail = lines.pop()
+        return lines
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -395,7 +408,7 @@ def fanout(target: Target, args: argparse.Namespace) -> None:
     seen = [0] * args.s
     in_order = True
     latencies = Latencies()
-    probe_tail = b""
+    probe_reader = LineReader()
     newlines = 0
     buffer = bytearray(RECV_SIZE)
     view = memoryview(buffer)
@@ -415,10 +428,8 @@ def fanout(target: Target, args: argparse.Namespace) -> None:
             sent[j] += count
 
     def probe_lines(chunk: bytes) -> None:
-        nonlocal probe_tail, in_order
-        lines = (probe_tail + chunk).split(b"\n")
-        probe_tail = lines.pop()
-        for line in lines:
+        nonlocal in_order
+        for line in probe_reader.feed(chunk):
             payload = payload_of(line, target.redis)
             if payload is None:
                 continue
@@ -508,7 +519,7 @@ def latency(target: Target, args: argparse.Namespace) -> None:
         sender.setblocking(False)
         selector.register(sender, selectors.EVENT_READ)
     latencies = Latencies()
-    tail = b""
+    probe_reader = LineReader()
     interval = 1 / args.rate
     total = int(args.rate * args.duration)
     sent = 0
@@ -533,9 +544,7 @@ def latency(target: Target, args: argparse.Namespace) -> None:
                 sys.exit("bench.py: the server closed a connection")
             if sock is not probe:
                 continue
-            lines = (tail + chunk).split(b"\n")
-            tail = lines.pop()
-            for line in lines:
+            for line in probe_reader.feed(chunk):
                 if payload_of(line, target.redis) is not None:
                     latencies.add(int(line.split(b":")[-2]))
         if progress.due():
