@@ -2,39 +2,39 @@
 
     python3 chat.py 8080        then, in two terminals: nc localhost 8080
 
-The contract is PROTOCOL.md; protocol.py knows what lines mean, this module
-moves bytes. One turn of the loop (`ChatServer.run_once`):
+PROTOCOL.md is the contract. Three modules share the work: protocol.py
+knows what a line means, room.py knows who holds which name and what the
+turn says to whom, and this module, the reactor, moves bytes and keeps
+time. One turn of the loop (`ChatServer.run_once`):
 
-1. select: wait for readable and writable sockets, without waiting at all
-   while some connection still has received lines to process.
+1. select: wait for readable and writable sockets until the next timer is
+   due, without waiting at all while some connection still has received
+   lines to process.
 2. read: at most one recv of READ_SIZE bytes per ready connection, split
    into lines (protocol.split_lines) and queued on the connection. A
    connection with a large backlog is not read until it shrinks.
-3. process: up to LINES_PER_TURN queued lines per connection, round robin.
-   Replies go to the connection's own write buffer; each accepted SEND is
-   formatted once and appended to the turn's broadcast batch.
-4. flush: the batch is joined into one bytes object and sent as it is to
-   every member (one send each), except the few that need their own copy:
-   the turn's senders, who never get their own lines, and members who joined
-   during the turn, who get only what came after. Whatever the kernel does
-   not take goes to that connection's write buffer, and write interest is
-   registered only while such a buffer is not empty. A connection whose
-   buffer passes the output limit is closed as a slow consumer.
-5. close: connections that reached end of input, once their lines are
-   processed and their output flushed.
+3. timers: run the callbacks that are due (the accept pause, cluster mode's
+   renewals and retries), from one heap read against one clock.
+4. process: up to LINES_PER_TURN queued lines per connection, round robin,
+   each parsed by protocol.parse_line and handed to the room: `publish` for
+   an accepted SEND, `set_name` for a valid USERNAME. Answers go to the
+   connection's write buffer, or in their place in the room's batch.
+5. flush: the room's batch is joined into one bytes object and sent as it
+   is to every member (one send each), except the few that need their own
+   copy (`room.Batch.copy_for`). Whatever the kernel does not take goes to
+   that connection's write buffer, and write interest is registered only
+   while such a buffer is not empty. A connection whose buffer passes the
+   output limit is closed as a slow consumer.
+6. close: connections that reached end of input, once their lines are
+   processed and their output flushed; then the room ends its turn.
 
 Nothing is ever sent to one connection in the middle of handling another,
-and no connection is closed in the middle of a broadcast.
+and no connection is closed in the middle of a broadcast. A connection's
+bytes go through its `sock` (the transport: `recv`, `send`, `close`); the
+room and the batch never see a socket.
 
-Cluster mode (`--redis URL`, PROTOCOL.md "Cluster mode") adds one object,
-`cluster.RedisRoom`, imported only then. The room hands it three things:
-claiming a name (the connection waits, its later lines with it, until Redis
-answers), releasing one, and publishing an accepted SEND instead of batching
-it. Messages come back through the subscription, in Redis's order, and join
-the turn's batch like local ones. Its two Redis sockets are in the same
-selector, tagged with the callable that handles them. Without --redis, the
-only difference on the hot path is that `_process_lines` calls the batch's
-`add` through a local variable bound once.
+Cluster mode (`--redis URL`) swaps the room for `cluster.RedisRoom`, which
+is imported only then; the reactor does not know which room it runs.
 """
 
 from __future__ import annotations
@@ -42,22 +42,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import heapq
+import itertools
 import logging
+import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence, ValuesView
+from collections.abc import Callable, Collection, Sequence
 from itertools import accumulate
 from selectors import EVENT_READ, EVENT_WRITE, DefaultSelector
 from types import FrameType
-from typing import TYPE_CHECKING, Final, NoReturn
+from typing import Final, NoReturn, Protocol, cast
 
 import protocol
 from protocol import BadSend, Blank, Reply, Send, SetName
-
-if TYPE_CHECKING:
-    from cluster import RedisRoom
+from room import NO_KEYS, ConfigurationError, Host, LocalRoom, Member, Room
 
 PORT = 8080
 
@@ -84,23 +85,32 @@ ACCEPT_PAUSE: Final = 0.1
 # Errors of accept() that mean "out of descriptors or memory", not "this
 # one connection failed".
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-# Cluster mode: PROTOCOL.md, "a server that dies without cleaning up frees
-# its names within 30 s". The holder renews its leases every third of this.
-DEFAULT_LEASE_MS: Final = 30_000
-MIN_LEASE_MS: Final = 300
-DEFAULT_ROOM: Final = "chat"
 
 log = logging.getLogger("chat")
 
+Clock = Callable[[], float]
+RoomFactory = Callable[[Host], Room]
+
+
+class Transport(Protocol):
+    """Where a connection's bytes are read and written: a plain socket is
+    one as it is. Errors are those of socket: BlockingIOError means later,
+    any other OSError ends the connection."""
+
+    def fileno(self) -> int: ...
+    def recv(self, size: int, /) -> bytes: ...
+    def send(self, data: bytes | bytearray | memoryview, /) -> int: ...
+    def close(self) -> None: ...
+
 
 class Connection:
-    """One client: its socket, its buffers and its place in the room."""
+    """One client: its transport, its buffers and its place in the room."""
 
     __slots__ = (
         "sock",
         "peer",
         "name",
-        "key",
+        "keys",
         "receive_prefix",
         "partial",
         "discarding",
@@ -113,12 +123,13 @@ class Connection:
         "waiting",
     )
 
-    def __init__(self, sock: socket.socket, peer: str) -> None:
+    def __init__(self, sock: Transport, peer: str) -> None:
         self.sock = sock
         self.peer = peer
+        # The room's (room.Member): the name, its keys, its RECEIVE prefix.
         self.name: str | None = None
-        self.key = ""  # protocol.name_key(name), the key in the room's table
-        self.receive_prefix = b""  # b"RECEIVE <name> ", encoded once per rename
+        self.keys = NO_KEYS
+        self.receive_prefix = b""
         # Framing state, as protocol.split_lines hands it back.
         self.partial = b""
         self.discarding = False
@@ -131,8 +142,8 @@ class Connection:
         self.wants_write = False  # registered for EVENT_WRITE
         self.at_eof = False  # the client sent end of input
         self.closed = False
-        # Cluster mode: its USERNAME awaits Redis's answer, so its later
-        # lines wait too; not read meanwhile, and off the busy list.
+        # Held by the room (its USERNAME awaits Redis), so its later lines
+        # wait too: not read meanwhile, and off the busy list.
         self.waiting = False
 
     def backlog(self) -> int:
@@ -156,84 +167,73 @@ class Connection:
         return f"<fd {self.sock.fileno()} {self.peer}{who}>"
 
 
+class Timer:
+    """One callback on the reactor's heap; `cancel` keeps it from running."""
+
+    __slots__ = ("callback", "cancelled")
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Timers:
+    """Deadlines on one heap, read from one clock. Cancelled timers stay in
+    the heap until they come up, unless they are over half of it."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self._heap: list[tuple[float, int, Timer]] = []
+        self._order = itertools.count()  # equal deadlines run in call order
+        self._cancelled = 0
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
+        timer = Timer(callback)
+        heapq.heappush(self._heap, (when, next(self._order), timer))
+        return timer
+
+    def cancel(self, timer: Timer) -> None:
+        if not timer.cancelled:
+            timer.cancel()
+            self._cancelled += 1
+            if self._cancelled > 64 and self._cancelled > len(self._heap) // 2:
+                self._heap = [entry for entry in self._heap if not entry[2].cancelled]
+                heapq.heapify(self._heap)
+                self._cancelled = 0
+
+    def next_due(self) -> float | None:
+        heap = self._heap
+        while heap and heap[0][2].cancelled:
+            heapq.heappop(heap)
+            self._cancelled -= 1
+        return heap[0][0] if heap else None
+
+    def run_due(self) -> None:
+        """Run every timer due by now (but none that these add for now)."""
+        heap = self._heap
+        now = self.clock()
+        due: list[Timer] = []
+        while heap and heap[0][0] <= now:
+            timer = heapq.heappop(heap)[2]
+            if timer.cancelled:
+                self._cancelled -= 1
+            else:
+                due.append(timer)
+        for timer in due:
+            if not timer.cancelled:
+                timer.cancelled = True  # it ran: cancelling it now is a no-op
+                timer.callback()
+
+
 class _Listener:
     """Selector tag of the listening socket."""
 
 
 class _Wakeup:
     """Selector tag of the socket that `stop` writes to."""
-
-
-class Batch:
-    """What the turn accepted for broadcast, in the order it was processed.
-
-    Most members get `lines` joined, as they are. A few must get their own
-    copy: a sender never gets its own lines; a member who took its first
-    name during the turn gets only the lines after that; and a member who was
-    answered during the turn gets its answer between the lines processed
-    before and after its command, so that every connection sees one order.
-    """
-
-    __slots__ = ("joined_at", "lines", "own", "replies", "size")
-
-    def __init__(self) -> None:
-        self.lines: list[bytes] = []
-        self.size = 0
-        # Each sender's own lines, as indices in `lines`.
-        self.own: dict[Connection, list[int]] = {}
-        # Members new this turn: the index of the first line they may get.
-        self.joined_at: dict[Connection, int] = {}
-        # Answers to members, each with the index of the line it precedes.
-        self.replies: dict[Connection, list[tuple[int, bytes]]] = {}
-
-    def add(self, sender: Connection, line: bytes) -> None:
-        own = self.own.get(sender)
-        if own is None:
-            self.own[sender] = [len(self.lines)]
-        else:
-            own.append(len(self.lines))
-        self.lines.append(line)
-        self.size += len(line)
-
-    def add_foreign(self, line: bytes) -> None:
-        """A line every member gets: a message published by another server
-        (cluster mode), or by a connection that is gone."""
-        self.lines.append(line)
-        self.size += len(line)
-
-    def add_reply(self, member: Connection, line: bytes) -> None:
-        self.replies.setdefault(member, []).append((len(self.lines), line))
-
-    def needs_own_copy(self) -> set[Connection]:
-        return self.own.keys() | self.joined_at.keys() | self.replies.keys()
-
-    def copy_for(self, member: Connection, shared: memoryview, offsets: list[int]) -> bytes:
-        """The turn's output for one of `needs_own_copy()`. `shared` is
-        `lines` joined; `offsets[i]` is where line i starts in it."""
-        pieces: list[bytes | memoryview] = []
-        position = offsets[self.joined_at.get(member, 0)]
-        # (index, line): insert `line` before line `index`; (index, None):
-        # leave line `index` out. An answer recorded before a member's own
-        # line (same index) comes first, as it was processed first.
-        edits: list[tuple[int, bytes | None]] = list(self.replies.get(member, ()))
-        edits += [(index, None) for index in self.own.get(member, ())]
-        edits.sort(key=lambda edit: (edit[0], edit[1] is None))
-        for index, reply in edits:
-            pieces.append(shared[position : offsets[index]])
-            if reply is None:
-                position = offsets[index + 1]
-            else:
-                pieces.append(reply)
-                position = offsets[index]
-        pieces.append(shared[position:])
-        return b"".join(pieces)
-
-    def clear(self) -> None:
-        self.lines = []
-        self.size = 0
-        self.own.clear()
-        self.joined_at.clear()
-        self.replies.clear()
 
 
 def format_peer(address: object) -> str:
@@ -275,12 +275,11 @@ def open_listener(
 
 
 class ChatServer:
-    """The chat room and its reactor. Binds in the constructor (port 0 picks
-    a free port, see `address`); `serve_forever` runs until `stop`, which is
-    safe to call from another thread or a signal handler.
-
-    With `redis` (a redis:// URL) the room is shared with every server using
-    the same Redis and `room` (cluster mode, see the module docstring)."""
+    """The reactor. Binds in the constructor (port 0 picks a free port, see
+    `address`); `serve_forever` runs until `stop`, which is safe to call
+    from another thread or a signal handler. `room` builds the room it
+    serves (default: `LocalRoom`, one server's room); `clock` is what its
+    timers read (a test passes a fake one and calls `run_once`)."""
 
     def __init__(
         self,
@@ -290,12 +289,13 @@ class ChatServer:
         max_clients: int = DEFAULT_MAX_CLIENTS,
         output_limit: int = DEFAULT_OUTPUT_LIMIT,
         reuse_port: bool = False,
-        redis: str | None = None,
-        room: str = DEFAULT_ROOM,
-        lease_ms: int = DEFAULT_LEASE_MS,
+        room: RoomFactory = LocalRoom,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.max_clients = max_clients
         self.output_limit = output_limit
+        self._clock = clock
+        self._timers = Timers(clock)
         self._listener = open_listener(host, port, reuse_port=reuse_port)
         self._selector = DefaultSelector()
         self._selector.register(self._listener, EVENT_READ, _Listener)
@@ -304,36 +304,22 @@ class ChatServer:
         self._wakeup_writer.setblocking(False)
         self._selector.register(self._wakeup_reader, EVENT_READ, _Wakeup)
         self._stopping = False
-        self._accept_resumes_at: float | None = None  # set while out of fds
         self._accept_failing = False  # out of fds since the last good accept
         self._client_count = 0
-        # The room: every connection with a name, by protocol.name_key.
-        self._members: dict[str, Connection] = {}
         # Connections with lines left to process, in round-robin order.
         self._busy: dict[Connection, None] = {}
         # Connections to send to at the end of the turn.
         self._dirty: set[Connection] = set()
         # Connections to close once the turn's output is flushed.
         self._finished: list[Connection] = []
-        # Cluster mode: connections whose USERNAME waits for Redis (they
-        # are in no other list, and maybe not in the selector either).
+        # Connections the room holds (in no other list, maybe not in the
+        # selector either): closed too at shutdown.
         self._held: set[Connection] = set()
-        self._batch = Batch()
-        # Where an accepted SEND goes: this turn's batch, or (cluster mode)
-        # Redis, whence it comes back into the batch of every server.
-        self._publish: Callable[[Connection, bytes], None] = self._batch.add
-        self._cluster: RedisRoom | None = None
-        if redis is not None:
-            from cluster import RedisRoom  # needs hiredis: cluster mode only
-
-            try:
-                self._cluster = RedisRoom(
-                    self, self._selector, self._batch, redis, room=room, lease_ms=lease_ms
-                )
-            except BaseException:
-                self.close()
-                raise
-            self._publish = self._cluster.publish
+        try:
+            self._room: Room = room(self)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def address(self) -> tuple[str, int]:
@@ -355,9 +341,11 @@ class ChatServer:
         with contextlib.suppress(OSError):
             self._wakeup_writer.send(b"\0")
 
-    def run_once(self) -> None:
-        """One turn: select, read, process, flush, close."""
-        for key, mask in self._selector.select(self._select_timeout()):
+    def run_once(self, max_wait: float | None = None) -> None:
+        """One turn: select, read, timers, process, flush, close. Waits at
+        most `max_wait` seconds for something to happen (None: until the
+        next timer, or for ever)."""
+        for key, mask in self._selector.select(self._select_timeout(max_wait)):
             tag = key.data
             if isinstance(tag, Connection):
                 if mask & EVENT_READ:
@@ -369,32 +357,23 @@ class ChatServer:
             elif tag is _Wakeup:
                 self._drain_wakeup()
             else:
-                tag(mask)  # a Redis socket (cluster mode): its own handler
-        self._resume_accepting_if_due()
-        cluster = self._cluster
-        if cluster is not None:
-            cluster.on_timer()
+                tag(mask)  # a socket of the room's own: its own handler
+        self._timers.run_due()
         self._process_backlogs()
-        if cluster is not None:
-            cluster.flush()  # the turn's messages, claims and releases
         self._flush()
         for conn in self._finished:
             self._close(conn, "client closed the connection")
         self._finished.clear()
-        if cluster is not None:
-            cluster.flush()  # the releases of the names just freed
+        self._room.end_turn()
 
-    def _select_timeout(self) -> float | None:
+    def _select_timeout(self, max_wait: float | None) -> float | None:
         if self._busy:
             return 0
-        due = self._accept_resumes_at
-        if self._cluster is not None:
-            cluster_due = self._cluster.next_due()
-            if cluster_due is not None and (due is None or cluster_due < due):
-                due = cluster_due
-        if due is not None:
-            return max(0.0, due - time.monotonic())
-        return None
+        due = self._timers.next_due()
+        if due is None:
+            return max_wait
+        timeout = max(0.0, due - self._clock())
+        return timeout if max_wait is None else min(timeout, max_wait)
 
     def close(self) -> None:
         """Close every connection and the listener. Idempotent."""
@@ -406,8 +385,8 @@ class ChatServer:
                 self._close(key.data, "server shutting down")
         for conn in list(self._held):
             self._close(conn, "server shutting down")
-        if self._cluster is not None:
-            self._cluster.close()  # after the closes above queued their releases
+        if hasattr(self, "_room"):
+            self._room.close()  # after the closes above queued their releases
         for sock in (self._listener, self._wakeup_reader, self._wakeup_writer):
             if sock.fileno() >= 0:
                 with contextlib.suppress(KeyError, ValueError):
@@ -421,6 +400,46 @@ class ChatServer:
                 pass
         except OSError:  # drained (BlockingIOError) or closed
             pass
+
+    # --- what the room may ask (room.Host) ----------------------------------
+
+    def now(self) -> float:
+        return self._clock()
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
+        return self._timers.call_at(when, callback)
+
+    def reply(self, member: Member, line: bytes) -> None:
+        assert isinstance(member, Connection)
+        if member.closed:
+            return
+        if not self._room.batch.reply(member, line):
+            member.enqueue_output(line)
+            self._dirty.add(member)
+
+    def hold(self, member: Member) -> None:
+        assert isinstance(member, Connection)
+        member.waiting = True
+        self._held.add(member)
+        self._watch(member)
+
+    def resume(self, member: Member) -> None:
+        assert isinstance(member, Connection)
+        member.waiting = False
+        self._held.discard(member)
+        if not member.closed:
+            self._watch(member)
+            self._busy[member] = None
+
+    def watch(self, sock: object, events: int, handler: Callable[[int], None]) -> None:
+        try:
+            self._selector.modify(sock, events, handler)  # type: ignore[arg-type]
+        except KeyError:
+            self._selector.register(sock, events, handler)  # type: ignore[arg-type]
+
+    def unwatch(self, sock: object) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(sock)  # type: ignore[arg-type]
 
     # --- accepting ------------------------------------------------------
 
@@ -469,11 +488,10 @@ class ChatServer:
                 ACCEPT_PAUSE,
             )
         self._selector.unregister(self._listener)
-        self._accept_resumes_at = time.monotonic() + ACCEPT_PAUSE
+        self._timers.call_at(self._clock() + ACCEPT_PAUSE, self._resume_accepting)
 
-    def _resume_accepting_if_due(self) -> None:
-        if self._accept_resumes_at is not None and time.monotonic() >= self._accept_resumes_at:
-            self._accept_resumes_at = None
+    def _resume_accepting(self) -> None:
+        if not self._stopping:
             self._selector.register(self._listener, EVENT_READ, _Listener)
 
     # --- reading and processing ------------------------------------------
@@ -504,9 +522,9 @@ class ChatServer:
 
     def _process_backlogs(self) -> None:
         busy = self._busy
-        batch = self._batch
+        room = self._room
         for conn in list(busy):
-            if batch.size >= BATCH_BYTES:
+            if room.turn_size() >= BATCH_BYTES:
                 break  # the rest wait for the next turn, in the same order
             del busy[conn]
             if conn.closed:
@@ -520,7 +538,7 @@ class ChatServer:
                 self._close(conn, "internal error")
                 continue
             if conn.waiting:
-                continue  # for Redis's answer; `resume` puts it back in line
+                continue  # for the room's answer; `resume` puts it back in line
             if conn.backlog():
                 busy[conn] = None  # to the back of the queue
             elif conn.at_eof:
@@ -533,7 +551,7 @@ class ChatServer:
         start = conn.next_line
         end = min(len(lines), start + LINES_PER_TURN)
         parse_line = protocol.parse_line
-        publish = self._publish
+        publish = self._room.publish
         for index in range(start, end):
             command = parse_line(lines[index])
             # The common case first: a valid message from a member.
@@ -545,118 +563,38 @@ class ChatServer:
                 case Blank():
                     pass
                 case Reply(line):
-                    self._reply(conn, line)
-                case SetName(name, key):
-                    self._set_name(conn, name, key)
-                    if conn.waiting:  # for Redis: the rest waits with it
+                    self.reply(conn, line)
+                case SetName():
+                    self._room.set_name(conn, command)
+                    if conn.waiting:  # held by the room: the rest waits with it
                         end = index + 1
                         break
                 case Send():
-                    self._reply(conn, protocol.NAME_REQUIRED)
+                    self.reply(conn, protocol.NAME_REQUIRED)
                 case BadSend(line):
-                    self._reply(conn, line if conn.name is not None else protocol.NAME_REQUIRED)
+                    self.reply(conn, line if conn.name is not None else protocol.NAME_REQUIRED)
         if end == len(lines):
             conn.lines = None
             conn.next_line = 0
         else:
             conn.next_line = end
 
-    def _reply(self, conn: Connection, line: bytes) -> None:
-        if conn.name is not None and self._batch.lines:
-            # Behind the messages processed before this command, ahead of
-            # those processed after it.
-            self._batch.add_reply(conn, line)
-        else:
-            conn.enqueue_output(line)
-            self._dirty.add(conn)
-
-    def _set_name(self, conn: Connection, name: str, key: str) -> None:
-        cluster = self._cluster
-        if cluster is not None and not cluster.available:
-            self._reply(conn, protocol.SERVICE_UNAVAILABLE)
-            return
-        holder = self._members.get(key)
-        if holder is not None and holder is not conn:
-            self._reply(conn, protocol.NAME_TAKEN)
-            return
-        if cluster is not None and key != conn.key:
-            # Another server may hold it: ask Redis, and hold this
-            # connection's later lines until it answers (`take_name` or a
-            # `reply`, then `resume`).
-            self._hold(conn)
-            cluster.claim(conn, name, key)
-            return
-        self.take_name(conn, name, key)
-
-    def take_name(self, conn: Connection, name: str, key: str) -> None:
-        """Give `conn` the name `name` (whose name_key is `key`, free)."""
-        if conn.name is None:
-            log.info("%r took the name %r", conn, name)
-            if self._batch.lines:
-                self._batch.joined_at[conn] = len(self._batch.lines)
-        else:
-            if conn.name != name:
-                log.info("%r renamed itself %r", conn, name)
-            if conn.key != key:
-                del self._members[conn.key]
-        self._members[key] = conn
-        conn.name = name
-        conn.key = key
-        conn.receive_prefix = protocol.receive_prefix(name)
-
-    # --- the seam of cluster mode ------------------------------------------
-    # What cluster.RedisRoom calls. None of it runs without --redis.
-
-    @property
-    def members(self) -> ValuesView[Connection]:
-        """Every connection with a name, on this server."""
-        return self._members.values()
-
-    def reply(self, conn: Connection, line: bytes) -> None:
-        """Answer `conn`, in its place among the turn's messages."""
-        if not conn.closed:
-            self._reply(conn, line)
-
-    def drop_name(self, conn: Connection) -> None:
-        """`conn` lost its name to another server (its lease ran out while
-        Redis was out of reach): it has no name now, and is told so."""
-        if conn.name is None or conn.closed:
-            return
-        log.info("%r lost the name %r: another server holds it now", conn, conn.name)
-        if self._members.get(conn.key) is conn:
-            del self._members[conn.key]
-        conn.name = None
-        conn.key = ""
-        conn.receive_prefix = b""
-        self._reply(conn, protocol.NAME_TAKEN)
-
-    def _hold(self, conn: Connection) -> None:
-        conn.waiting = True
-        self._held.add(conn)
-        self._watch(conn)
-
-    def resume(self, conn: Connection) -> None:
-        """Redis answered `conn`'s USERNAME: process its later lines again."""
-        conn.waiting = False
-        self._held.discard(conn)
-        if not conn.closed:
-            self._watch(conn)
-            self._busy[conn] = None
-
     # --- writing --------------------------------------------------------
 
     def _flush(self) -> None:
-        if self._batch.lines:
-            self._deliver(self._batch)
-            self._batch.clear()
+        batch = self._room.batch
+        if batch.lines:
+            self._deliver()
+            batch.clear()
         for conn in self._dirty:
             if not conn.closed and conn.out:
                 self._send_buffered(conn)
         self._dirty.clear()
 
-    def _deliver(self, batch: Batch) -> None:
+    def _deliver(self) -> None:
         """Hand the turn's batch to every member, in one send each where the
         member has nothing queued already."""
+        batch = self._room.batch
         shared = b"".join(batch.lines)
         needs_own_copy = batch.needs_own_copy()
         offsets: list[int] = []
@@ -665,7 +603,8 @@ class ChatServer:
         shared_view = memoryview(shared)
         dirty = self._dirty
         backed_up: list[Connection] = []
-        for conn in self._members.values():
+        members = cast("Collection[Connection]", self._room.members)
+        for conn in members:
             data = shared
             if conn in needs_own_copy:
                 data = batch.copy_for(conn, shared_view, offsets)
@@ -728,8 +667,8 @@ class ChatServer:
             self._watch(conn)
 
     def _watch(self, conn: Connection) -> None:
-        """Watch `conn` for what it needs now: reading, unless it waits for
-        Redis (its input would pile up, and a readable socket nobody reads
+        """Watch `conn` for what it needs now: reading, unless the room holds
+        it (its input would pile up, and a readable socket nobody reads
         would make select spin); writing, while output is left."""
         events = 0 if conn.waiting else EVENT_READ
         if conn.wants_write:
@@ -750,10 +689,8 @@ class ChatServer:
         if conn.closed:
             return
         conn.closed = True
-        if self._cluster is not None:
-            self._cluster.forget(conn)  # releases its name in Redis
-        if conn.name is not None and self._members.get(conn.key) is conn:
-            del self._members[conn.key]
+        self._room.leave(conn)
+        self._held.discard(conn)
         self._client_count -= 1
         log.info("%r disconnected: %s", conn, reason)
         with contextlib.suppress(KeyError, ValueError):
@@ -764,6 +701,13 @@ class ChatServer:
 
 
 # --- the command line ----------------------------------------------------
+# Builds the objects and runs them; nothing above depends on it.
+
+# Cluster mode: PROTOCOL.md, "a server that dies without cleaning up frees
+# its names within 30 s". The holder renews its leases every third of this.
+DEFAULT_LEASE_MS: Final = 30_000
+MIN_LEASE_MS: Final = 300
+DEFAULT_ROOM: Final = "chat"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -897,6 +841,45 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _cluster_room(args: argparse.Namespace) -> RoomFactory:
+    """The room of cluster mode; ConfigurationError if it cannot be set up."""
+    try:
+        import cluster  # needs hiredis: cluster mode only
+    except ImportError as error:
+        raise ConfigurationError(
+            f"--redis needs the hiredis package ({error}); pip install -r requirements-cluster.txt"
+        ) from None
+    return cluster.room_factory(args.redis, room=args.room, lease_ms=args.lease_ms)
+
+
+def _warn_about_unused_options(args: argparse.Namespace) -> None:
+    if args.redis is None:
+        unused = [
+            option
+            for option, value, default in (
+                ("--room", args.room, DEFAULT_ROOM),
+                ("--lease-ms", args.lease_ms, DEFAULT_LEASE_MS),
+            )
+            if value != default
+        ]
+        if unused:
+            verb = "matters" if len(unused) == 1 else "matter"
+            log.warning("%s only %s with --redis: ignored", " and ".join(unused), verb)
+        if args.reuse_port:
+            log.warning(
+                "--reuse-port without --redis: servers sharing the port do not share a room"
+            )
+
+
+def _describe_listener(host: str | None, address: tuple[str, int]) -> str:
+    where = format_peer((address[0] or "*", address[1]))
+    if host is None and address[0] == "::":
+        return f"{where} (every address, IPv6 and IPv4)"
+    if ":" in address[0]:
+        return f"{where} (IPv6 only)"
+    return where
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -915,45 +898,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ends in the same clean exit.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    if args.redis is not None:
-        try:
-            import cluster
-        except ImportError as error:
-            print(
-                f"chat.py: --redis needs the hiredis package ({error}); "
-                "pip install -r requirements-cluster.txt",
-                file=sys.stderr,
-            )
-            return 1
-        try:
-            cluster.parse_redis_url(args.redis)
-        except ValueError as error:
-            print(f"chat.py: error: invalid --redis URL {args.redis!r}: {error}", file=sys.stderr)
-            return 2
     try:
+        room = LocalRoom if args.redis is None else _cluster_room(args)
         server = ChatServer(
             args.host,
             args.port,
             max_clients=args.max_clients,
             output_limit=args.output_limit,
             reuse_port=args.reuse_port,
-            redis=args.redis,
-            room=args.room,
-            lease_ms=args.lease_ms,
+            room=room,
         )
-    except ValueError as error:  # cluster mode: the Redis host cannot be resolved
+    except ConfigurationError as error:
         print(f"chat.py: {error}", file=sys.stderr)
-        return 1
+        return 2
     except OSError as error:
         where = f"port {args.port}" if args.host is None else f"{args.host!r} port {args.port}"
-        print(f"chat.py: cannot listen on {where}: {error.strerror or error}", file=sys.stderr)
+        # Not str(error): create_server adds "(while attempting to bind on
+        # address ...)", which says it in Python's words.
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        print(f"chat.py: cannot listen on {where}: {reason}", file=sys.stderr)
         return 1
-    host, port = server.address
-    log.info("listening on %s", format_peer((host or "*", port)))
-    if args.redis is None and (args.room != DEFAULT_ROOM or args.lease_ms != DEFAULT_LEASE_MS):
-        log.warning("--room and --lease-ms only matter with --redis: ignored")
-    if args.reuse_port and args.redis is None:
-        log.warning("--reuse-port without --redis: servers sharing the port do not share a room")
+    log.info("listening on %s", format_peer((server.address[0] or "*", server.address[1])))
+    _warn_about_unused_options(args)
     server.serve_forever()
     log.info("stopped")
     return 0

@@ -39,20 +39,18 @@ import errno
 import logging
 import os
 import socket
-import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from selectors import EVENT_READ, EVENT_WRITE, BaseSelector
-from typing import TYPE_CHECKING, Any, Final
+from selectors import EVENT_READ, EVENT_WRITE
+from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
 import hiredis
 
 import protocol
-
-if TYPE_CHECKING:
-    from chat import Batch, ChatServer, Connection
+from protocol import SetName
+from room import ConfigurationError, Host, LocalRoom, Member, Room, Timer, name_keys
 
 log = logging.getLogger("chat")
 
@@ -75,15 +73,20 @@ RECV_SIZE: Final = 256 * 1024
 # rather than piled up.
 MAX_UNSENT: Final = 16 << 20
 
-# Renew a lease we hold, or take it if it is free; 0 if another owner has it.
-CLAIM_OR_RENEW: Final = b"""\
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-if not holder then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
-return 0"""
-# Delete a lease only if we still hold it.
+# Take every key of a name, or renew them, all or none: 1 if this owner
+# holds them all now, 0 (and nothing changed) if another owner holds one.
+CLAIM: Final = b"""\
+for _, key in ipairs(KEYS) do
+  local holder = redis.call('GET', key)
+  if holder and holder ~= ARGV[1] then return 0 end
+end
+for _, key in ipairs(KEYS) do redis.call('SET', key, ARGV[1], 'PX', ARGV[2]) end
+return 1"""
+# Delete the keys this owner still holds.
 RELEASE: Final = b"""\
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+end
 return 0"""
 
 
@@ -119,16 +122,23 @@ class RedisAddress:
 
 
 def parse_redis_url(url: str) -> RedisAddress:
-    """`redis://[[user]:password@]host[:port][/db]`; ValueError if not."""
+    """`redis://[[user]:password@]host[:port][/db]`; ConfigurationError if not."""
     parts = urlsplit(url)
     if parts.scheme != "redis":
-        raise ValueError("must start with redis://")
+        raise ConfigurationError(f"invalid --redis URL {url!r}: must start with redis://")
     if parts.query or parts.fragment:
-        raise ValueError("no query or fragment allowed")
-    port = parts.port or 6379  # raises ValueError when out of range
+        raise ConfigurationError(f"invalid --redis URL {url!r}: no query or fragment allowed")
+    try:
+        port = parts.port or 6379
+    except ValueError:  # urllib's words: "Port out of range 0-65535"
+        raise ConfigurationError(
+            f"invalid --redis URL {url!r}: the port must be a number from 1 to 65535"
+        ) from None
     path = parts.path.lstrip("/")
     if path and not path.isdigit():
-        raise ValueError(f"the database must be a number, not {path!r}")
+        raise ConfigurationError(
+            f"invalid --redis URL {url!r}: the database must be a number, not {path!r}"
+        )
     return RedisAddress(
         host=parts.hostname or "127.0.0.1",
         port=port,
@@ -136,6 +146,27 @@ def parse_redis_url(url: str) -> RedisAddress:
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password is not None else None,
     )
+
+
+def room_factory(url: str, *, room: str, lease_ms: int) -> Callable[[Host], Room]:
+    """What the reactor calls to build the room of cluster mode. The URL is
+    parsed, and its host resolved (blocking, once), here: a bad one is a
+    ConfigurationError before any port is bound."""
+    redis = parse_redis_url(url)
+    try:
+        family, _, _, _, address = socket.getaddrinfo(
+            redis.host, redis.port, type=socket.SOCK_STREAM
+        )[0]
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ConfigurationError(
+            f"cannot resolve the Redis host {redis.host!r}: {reason}"
+        ) from None
+
+    def build(host: Host) -> Room:
+        return RedisRoom(host, redis, family, address, room=room, lease_ms=lease_ms)
+
+    return build
 
 
 def _describe(error: OSError) -> str:
@@ -147,13 +178,13 @@ class _RedisSocket:
     the output not sent yet. Watched for writing while connecting and while
     output is left, like a client connection."""
 
-    __slots__ = ("sock", "reader", "out", "connected", "wants_write", "_selector", "_handler")
+    __slots__ = ("sock", "reader", "out", "connected", "wants_write", "_host", "_handler")
 
     def __init__(
         self,
         family: int,
         address: Any,
-        selector: BaseSelector,
+        host: Host,
         handler: Callable[[int], None],
     ) -> None:
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -163,7 +194,7 @@ class _RedisSocket:
             error = sock.connect_ex(address)
             if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
                 raise OSError(error, os.strerror(error))
-            selector.register(sock, EVENT_READ | EVENT_WRITE, handler)
+            host.watch(sock, EVENT_READ | EVENT_WRITE, handler)
         except BaseException:
             sock.close()
             raise
@@ -172,7 +203,7 @@ class _RedisSocket:
         self.out = bytearray()
         self.connected = False
         self.wants_write = True
-        self._selector = selector
+        self._host = host
         self._handler = handler
 
     def finish_connect(self) -> None:
@@ -194,7 +225,7 @@ class _RedisSocket:
         if wants_write != self.wants_write:
             self.wants_write = wants_write
             events = EVENT_READ | EVENT_WRITE if wants_write else EVENT_READ
-            self._selector.modify(self.sock, events, self._handler)
+            self._host.watch(self.sock, events, self._handler)
 
     def receive(self, budget: int) -> None:
         """Feed the parser up to `budget` bytes; OSError on end of stream."""
@@ -211,39 +242,31 @@ class _RedisSocket:
             budget -= len(data)
 
     def close(self) -> None:
-        with contextlib.suppress(KeyError, ValueError):
-            self._selector.unregister(self.sock)
+        self._host.unwatch(self.sock)
         self.sock.close()
 
 
 class RedisRoom:
-    """A room shared through Redis: the strategy ChatServer uses for names and
-    messages in cluster mode (`claim`, `forget`, `publish`), and the link to
-    Redis it needs for them."""
+    """A room shared through Redis (room.Room): names are leases in Redis,
+    messages go through its pub/sub channel. The names of this server's own
+    members are kept, as in one server, in the LocalRoom it wraps."""
 
     def __init__(
         self,
-        server: ChatServer,
-        selector: BaseSelector,
-        batch: Batch,
-        url: str,
+        host: Host,
+        redis: RedisAddress,
+        family: int,
+        address: Any,
         *,
         room: str,
         lease_ms: int,
     ) -> None:
-        self._server = server
-        self._selector = selector
-        self._batch = batch
+        self._host = host
+        self._local = LocalRoom(host)
+        self.batch = self._local.batch
+        self.publish: Callable[[Member, bytes], None] = self._publish
         self._published = 0  # bytes published this turn
-        self._redis = parse_redis_url(url)
-        try:
-            family, _, _, _, address = socket.getaddrinfo(
-                self._redis.host, self._redis.port, type=socket.SOCK_STREAM
-            )[0]
-        except OSError as error:
-            raise ValueError(
-                f"cannot resolve the Redis host {self._redis.host!r}: {error}"
-            ) from None
+        self._redis = redis
         self._family = family
         self._address = address
         self._channel = f"chat:{room}".encode()
@@ -256,11 +279,12 @@ class RedisRoom:
         # This process in owners and payloads: random, so a restarted server
         # never passes for its former self.
         self._server_tag = os.urandom(8).hex().encode() + b":"
+        # Connections of this server as Redis knows them: an id each, in
+        # lease owners ("<server>:<id>") and in published payloads.
         self._next_id = 0
-        self._id: dict[Connection, bytes] = {}  # b"<id>", decimal
-        self._owner: dict[Connection, bytes] = {}  # b"<server>:<id>"
-        self._by_id: dict[bytes, Connection] = {}
-        # This turn's accepted SENDs, published together by `flush`.
+        self._id: dict[Member, bytes] = {}  # b"<id>", decimal
+        self._by_id: dict[bytes, Member] = {}
+        # This turn's accepted SENDs, published together by `end_turn`.
         self._outgoing: list[bytes] = []
         self._outgoing_ids: list[bytes] = []
 
@@ -273,66 +297,87 @@ class RedisRoom:
         self._waiting: deque[Callback | None] = deque()
         self._down_since: float | None = None  # logged once per outage
         self._backoff = BACKOFF_FIRST
-        self._retry_at: float | None = None
-        self._connect_deadline: float | None = None
-        self._renew_at: float | None = None
+        # At most one of each is pending: reconnect, give up connecting, renew.
+        self._retry: Timer | None = None
+        self._connect_deadline: Timer | None = None
+        self._renewal: Timer | None = None
         self._renewal_answered = True
-        log.info("cluster mode: room %r on Redis at %s", room, self._redis)
+        log.info("cluster mode: room %r on Redis at %s", room, redis)
         self._connect()
 
-    # --- what ChatServer calls ---------------------------------------------
+    # --- room.Room -------------------------------------------------------------
 
-    def publish(self, conn: Connection, line: bytes) -> None:
-        """An accepted SEND's RECEIVE line: to Redis at the end of the turn
-        (`flush`), and back to every server."""
+    @property
+    def members(self) -> Collection[Member]:
+        return self._local.members
+
+    def turn_size(self) -> int:
+        # Published bytes count against the turn's budget as batched ones
+        # do in one server: a turn stops processing once it has produced
+        # chat.BATCH_BYTES.
+        return self.batch.size + self._published
+
+    def _publish(self, member: Member, line: bytes) -> None:
+        """An accepted SEND's RECEIVE line: to Redis at the end of the turn,
+        and back to every server."""
         if not self.available:
-            self._server.reply(conn, protocol.SERVICE_UNAVAILABLE)
+            self._host.reply(member, protocol.SERVICE_UNAVAILABLE)
             return
         self._outgoing.append(line)
-        self._outgoing_ids.append(self._id[conn])
-        # Published bytes count against the turn's batch budget as batched
-        # ones do in single-server mode: a turn stops processing once it
-        # has produced BATCH_BYTES. `flush` takes them out again.
-        self._batch.size += len(line)
+        self._outgoing_ids.append(self._id_of(member))
         self._published += len(line)
 
-    def claim(self, conn: Connection, name: str, key: str) -> None:
-        """Ask Redis for the name; the server holds `conn` until the answer."""
-        owner = self._owner_of(conn)
-        redis_key = self._key_prefix + key.encode()
+    def set_name(self, member: Member, command: SetName) -> None:
+        host = self._host
+        if not self.available:
+            host.reply(member, protocol.SERVICE_UNAVAILABLE)
+            return
+        keys = name_keys(command)
+        if self._local.holder(keys, member) is not None:
+            host.reply(member, protocol.NAME_TAKEN)
+            return
+        if all(key in member.keys for key in keys):
+            # Its own name in another spelling: it holds every key already.
+            self._local.take(member, command.name, keys)
+            return
+        # Another server may hold it: ask Redis, and hold this member's
+        # later lines until it answers.
+        host.hold(member)
+        owner = self._owner_of(member)
+        redis_keys = self._redis_keys(keys)
 
         def claimed(reply: Any) -> None:
-            server = self._server
-            if reply == b"OK":
-                if conn.closed:  # meanwhile
-                    self._release(redis_key, owner)
+            if reply == 1:
+                if member.closed:  # meanwhile
+                    self._release(redis_keys, owner)
                 else:
-                    if conn.name is not None:
-                        self._release(self._key_prefix + conn.key.encode(), owner)
-                    server.take_name(conn, name, key)
-            elif reply is None:
-                server.reply(conn, protocol.NAME_TAKEN)
+                    dropped = [key for key in member.keys if key not in keys]
+                    if dropped:
+                        self._release(self._redis_keys(tuple(dropped)), owner)
+                    self._local.take(member, command.name, keys)
+            elif reply == 0:
+                host.reply(member, protocol.NAME_TAKEN)
             else:  # LOST, or an error reply
                 if reply is not LOST:
-                    log.error("Redis refused SET: %s", reply)
-                server.reply(conn, protocol.SERVICE_UNAVAILABLE)
-            server.resume(conn)
+                    log.error("Redis refused to claim a name: %s", reply)
+                host.reply(member, protocol.SERVICE_UNAVAILABLE)
+            host.resume(member)
 
-        self._command(claimed, b"SET", redis_key, owner, b"NX", b"PX", self._lease)
+        self._claim(claimed, redis_keys, owner)
 
-    def forget(self, conn: Connection) -> None:
-        """`conn` is closing: free its name in Redis (if Redis is there; if not,
-        the lease runs out)."""
-        owner = self._owner.pop(conn, None)
-        if owner is None:
+    def leave(self, member: Member) -> None:
+        """`member` is closing: free its name in Redis (if Redis is there; if
+        not, the lease runs out)."""
+        conn_id = self._id.pop(member, None)
+        if conn_id is None:
             return
-        del self._by_id[self._id.pop(conn)]
-        if conn.name is not None:
-            self._release(self._key_prefix + conn.key.encode(), owner)
+        del self._by_id[conn_id]
+        if member.name is not None:
+            self._release(self._redis_keys(member.keys), self._server_tag + conn_id)
+        self._local.leave(member)
 
-    def flush(self) -> None:
-        """End of a turn: send what the turn queued for Redis, in one go."""
-        self._batch.size -= self._published
+    def end_turn(self) -> None:
+        """Send what the turn queued for Redis, in one go."""
         self._published = 0
         if self._outgoing:
             self._publish_turn()
@@ -347,30 +392,12 @@ class RedisRoom:
                     self._fail(f"Redis is not reading: {len(link.out)} bytes unsent")
                     return
 
-    def next_due(self) -> float | None:
-        """When `on_timer` has something to do (time.monotonic), if ever."""
-        due = None
-        for when in (self._retry_at, self._connect_deadline, self._renew_at):
-            if when is not None and (due is None or when < due):
-                due = when
-        return due
-
-    def on_timer(self) -> None:
-        """Once per turn: reconnect, give up connecting, or renew, when due."""
-        now = time.monotonic()
-        if self._retry_at is not None and now >= self._retry_at:
-            self._connect()
-        elif self._connect_deadline is not None and now >= self._connect_deadline:
-            self._fail(f"no answer within {CONNECT_TIMEOUT:g} s")
-        elif self._renew_at is not None and now >= self._renew_at:
-            if not self._renewal_answered:
-                self._fail(f"no answer within {self._renew_every:g} s")
-            else:
-                self._renew_all(now)
-
     def close(self) -> None:
         """Server shutdown: one last try to send (the closed connections'
         releases), then close."""
+        for timer in (self._retry, self._connect_deadline, self._renewal):
+            if timer is not None:
+                timer.cancel()
         for link in (self._cmd, self._sub):
             if link is not None:
                 with contextlib.suppress(OSError):
@@ -379,7 +406,7 @@ class RedisRoom:
         self._cmd = self._sub = None
         self.available = False
 
-    # --- names ---------------------------------------------------------------
+    # --- names and messages ------------------------------------------------------
 
     def _publish_turn(self) -> None:
         payload = b"".join(
@@ -392,26 +419,40 @@ class RedisRoom:
             cmd.out += b"%s$%d\r\n%s\r\n" % (self._publish_head, len(payload), payload)
             self._waiting.append(None)
 
-    def _owner_of(self, conn: Connection) -> bytes:
-        owner = self._owner.get(conn)
-        if owner is None:
+    def _id_of(self, member: Member) -> bytes:
+        conn_id = self._id.get(member)
+        if conn_id is None:
             self._next_id += 1
             conn_id = b"%d" % self._next_id
-            owner = self._server_tag + conn_id
-            self._id[conn] = conn_id
-            self._owner[conn] = owner
-            self._by_id[conn_id] = conn
-        return owner
+            self._id[member] = conn_id
+            self._by_id[conn_id] = member
+        return conn_id
 
-    def _release(self, redis_key: bytes, owner: bytes) -> None:
+    def _owner_of(self, member: Member) -> bytes:
+        return self._server_tag + self._id_of(member)
+
+    def _redis_keys(self, keys: tuple[str, ...]) -> list[bytes]:
+        return [self._key_prefix + key.encode() for key in keys]
+
+    def _claim(self, callback: Callback, redis_keys: list[bytes], owner: bytes) -> None:
+        count = b"%d" % len(redis_keys)
+        self._command(callback, b"EVAL", CLAIM, count, *redis_keys, owner, self._lease)
+
+    def _release(self, redis_keys: list[bytes], owner: bytes) -> None:
         if self.available:
-            self._command(None, b"EVAL", RELEASE, b"1", redis_key, owner)
+            count = b"%d" % len(redis_keys)
+            self._command(None, b"EVAL", RELEASE, count, *redis_keys, owner)
 
-    def _renew_all(self, now: float) -> None:
+    def _renew_all(self) -> None:
         """Renew (or, after an outage, take again) every local name, in one
-        pipeline; a name another server holds now is lost."""
-        for conn in self._server.members:
-            self._renew(conn)
+        pipeline; a name another server holds now is lost. Due again in a
+        third of the lease; Redis must have answered by then."""
+        self._renewal = None
+        if not self._renewal_answered:
+            self._fail(f"no answer within {self._renew_every:g} s")
+            return
+        for member in list(self._local.members):
+            self._renew(member)
         self._renewal_answered = False
 
         def answered(reply: Any) -> None:
@@ -419,27 +460,20 @@ class RedisRoom:
                 self._renewal_answered = True
 
         self._command(answered, b"PING")
-        self._renew_at = now + self._renew_every
+        self._renewal = self._host.call_at(self._host.now() + self._renew_every, self._renew_all)
 
-    def _renew(self, conn: Connection) -> None:
-        key = conn.key
+    def _renew(self, member: Member) -> None:
+        keys = member.keys
 
         def renewed(reply: Any) -> None:
-            if reply == 0 and conn.key == key:
-                self._server.drop_name(conn)
+            if reply == 0 and member.keys == keys and not member.closed:
+                log.info("%r lost the name %r: another server holds it now", member, member.name)
+                self._local.drop_name(member)
+                self._host.reply(member, protocol.NAME_TAKEN)
             elif isinstance(reply, hiredis.ReplyError):
                 log.error("Redis refused to renew a name: %s", reply)
 
-        owner = self._owner_of(conn)
-        self._command(
-            renewed,
-            b"EVAL",
-            CLAIM_OR_RENEW,
-            b"1",
-            self._key_prefix + key.encode(),
-            owner,
-            self._lease,
-        )
+        self._claim(renewed, self._redis_keys(keys), self._owner_of(member))
 
     # --- the link ------------------------------------------------------------
 
@@ -453,14 +487,15 @@ class RedisRoom:
         self._waiting.append(callback)
 
     def _connect(self) -> None:
-        self._retry_at = None
+        self._retry = None
         try:
-            self._cmd = _RedisSocket(self._family, self._address, self._selector, self._on_cmd)
-            self._sub = _RedisSocket(self._family, self._address, self._selector, self._on_sub)
+            self._cmd = _RedisSocket(self._family, self._address, self._host, self._on_cmd)
+            self._sub = _RedisSocket(self._family, self._address, self._host, self._on_sub)
         except OSError as error:
             self._fail(_describe(error))
             return
-        self._connect_deadline = time.monotonic() + CONNECT_TIMEOUT
+        host = self._host
+        self._connect_deadline = host.call_at(host.now() + CONNECT_TIMEOUT, self._connect_timed_out)
         redis = self._redis
         hello: list[tuple[bytes, ...]] = []
         if redis.password is not None:
@@ -481,6 +516,10 @@ class RedisRoom:
 
         self._command(ready, b"PING")
 
+    def _connect_timed_out(self) -> None:
+        self._connect_deadline = None
+        self._fail(f"no answer within {CONNECT_TIMEOUT:g} s")
+
     def _expect_ok(self, what: bytes) -> Callback:
         def check(reply: Any) -> None:
             if isinstance(reply, hiredis.ReplyError):
@@ -492,20 +531,21 @@ class RedisRoom:
         if not (self._cmd_ready and self._sub_ready) or self.available:
             return
         self.available = True
-        self._connect_deadline = None
+        if self._connect_deadline is not None:
+            self._connect_deadline.cancel()
+            self._connect_deadline = None
         self._backoff = BACKOFF_FIRST
-        now = time.monotonic()
         if self._down_since is None:
             log.info("connected to Redis at %s", self._redis)
         else:
             log.warning(
                 "Redis at %s is back after %.1f s; claiming this server's names again",
                 self._redis,
-                now - self._down_since,
+                self._host.now() - self._down_since,
             )
             self._down_since = None
         self._renewal_answered = True
-        self._renew_all(now)
+        self._renew_all()
 
     def _fail(self, reason: str) -> None:
         """Lose the link: close both sockets, answer what waited, retry later."""
@@ -514,10 +554,13 @@ class RedisRoom:
                 link.close()
         self._cmd = self._sub = None
         self.available = self._cmd_ready = self._sub_ready = False
-        self._connect_deadline = self._renew_at = None
+        for timer in (self._connect_deadline, self._renewal):
+            if timer is not None:
+                timer.cancel()
+        self._connect_deadline = self._renewal = None
         self._outgoing = []
         self._outgoing_ids = []
-        now = time.monotonic()
+        now = self._host.now()
         if self._down_since is None:
             self._down_since = now
             log.error(
@@ -528,8 +571,9 @@ class RedisRoom:
             )
         else:
             log.debug("reconnecting to Redis failed: %s", reason)
-        self._retry_at = now + self._backoff
-        self._backoff = min(2 * self._backoff, BACKOFF_MAX)
+        if self._retry is None:
+            self._retry = self._host.call_at(now + self._backoff, self._connect)
+            self._backoff = min(2 * self._backoff, BACKOFF_MAX)
         waiting, self._waiting = self._waiting, deque()
         for callback in waiting:
             if callback is not None:
@@ -595,8 +639,9 @@ class RedisRoom:
             log.debug("ignored a malformed message on %r", self._channel)
             return
         tag = self._server_tag
+        batch = self.batch
         if not payload.startswith(tag):
-            self._batch.add_foreign(body)  # from another server: one piece
+            batch.add_foreign(body)  # from another server: one piece
             return
         ids = payload[len(tag) : newline].split(b",")
         lines = body.split(b"\n")
@@ -605,10 +650,9 @@ class RedisRoom:
             log.debug("ignored a malformed message on %r", self._channel)
             return
         by_id = self._by_id
-        batch = self._batch
         for conn_id, line in zip(ids, lines, strict=True):
             sender = by_id.get(conn_id)
             if sender is None:  # gone meanwhile
                 batch.add_foreign(line + b"\n")
             else:
-                batch.add(sender, line + b"\n")
+                batch.publish(sender, line + b"\n")

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import accumulate, pairwise
+from itertools import pairwise
 from typing import Final
 
 import pytest
@@ -51,7 +51,7 @@ from hypothesis.stateful import (
 )
 
 import chat
-from chat import Batch, ChatServer, Connection
+from chat import ChatServer
 from conftest import (
     HERE,
     SYNC,
@@ -3004,82 +3004,7 @@ def test_resets_in_the_middle_of_a_broadcast_spare_the_others() -> None:
         server.finish()
 
 
-# --- The turn's batch, on its own ---
-#
-# (merged into test_server.py) The turn's batch, on its own.
-
-# A turn's events, in processing order: ("send", who), ("reply", who) or
-# ("join", who). Members 0-2 have names before the turn; 3-5 may join.
-MEMBERS_BEFORE = 3
-PEOPLE = 6
-turn_events = st.lists(
-    st.tuples(st.sampled_from(["send", "reply", "join"]), st.integers(0, PEOPLE - 1)),
-    max_size=40,
-)
-
-
-@pytest.fixture(scope="module")
-def people() -> Iterator[list[Connection]]:
-    sockets = [socket.socket() for _ in range(PEOPLE)]
-    yield [Connection(sock, f"person {i}") for i, sock in enumerate(sockets)]
-    for sock in sockets:
-        sock.close()
-
-
-def expected_streams(events: list[tuple[str, int]]) -> list[bytes]:
-    """What each person must receive from one turn, event by event: the
-    plain reading of PROTOCOL.md's delivery guarantees."""
-    named = set(range(MEMBERS_BEFORE))
-    streams = [b""] * PEOPLE
-    for number, (kind, who) in enumerate(events):
-        if kind == "join":
-            named.add(who)
-        elif kind == "send" and who in named:
-            for member in named - {who}:
-                streams[member] += b"RECEIVE p%d m%d\n" % (who, number)
-        elif kind == "reply":
-            streams[who] += b"ERROR r%d\n" % number
-    return streams
-
-
-@given(turn_events)
-def test_every_member_sees_the_turn_in_processing_order(
-    people: list[Connection], events: list[tuple[str, int]]
-) -> None:
-    """Feeding a Batch the way the server does (replies to members go into
-    the batch once it has lines; replies before that go straight to the
-    client's buffer) gives every member exactly the events it should see,
-    in the order they were processed."""
-    batch = Batch()
-    named = set(range(MEMBERS_BEFORE))
-    direct = [b""] * PEOPLE  # what the server queues outside the batch
-    for number, (kind, who) in enumerate(events):
-        person = people[who]
-        if kind == "join" and who not in named:
-            named.add(who)
-            if batch.lines:
-                batch.joined_at[person] = len(batch.lines)
-        elif kind == "send" and who in named:
-            batch.add(person, b"RECEIVE p%d m%d\n" % (who, number))
-        elif kind == "reply":
-            line = b"ERROR r%d\n" % number
-            if who in named and batch.lines:
-                batch.add_reply(person, line)
-            else:
-                direct[who] += line
-    shared = b"".join(batch.lines)
-    offsets = list(accumulate(map(len, batch.lines), initial=0))
-    special = batch.needs_own_copy()
-    got = []
-    for who, person in enumerate(people):
-        from_batch = b""
-        if who in named and batch.lines:
-            if person in special:
-                from_batch = batch.copy_for(person, memoryview(shared), offsets)
-            else:
-                from_batch = shared
-        got.append(direct[who] + from_batch)
-    assert got == expected_streams(events)
+# --- Odds and ends ---
 
 
 def test_closing_a_server_twice_is_harmless() -> None:
@@ -3102,5 +3027,6 @@ def test_cluster_options_without_redis_are_ignored_with_a_warning() -> None:
         text = running.stderr_text()
     finally:
         running.process.kill()
-    assert "--room and --lease-ms only matter with --redis" in text
+    assert "--room only matters with --redis" in text
+    assert "--lease-ms" not in text
     assert running.process.returncode == 0
