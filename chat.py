@@ -43,6 +43,7 @@ import argparse
 import contextlib
 import errno
 import heapq
+import ipaddress
 import itertools
 import logging
 import os
@@ -50,7 +51,10 @@ import signal
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from itertools import accumulate
 from selectors import EVENT_READ, EVENT_WRITE, DefaultSelector
 from types import FrameType
@@ -85,6 +89,28 @@ ACCEPT_PAUSE: Final = 0.1
 # Errors of accept() that mean "out of descriptors or memory", not "this
 # one connection failed".
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+# PROTOCOL.md, "Real networks (v2)".
+# Dead peers: keepalive probes after this long idle (--keepalive), and the
+# bound on unacknowledged output with keepalive off.
+DEFAULT_KEEPALIVE: Final = 30
+UNACKED_LIMIT_WITHOUT_KEEPALIVE: Final = 120
+# Unregistered connections are told TIMED_OUT_WAITING and closed after this.
+DEFAULT_REGISTER_TIMEOUT: Final = 60
+DEFAULT_MAX_PER_ADDRESS: Final = 64
+# All connections' unsent output together (--output-budget).
+DEFAULT_OUTPUT_BUDGET: Final = 256 << 20
+# The kernel's send buffer of every connection, fixed so that a client that
+# never reads costs at most the output limit plus this. Linux doubles what
+# is asked for (for its bookkeeping): this gives 256 KiB.
+SEND_BUFFER: Final = 128 * 1024
+# Unsent output that has not shrunk for this long closes the connection as a
+# slow consumer; checked every STALL_CHECK seconds while anyone has some.
+STALL_TIMEOUT: Final = 60.0
+STALL_CHECK: Final = 5.0
+# Exempt from --max-per-address: the machine itself (tests, benchmarks, a
+# local proxy). Other loopback addresses count.
+_UNCOUNTED_HOSTS: Final = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 
 log = logging.getLogger("chat")
 
@@ -121,11 +147,14 @@ class Connection:
         "at_eof",
         "closed",
         "waiting",
+        "address_key",
     )
 
-    def __init__(self, sock: Transport, peer: str) -> None:
+    def __init__(self, sock: Transport, peer: str, address_key: str | None = None) -> None:
         self.sock = sock
         self.peer = peer
+        # What --max-per-address counts it under; None if not counted.
+        self.address_key = address_key
         # The room's (room.Member): the name, its keys, its RECEIVE prefix.
         self.name: str | None = None
         self.keys = NO_KEYS
@@ -155,12 +184,6 @@ class Connection:
         else:
             self.lines = self.lines[self.next_line :] + lines
             self.next_line = 0
-
-    def enqueue_output(self, data: bytes | memoryview) -> None:
-        if self.out is None:
-            self.out = bytearray(data)
-        else:
-            self.out += data
 
     def __repr__(self) -> str:
         who = f" {self.name!r}" if self.name is not None else ""
@@ -228,12 +251,37 @@ class Timers:
                 timer.callback()
 
 
-class _Listener:
-    """Selector tag of the listening socket."""
-
-
 class _Wakeup:
     """Selector tag of the socket that `stop` writes to."""
+
+
+# Why a connection was closed: the label of chat_disconnections_total, and
+# the words of the log line.
+CLOSE_REASONS: Final = {
+    "client_closed": "client closed the connection",
+    "reset": "connection reset",
+    "slow_consumer": "slow consumer",
+    "memory_budget": "slow consumer: over the total output budget",
+    "timed_out": "timed out: the peer stopped answering",
+    "registration_timeout": "no USERNAME in time",
+    "per_address": "too many connections from its address",
+    "server_full": "server is full",
+    "tls_handshake": "TLS handshake failed",
+    "server_shutdown": "server shutting down",
+    "internal_error": "internal error",
+}
+
+
+@dataclass
+class Stats:
+    """What the server counts for monitoring, where each event happens."""
+
+    accepted: int = 0
+    messages: int = 0  # SENDs accepted
+    deliveries: int = 0  # RECEIVE lines handed to members
+    bytes_sent: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+    disconnections: Counter[str] = field(default_factory=Counter)
 
 
 def format_peer(address: object) -> str:
@@ -242,6 +290,19 @@ def format_peer(address: object) -> str:
         host = host.removeprefix("::ffff:")  # an IPv4 client of a dual-stack socket
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(address)
+
+
+def address_key(host: str) -> str | None:
+    """What --max-per-address counts a client under: its IPv4 address, or
+    its IPv6 /64 network (one subscriber's share, typically); None for the
+    machine itself."""
+    if host in _UNCOUNTED_HOSTS:
+        return None
+    host = host.removeprefix("::ffff:")
+    if ":" not in host:
+        return host
+    network = ipaddress.IPv6Network((host.partition("%")[0], 64), strict=False)
+    return str(network)
 
 
 def open_listener(
@@ -268,10 +329,163 @@ def open_listener(
         )[0]
         sock = socket.create_server(address, family=family, backlog=backlog, reuse_port=reuse_port)
     sock.setblocking(False)
-    # The server coalesces its writes itself, so Nagle's algorithm would only
-    # add latency. Set here, every accepted socket inherits it (Linux).
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+def tune_for_clients(listener: socket.socket, keepalive: int) -> None:
+    """Options every accepted socket inherits from the listener (Linux), so
+    that accepting costs no extra system call: no Nagle (the server
+    coalesces its writes itself), a fixed send buffer, and dead peers
+    noticed (PROTOCOL.md, "Real networks"): keepalive probes after
+    `keepalive` seconds idle, and a bound on unacknowledged output."""
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+    if keepalive:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive)
+        # Three probes a third of the idle time apart: a dead peer is closed
+        # about 2 x `keepalive` after it last spoke.
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, keepalive // 3))
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        unacked = 2 * keepalive
+    else:
+        unacked = UNACKED_LIMIT_WITHOUT_KEEPALIVE
+    # In milliseconds. With keepalive on, Linux also uses it to end probing.
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, unacked * 1000)
+
+
+class _Listener:
+    """Selector tag of a listening socket."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+
+class Door:
+    """Where connections come in: accepting from the listeners, refusing
+    those over the limits (--max-clients, --max-per-address), and pausing
+    when the process runs out of file descriptors."""
+
+    def __init__(
+        self,
+        selector: DefaultSelector,
+        timers: Timers,
+        stats: Stats,
+        admit: Callable[[socket.socket, str, str | None], None],
+        *,
+        max_clients: int,
+        max_per_address: int,
+    ) -> None:
+        self.max_clients = max_clients
+        self.max_per_address = max_per_address
+        self.open_count = 0
+        self._selector = selector
+        self._timers = timers
+        self._stats = stats
+        self._admit = admit
+        self._listeners: list[_Listener] = []
+        self._per_address: dict[str, int] = {}
+        self._paused = False
+        self._failing = False  # out of fds since the last good accept
+
+    def open(self, sock: socket.socket) -> None:
+        listener = _Listener(sock)
+        self._listeners.append(listener)
+        self._selector.register(sock, EVENT_READ, listener)
+
+    def accept(self, listener: _Listener) -> None:
+        for _ in range(ACCEPTS_PER_TURN):
+            try:
+                sock, address = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                if error.errno in _RESOURCE_ERRNOS:
+                    self._pause(error)
+                    return
+                # ECONNABORTED and the like: that one client gave up.
+                log.debug("accept failed: %s", error)
+                continue
+            if self._failing:
+                self._failing = False
+                log.warning("accepting connections again")
+            self._let_in(sock, address)
+
+    def left(self, key: str | None) -> None:
+        """A connection let in under `key` has closed."""
+        self.open_count -= 1
+        if key is not None:
+            count = self._per_address[key] - 1
+            if count:
+                self._per_address[key] = count
+            else:
+                del self._per_address[key]
+
+    def close(self) -> None:
+        for listener in self._listeners:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(listener.sock)
+            listener.sock.close()
+        self._listeners.clear()
+
+    def _let_in(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        sock.setblocking(False)
+        peer = format_peer(address)
+        key = address_key(address[0])
+        if self.open_count >= self.max_clients:
+            log.warning("refused %s: server is full (limit %d)", peer, self.max_clients)
+            self._refuse(sock, protocol.SERVER_FULL, "server_full")
+            return
+        if key is not None:
+            count = self._per_address.get(key, 0)
+            if self.max_per_address and count >= self.max_per_address:
+                log.warning(
+                    "refused %s: %d connections from %s already (limit %d)",
+                    peer,
+                    count,
+                    key,
+                    self.max_per_address,
+                )
+                self._refuse(sock, protocol.TOO_MANY_FROM_ADDRESS, "per_address")
+                return
+            self._per_address[key] = count + 1
+        self.open_count += 1
+        self._stats.accepted += 1
+        self._admit(sock, peer, key)
+
+    def _refuse(self, sock: socket.socket, line: bytes, reason: str) -> None:
+        self._stats.refused[reason] += 1
+        self._stats.disconnections[reason] += 1
+        try:
+            sock.send(line)
+            # Unread input would turn close() into a reset that can destroy
+            # the reply in flight; drop what already arrived.
+            sock.recv(READ_SIZE)
+        except OSError:
+            pass
+        sock.close()
+
+    def _pause(self, error: OSError) -> None:
+        if not self._failing:  # once per episode, not every retry
+            self._failing = True
+            log.error(
+                "cannot accept connections: %s; retrying every %.1fs",
+                error.strerror,
+                ACCEPT_PAUSE,
+            )
+        if not self._paused:
+            self._paused = True
+            for listener in self._listeners:
+                self._selector.unregister(listener.sock)
+            self._timers.call_at(self._timers.clock() + ACCEPT_PAUSE, self._resume)
+
+    def _resume(self) -> None:
+        self._paused = False
+        for listener in self._listeners:
+            if listener.sock.fileno() >= 0:
+                self._selector.register(listener.sock, EVENT_READ, listener)
 
 
 class ChatServer:
@@ -287,34 +501,55 @@ class ChatServer:
         port: int = PORT,
         *,
         max_clients: int = DEFAULT_MAX_CLIENTS,
+        max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
         output_limit: int = DEFAULT_OUTPUT_LIMIT,
+        output_budget: int = DEFAULT_OUTPUT_BUDGET,
+        keepalive: int = DEFAULT_KEEPALIVE,
+        register_timeout: float = DEFAULT_REGISTER_TIMEOUT,
         reuse_port: bool = False,
         room: RoomFactory = LocalRoom,
         clock: Clock = time.monotonic,
     ) -> None:
-        self.max_clients = max_clients
         self.output_limit = output_limit
+        self.output_budget = output_budget
+        self.register_timeout = register_timeout
+        self.stats = Stats()
         self._clock = clock
+        self._now = clock()  # read once per turn
         self._timers = Timers(clock)
-        self._listener = open_listener(host, port, reuse_port=reuse_port)
         self._selector = DefaultSelector()
-        self._selector.register(self._listener, EVENT_READ, _Listener)
+        self._door = Door(
+            self._selector,
+            self._timers,
+            self.stats,
+            self._admit,
+            max_clients=max_clients,
+            max_per_address=max_per_address,
+        )
+        self._listener = open_listener(host, port, reuse_port=reuse_port)
+        tune_for_clients(self._listener, keepalive)
+        self._door.open(self._listener)
         self._wakeup_reader, self._wakeup_writer = socket.socketpair()
         self._wakeup_reader.setblocking(False)
         self._wakeup_writer.setblocking(False)
         self._selector.register(self._wakeup_reader, EVENT_READ, _Wakeup)
         self._stopping = False
-        self._accept_failing = False  # out of fds since the last good accept
-        self._client_count = 0
         # Connections with lines left to process, in round-robin order.
         self._busy: dict[Connection, None] = {}
         # Connections to send to at the end of the turn.
         self._dirty: set[Connection] = set()
-        # Connections to close once the turn's output is flushed.
-        self._finished: list[Connection] = []
+        # Connections to close once the turn's output is flushed, and why.
+        self._finished: dict[Connection, str] = {}
         # Connections the room holds (in no other list, maybe not in the
         # selector either): closed too at shutdown.
         self._held: set[Connection] = set()
+        # Connections without a name yet, and their --register-timeout.
+        self._registering: dict[Connection, Timer] = {}
+        # Connections with unsent output, and when it last shrank; their
+        # total, kept where bytes are queued and sent (--output-budget).
+        self._writers: dict[Connection, float] = {}
+        self.unsent = 0
+        self._stall_check: Timer | None = None
         try:
             self._room: Room = room(self)
         except BaseException:
@@ -325,6 +560,14 @@ class ChatServer:
     def address(self) -> tuple[str, int]:
         host, port = self._listener.getsockname()[:2]
         return host, port
+
+    @property
+    def open_count(self) -> int:
+        return self._door.open_count
+
+    @property
+    def member_count(self) -> int:
+        return len(self._room.members)
 
     # --- the loop -------------------------------------------------------
 
@@ -345,15 +588,17 @@ class ChatServer:
         """One turn: select, read, timers, process, flush, close. Waits at
         most `max_wait` seconds for something to happen (None: until the
         next timer, or for ever)."""
-        for key, mask in self._selector.select(self._select_timeout(max_wait)):
+        events = self._selector.select(self._select_timeout(max_wait))
+        self._now = self._clock()
+        for key, mask in events:
             tag = key.data
             if isinstance(tag, Connection):
                 if mask & EVENT_READ:
                     self._read(tag)
                 if mask & EVENT_WRITE:
                     self._dirty.add(tag)
-            elif tag is _Listener:
-                self._accept()
+            elif isinstance(tag, _Listener):
+                self._door.accept(tag)
             elif tag is _Wakeup:
                 self._drain_wakeup()
             else:
@@ -361,8 +606,8 @@ class ChatServer:
         self._timers.run_due()
         self._process_backlogs()
         self._flush()
-        for conn in self._finished:
-            self._close(conn, "client closed the connection")
+        for conn, reason in self._finished.items():
+            self._close(conn, reason)
         self._finished.clear()
         self._room.end_turn()
 
@@ -382,12 +627,13 @@ class ChatServer:
             return
         for key in list(selector_map.values()):
             if isinstance(key.data, Connection):
-                self._close(key.data, "server shutting down")
+                self._close(key.data, "server_shutdown")
         for conn in list(self._held):
-            self._close(conn, "server shutting down")
+            self._close(conn, "server_shutdown")
         if hasattr(self, "_room"):
             self._room.close()  # after the closes above queued their releases
-        for sock in (self._listener, self._wakeup_reader, self._wakeup_writer):
+        self._door.close()
+        for sock in (self._wakeup_reader, self._wakeup_writer):
             if sock.fileno() >= 0:
                 with contextlib.suppress(KeyError, ValueError):
                     self._selector.unregister(sock)
@@ -410,26 +656,25 @@ class ChatServer:
         return self._timers.call_at(when, callback)
 
     def reply(self, member: Member, line: bytes) -> None:
-        assert isinstance(member, Connection)
-        if member.closed:
-            return
-        if not self._room.batch.reply(member, line):
-            member.enqueue_output(line)
-            self._dirty.add(member)
+        conn = cast(Connection, member)
+        if not conn.closed and not self._room.batch.reply(conn, line):
+            self._queue(conn, line)
+            self._dirty.add(conn)
 
     def hold(self, member: Member) -> None:
-        assert isinstance(member, Connection)
-        member.waiting = True
-        self._held.add(member)
-        self._watch(member)
+        conn = cast(Connection, member)
+        conn.waiting = True
+        self._held.add(conn)
+        self._watch(conn)
 
     def resume(self, member: Member) -> None:
-        assert isinstance(member, Connection)
-        member.waiting = False
-        self._held.discard(member)
-        if not member.closed:
-            self._watch(member)
-            self._busy[member] = None
+        conn = cast(Connection, member)
+        conn.waiting = False
+        self._held.discard(conn)
+        if not conn.closed:
+            self._registered(conn)
+            self._watch(conn)
+            self._busy[conn] = None
 
     def watch(self, sock: object, events: int, handler: Callable[[int], None]) -> None:
         try:
@@ -441,58 +686,36 @@ class ChatServer:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(sock)  # type: ignore[arg-type]
 
-    # --- accepting ------------------------------------------------------
+    # --- admitting -------------------------------------------------------
 
-    def _accept(self) -> None:
-        for _ in range(ACCEPTS_PER_TURN):
-            try:
-                sock, address = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as error:
-                if error.errno in _RESOURCE_ERRNOS:
-                    self._pause_accepting(error)
-                    return
-                # ECONNABORTED and the like: that one client gave up.
-                log.debug("accept failed: %s", error)
-                continue
-            self._admit(sock, format_peer(address))
-
-    def _admit(self, sock: socket.socket, peer: str) -> None:
-        sock.setblocking(False)
-        if self._client_count >= self.max_clients:
-            log.warning("refused %s: server is full (limit %d)", peer, self.max_clients)
-            try:
-                sock.send(protocol.SERVER_FULL)
-                # Unread input would turn close() into a reset that can
-                # destroy the reply in flight; drop what already arrived.
-                sock.recv(READ_SIZE)
-            except OSError:
-                pass
-            sock.close()
-            return
-        if self._accept_failing:
-            self._accept_failing = False
-            log.warning("accepting connections again")
-        conn = Connection(sock, peer)
-        self._client_count += 1
+    def _admit(self, sock: socket.socket, peer: str, key: str | None) -> None:
+        conn = Connection(sock, peer, key)
         self._selector.register(sock, EVENT_READ, conn)
+        if self.register_timeout:
+            when = self._now + self.register_timeout
+            self._registering[conn] = self._timers.call_at(when, partial(self._expire, conn))
         log.info("%r connected", conn)
 
-    def _pause_accepting(self, error: OSError) -> None:
-        if not self._accept_failing:  # once per episode, not every retry
-            self._accept_failing = True
-            log.error(
-                "cannot accept connections: %s; retrying every %.1fs",
-                error.strerror,
-                ACCEPT_PAUSE,
-            )
-        self._selector.unregister(self._listener)
-        self._timers.call_at(self._clock() + ACCEPT_PAUSE, self._resume_accepting)
+    def _registered(self, conn: Connection) -> None:
+        """Called after a USERNAME: the register timeout ends with a name."""
+        if conn.name is not None:
+            timer = self._registering.pop(conn, None)
+            if timer is not None:
+                self._timers.cancel(timer)
 
-    def _resume_accepting(self) -> None:
-        if not self._stopping:
-            self._selector.register(self._listener, EVENT_READ, _Listener)
+    def _expire(self, conn: Connection) -> None:
+        if self._registering.pop(conn, None) is not None and not conn.closed:
+            self._finish(conn, protocol.TIMED_OUT_WAITING, "registration_timeout")
+
+    def _finish(self, conn: Connection, line: bytes, reason: str) -> None:
+        """Tell `conn` `line`, process nothing more from it, and close it at
+        the end of the turn, once its output is flushed."""
+        self._queue(conn, line)
+        self._dirty.add(conn)
+        conn.at_eof = True  # read no more
+        conn.lines = None
+        self._busy.pop(conn, None)
+        self._finished[conn] = reason
 
     # --- reading and processing ------------------------------------------
 
@@ -504,7 +727,7 @@ class ChatServer:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as error:
-            self._close(conn, f"connection error: {error.strerror or error}")
+            self._close_on_error(conn, error)
             return
         if data:
             lines, conn.partial, conn.discarding = protocol.split_lines(
@@ -535,14 +758,14 @@ class ChatServer:
                 # A bug, not an input: protocol.parse_line never raises. Lose
                 # this one client, not the room.
                 log.exception("%r: internal error while processing its input", conn)
-                self._close(conn, "internal error")
+                self._close(conn, "internal_error")
                 continue
             if conn.waiting:
                 continue  # for the room's answer; `resume` puts it back in line
             if conn.backlog():
                 busy[conn] = None  # to the back of the queue
             elif conn.at_eof:
-                self._finished.append(conn)
+                self._finished.setdefault(conn, "client_closed")
 
     def _process_lines(self, conn: Connection) -> None:
         lines = conn.lines
@@ -552,12 +775,14 @@ class ChatServer:
         end = min(len(lines), start + LINES_PER_TURN)
         parse_line = protocol.parse_line
         publish = self._room.publish
+        published = 0
         for index in range(start, end):
             command = parse_line(lines[index])
             # The common case first: a valid message from a member.
             if type(command) is Send and conn.name is not None:
                 # protocol.format_receive, with the name part made once.
                 publish(conn, conn.receive_prefix + command.message + b"\n")
+                published += 1
                 continue
             match command:
                 case Blank():
@@ -569,10 +794,12 @@ class ChatServer:
                     if conn.waiting:  # held by the room: the rest waits with it
                         end = index + 1
                         break
+                    self._registered(conn)
                 case Send():
                     self.reply(conn, protocol.NAME_REQUIRED)
                 case BadSend(line):
                     self.reply(conn, line if conn.name is not None else protocol.NAME_REQUIRED)
+        self.stats.messages += published
         if end == len(lines):
             conn.lines = None
             conn.next_line = 0
@@ -590,6 +817,8 @@ class ChatServer:
             if not conn.closed and conn.out:
                 self._send_buffered(conn)
         self._dirty.clear()
+        if self.unsent > self.output_budget:
+            self._shed(self._close_over_budget)
 
     def _deliver(self) -> None:
         """Hand the turn's batch to every member, in one send each where the
@@ -602,8 +831,13 @@ class ChatServer:
             offsets = list(accumulate(map(len, batch.lines), initial=0))
         shared_view = memoryview(shared)
         dirty = self._dirty
-        backed_up: list[Connection] = []
         members = cast("Collection[Connection]", self._room.members)
+        self._count_deliveries(len(members))
+        backed_up: list[Connection] = []
+        # Over the budget mid-broadcast: these are dropped now (their output
+        # with them) and closed after it, as the room must not change during it.
+        shed: set[Connection] = set()
+        sent_total = 0
         for conn in members:
             data = shared
             if conn in needs_own_copy:
@@ -611,24 +845,56 @@ class ChatServer:
                 if not data:
                     continue
             if conn.out:
-                conn.enqueue_output(data)  # behind what is queued; sent by _flush
+                self._queue(conn, data)  # behind what is queued; sent by _flush
                 dirty.add(conn)
-                continue
-            try:
-                sent = conn.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                # Queue it instead: the buffered send at the end of the turn
-                # meets the same error and closes the connection there.
-                dirty.add(conn)
-                sent = 0
-            if sent < len(data):
-                conn.enqueue_output(memoryview(data)[sent:])
+            else:
+                try:
+                    sent = conn.sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    # Queue it instead: the buffered send at the end of the
+                    # turn meets the same error and closes the connection there.
+                    dirty.add(conn)
+                    sent = 0
+                sent_total += sent
+                if sent == len(data):
+                    continue
+                if conn in shed:
+                    continue
+                self._queue(conn, memoryview(data)[sent:])
                 backed_up.append(conn)
+            if self.unsent > self.output_budget:
+                self._shed(shed.add)
+        self.stats.bytes_sent += sent_total
         # Not during the loop above: closing a slow consumer changes the room.
+        for conn in shed:
+            self._close(conn, "memory_budget")
         for conn in backed_up:
-            self._settle(conn)
+            if not conn.closed:
+                self._settle(conn)
+
+    def _count_deliveries(self, members: int) -> None:
+        """RECEIVE lines the batch hands to members: every line to every
+        member, but none of its own, nor any before it joined."""
+        batch = self._room.batch
+        count = len(batch.lines) * members
+        count -= sum(len(own) for sender, own in batch.own.items() if not sender.closed)
+        count -= sum(batch.joined_at.values())
+        self.stats.deliveries += count
+
+    def _queue(self, conn: Connection, data: bytes | memoryview) -> None:
+        """Output for `conn` behind what it has unsent already."""
+        if conn.out is None:
+            conn.out = bytearray(data)
+            self._writers[conn] = self._now
+            if self._stall_check is None:
+                self._stall_check = self._timers.call_at(
+                    self._now + STALL_CHECK, self._close_stalled
+                )
+        else:
+            conn.out += data
+        self.unsent += len(data)
 
     def _send_buffered(self, conn: Connection) -> None:
         """One send of what `conn` has queued."""
@@ -640,9 +906,13 @@ class ChatServer:
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as error:
-            self._close(conn, f"connection error: {error.strerror or error}")
+            self._close_on_error(conn, error)
             return
-        del out[:sent]  # bytearray drops a prefix without moving the rest
+        if sent:
+            del out[:sent]  # bytearray drops a prefix without moving the rest
+            self.unsent -= sent
+            self.stats.bytes_sent += sent
+            self._writers[conn] = self._now
         self._settle(conn)
 
     def _settle(self, conn: Connection) -> None:
@@ -657,14 +927,51 @@ class ChatServer:
                 unsent,
                 self.output_limit,
             )
-            self._close(conn, "slow consumer")
+            self._close(conn, "slow_consumer")
             return
         if not unsent:
-            conn.out = None  # and its memory with it
+            self._drop_output(conn)
         wants_write = unsent > 0
         if wants_write != conn.wants_write:
             conn.wants_write = wants_write
             self._watch(conn)
+
+    def _drop_output(self, conn: Connection) -> None:
+        if conn.out is not None:
+            self.unsent -= len(conn.out)
+            conn.out = None  # and its memory with it
+            del self._writers[conn]
+
+    def _shed(self, close: Callable[[Connection], None]) -> None:
+        """Over --output-budget: drop the output of the connections holding
+        the most, largest first, until the rest fits; `close` each."""
+        log.warning(
+            "%d bytes unsent in all, over the output budget of %d: closing the "
+            "largest slow consumers",
+            self.unsent,
+            self.output_budget,
+        )
+        largest_first = sorted(self._writers, key=lambda conn: len(conn.out or b""), reverse=True)
+        for conn in largest_first:
+            if self.unsent <= self.output_budget:
+                break
+            self._drop_output(conn)
+            close(conn)
+
+    def _close_over_budget(self, conn: Connection) -> None:
+        self._close(conn, "memory_budget")
+
+    def _close_stalled(self) -> None:
+        """Timer: close the connections whose unsent output has not shrunk
+        for STALL_TIMEOUT."""
+        now = self._clock()
+        stalled = [conn for conn, since in self._writers.items() if now - since >= STALL_TIMEOUT]
+        for conn in stalled:
+            log.warning("%r is a slow consumer: no output taken for %g s", conn, STALL_TIMEOUT)
+            self._close(conn, "slow_consumer")
+        self._stall_check = None
+        if self._writers:
+            self._stall_check = self._timers.call_at(now + STALL_CHECK, self._close_stalled)
 
     def _watch(self, conn: Connection) -> None:
         """Watch `conn` for what it needs now: reading, unless the room holds
@@ -684,19 +991,31 @@ class ChatServer:
 
     # --- closing --------------------------------------------------------
 
-    def _close(self, conn: Connection, reason: str) -> None:
-        """Close `conn` now and free its name. Safe to call twice."""
+    def _close_on_error(self, conn: Connection, error: OSError) -> None:
+        if error.errno == errno.ETIMEDOUT:  # keepalive or TCP_USER_TIMEOUT
+            self._close(conn, "timed_out")
+        else:
+            self._close(conn, "reset", error.strerror or str(error))
+
+    def _close(self, conn: Connection, reason: str, detail: str = "") -> None:
+        """Close `conn` now and free its name. Safe to call twice. `reason`
+        is one of CLOSE_REASONS."""
         if conn.closed:
             return
         conn.closed = True
         self._room.leave(conn)
         self._held.discard(conn)
-        self._client_count -= 1
-        log.info("%r disconnected: %s", conn, reason)
+        timer = self._registering.pop(conn, None)
+        if timer is not None:
+            self._timers.cancel(timer)
+        self._drop_output(conn)
+        self._door.left(conn.address_key)
+        self.stats.disconnections[reason] += 1
+        words = CLOSE_REASONS[reason]
+        log.info("%r disconnected: %s", conn, f"{words} ({detail})" if detail else words)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(conn.sock)
         conn.sock.close()
-        conn.out = None
         conn.lines = None
 
 
@@ -734,6 +1053,17 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
+def _whole(text: str) -> int:
+    """A whole number, 0 included (0 turns the limit off)."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {number}")
     return number
 
 
@@ -796,6 +1126,44 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="BYTES",
         help="a client with more than BYTES of output it has not read is "
         f"disconnected as a slow consumer (default: {DEFAULT_OUTPUT_LIMIT}, 1 MiB)",
+    )
+    internet = parser.add_argument_group(
+        "real networks", "limits for a server on the open internet (0 turns each off)"
+    )
+    internet.add_argument(
+        "--output-budget",
+        type=_positive,
+        default=DEFAULT_OUTPUT_BUDGET,
+        metavar="BYTES",
+        help="all clients' unread output together; over it, the clients holding the "
+        f"most are disconnected as slow consumers (default: {DEFAULT_OUTPUT_BUDGET}, 256 MiB)",
+    )
+    internet.add_argument(
+        "--keepalive",
+        type=_whole,
+        default=DEFAULT_KEEPALIVE,
+        metavar="SECONDS",
+        help="probe a client that has been quiet this long, so that one that vanished "
+        "(network cut, laptop closed) is disconnected within about 2 x SECONDS; 0: no "
+        f"probes, and unacknowledged output gives up after {UNACKED_LIMIT_WITHOUT_KEEPALIVE} s "
+        f"(default: {DEFAULT_KEEPALIVE})",
+    )
+    internet.add_argument(
+        "--register-timeout",
+        type=_whole,
+        default=DEFAULT_REGISTER_TIMEOUT,
+        metavar="SECONDS",
+        help="a connection without a name after SECONDS is told 'ERROR Timed out waiting "
+        f"for USERNAME.' and closed (default: {DEFAULT_REGISTER_TIMEOUT})",
+    )
+    internet.add_argument(
+        "--max-per-address",
+        type=_whole,
+        default=DEFAULT_MAX_PER_ADDRESS,
+        metavar="N",
+        help="connections over N from one address (IPv6: one /64) are told 'ERROR Too many "
+        "connections from your address.' and closed; 127.0.0.1 and ::1 are not counted "
+        f"(default: {DEFAULT_MAX_PER_ADDRESS})",
     )
     parser.add_argument(
         "--log-level",
@@ -904,7 +1272,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.host,
             args.port,
             max_clients=args.max_clients,
+            max_per_address=args.max_per_address,
             output_limit=args.output_limit,
+            output_budget=args.output_budget,
+            keepalive=args.keepalive,
+            register_timeout=args.register_timeout,
             reuse_port=args.reuse_port,
             room=room,
         )

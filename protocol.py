@@ -53,6 +53,9 @@ MESSAGE_EMPTY: Final = format_error("Message cannot be empty.")
 MESSAGE_INVALID: Final = format_error("Message contains invalid characters.")
 UNRECOGNISED: Final = format_error("Unrecognised command.")
 SERVER_FULL: Final = format_error("Server is full.")
+# PROTOCOL.md, "Real networks (v2)".
+TOO_MANY_FROM_ADDRESS: Final = format_error("Too many connections from your address.")
+TIMED_OUT_WAITING: Final = format_error("Timed out waiting for USERNAME.")
 # Cluster mode only: the server cannot reach Redis just now.
 SERVICE_UNAVAILABLE: Final = format_error("Service unavailable.")
 
