@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Load generator for the chat server (and, with --redis, Redis pub/sub).
+"""Load generator for the chat server (and, with --redis or --nats, Redis
+or NATS pub/sub, for comparison, through the same client code).
 
     python3 bench.py --spawn fanout                  # starts chat.py itself
     python3 bench.py --spawn --pin fanout -n 1000 -s 4
     python3 bench.py --spawn --redis latency         # the same load on Redis
+    python3 bench.py --spawn --nats latency          # ... and on NATS (nats-server)
     python3 bench.py --port 8080 conns -n 10000 --pid $(pgrep -f chat.py)
     python3 bench.py --spawn --cluster 2 --reuse-port fanout   # Redis + 2 chat.py
     python3 bench.py --ports 9001,9002 latency                 # clients round robin
@@ -46,10 +48,23 @@ from typing import Any, cast
 HERE = Path(__file__).resolve().parent
 RECV_SIZE = 256 * 1024
 PAD = b"x" * 24  # makes a message about as long as a short chat line
-# A RESP pub/sub push, "*3 $7 message $4 chat $N payload", holds exactly 7
-# CRLFs when the payload holds none: counting "\n" counts messages, even
-# across reads.
-REDIS_LINES_PER_MESSAGE = 7
+# Counting "\n" counts messages, even across reads, because every kind of
+# delivery holds a fixed number of them (payloads hold none): a chat
+# "RECEIVE name payload" line holds one; a RESP pub/sub push,
+# "*3 $7 message $4 chat $N payload", seven; a NATS "MSG chat 1 N" line and
+# its payload, two.
+LINES_PER_MESSAGE = {"chat": 1, "redis": 7, "nats": 2}
+# verbose off: no "+OK" after every PUB; echo off: a connection gets no copy
+# of what it publishes, so a NATS sender can be a member, as in chat.py.
+NATS_CONNECT = b'CONNECT {"verbose":false,"pedantic":false,"echo":false}\r\n'
+# What each kind of target needs explained next to its figures.
+NOTES = {
+    "redis": "Redis: a subscribed connection cannot PUBLISH, so each sender is one "
+    "more connection beside the n subscribers, and every subscriber (the probe "
+    "too) gets every message",
+    "nats": "NATS: senders are members connected with echo off (they get no copy of "
+    "their own messages), as in chat.py: no extra connections",
+}
 
 
 # --- the server under test -------------------------------------------------
@@ -63,8 +78,8 @@ class Target:
 
     host: str
     ports: list[int]
-    redis: bool
-    pids: list[int] = field(default_factory=list)  # the chat servers (or Redis)
+    kind: str  # "chat", "redis" or "nats": the protocol spoken
+    pids: list[int] = field(default_factory=list)  # the chat servers (or Redis, NATS)
     redis_pid: int | None = None  # cluster mode: the Redis they share
 
     def connect(self, index: int = 0) -> socket.socket:
@@ -73,24 +88,50 @@ class Target:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
+    @property
+    def redis(self) -> bool:
+        return self.kind == "redis"
+
+    @property
+    def nats(self) -> bool:
+        return self.kind == "nats"
+
     def join(self, index: int) -> bytes:
         """The bytes a subscriber sends to join, then to prove it joined."""
         if self.redis:
             return b"SUBSCRIBE chat\r\n"
+        if self.nats:
+            return NATS_CONNECT + b"SUB chat 1\r\nPING\r\n"
         return b"USERNAME u%d\nSYNC\n" % index
+
+    def hello(self, name: bytes) -> bytes:
+        """What a connection that only sends says first (nothing for Redis)."""
+        if self.redis:
+            return b""
+        if self.nats:
+            return NATS_CONNECT + b"PING\r\n"
+        return b"USERNAME " + name + b"\nSYNC\n"
 
     @property
     def joined(self) -> bytes:
-        """The end of the reply that proves `join` was processed."""
-        return b":1\r\n" if self.redis else b"ERROR Unrecognised command.\n"
+        """The end of the reply that proves `join` (or `hello`) was processed."""
+        if self.redis:
+            return b":1\r\n"
+        if self.nats:
+            # The server's INFO comes first, unasked; the PONG answers our PING
+            # and so follows the SUB.
+            return b"PONG\r\n"
+        return b"ERROR Unrecognised command.\n"
 
     def publish(self, payload: bytes) -> bytes:
         if self.redis:
             return b"PUBLISH chat " + payload + b"\r\n"
+        if self.nats:
+            return b"PUB chat %d\r\n%s\r\n" % (len(payload), payload)
         return b"SEND " + payload + b"\n"
 
     def deliveries(self, newlines: int) -> int:
-        return newlines // REDIS_LINES_PER_MESSAGE if self.redis else newlines
+        return newlines // LINES_PER_MESSAGE[self.kind]
 
     def cpu_seconds(self) -> float | None:
         """User + system CPU time of the server processes, if they are local."""
@@ -103,13 +144,17 @@ class Target:
         return total if self.pids else None
 
     def describe(self) -> str:
-        """ "chat", "redis", or "cluster of N" (chat servers sharing a Redis)."""
-        if self.redis:
-            return "redis"
+        """ "chat", "redis", "nats", or "cluster of N" (chat servers sharing a Redis)."""
+        if self.kind != "chat":
+            return self.kind
         servers = max(len(self.pids), len(self.ports))
         if self.redis_pid is not None or servers > 1:
             return f"cluster of {servers}"
         return "chat"
+
+    def note(self) -> dict[str, str]:
+        """The explanation its figures need, as a field of the results."""
+        return {"note": NOTES[self.kind]} if self.kind in NOTES else {}
 
     def redis_cpu_seconds(self) -> float | None:
         return None if self.redis_pid is None else cpu_seconds_of(self.redis_pid)
@@ -173,7 +218,7 @@ def target_from(args: argparse.Namespace) -> Iterator[Target]:
     afterwards."""
     if not args.spawn:
         ports = [int(port) for port in args.ports.split(",")] if args.ports else [args.port]
-        yield Target(args.host, ports, args.redis, pids=[args.pid] if args.pid else [])
+        yield Target(args.host, ports, kind_of(args), pids=[args.pid] if args.pid else [])
         return
     if args.cluster:
         with spawn_cluster(args) as target:
@@ -186,6 +231,13 @@ def target_from(args: argparse.Namespace) -> Iterator[Target]:
             sys.exit("bench.py: redis-server not found (apt-get install -y redis-server)")
         command = [server, "--port", str(port), "--save", "", "--appendonly", "no"]
         command += ["--maxclients", "20000"]
+    elif args.nats:
+        # Debian installs it in /usr/sbin, which is not on every user's PATH.
+        server = shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin")
+        if server is None:
+            sys.exit("bench.py: nats-server not found (apt-get install -y nats-server)")
+        # Core NATS only (no JetStream); loopback, like the others.
+        command = [server, "--addr", "127.0.0.1", "--port", str(port)]
     else:
         command = [sys.executable, str(HERE / "chat.py"), str(port), "--host", "127.0.0.1"]
         command += ["--log-level", "WARNING", "--max-clients", "20000"]
@@ -204,9 +256,15 @@ def target_from(args: argparse.Namespace) -> Iterator[Target]:
         os.sched_setaffinity(0, {1})
     try:
         wait_until_listening("127.0.0.1", port, process)
-        yield Target("127.0.0.1", [port], args.redis, pids=[process.pid])
+        yield Target("127.0.0.1", [port], kind_of(args), pids=[process.pid])
     finally:
         stop(process)
+
+
+def kind_of(args: argparse.Namespace) -> str:
+    if args.redis and args.nats:
+        sys.exit("bench.py: --redis and --nats name two different targets: choose one")
+    return "redis" if args.redis else "nats" if args.nats else "chat"
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -225,7 +283,7 @@ def spawn_cluster(args: argparse.Namespace) -> Iterator[Target]:
     server = shutil.which("redis-server")
     if server is None:
         sys.exit("bench.py: redis-server not found (apt-get install -y redis-server)")
-    if args.redis or args.pin:
+    if args.redis or args.nats or args.pin:
         sys.exit("bench.py: --cluster speaks the chat protocol and is not pinned")
     if importlib.util.find_spec("hiredis") is None:  # the servers run on this Python
         sys.exit("bench.py: --cluster needs hiredis: pip install -r requirements-cluster.txt")
@@ -259,7 +317,7 @@ def spawn_cluster(args: argparse.Namespace) -> Iterator[Target]:
         yield Target(
             "127.0.0.1",
             sorted(set(ports)),
-            False,
+            "chat",
             pids=[process.pid for process in processes[1:]],
             redis_pid=processes[0].pid,
         )
@@ -430,7 +488,7 @@ def fanout(target: Target, args: argparse.Namespace) -> None:
     def probe_lines(chunk: bytes) -> None:
         nonlocal in_order
         for line in probe_reader.feed(chunk):
-            payload = payload_of(line, target.redis)
+            payload = payload_of(line, target.kind)
             if payload is None:
                 continue
             j_text, seq, stamp, _ = payload.split(b":", 3)
@@ -471,6 +529,7 @@ def fanout(target: Target, args: argparse.Namespace) -> None:
         "target": target.describe(),
         "clients": args.n,
         "senders": args.s,
+        "connections": len(clients) + (len(senders) if target.redis else 0),
         "messages_per_sender": args.m,
         "window": args.w,
         "seconds": round(elapsed, 3),
@@ -487,16 +546,19 @@ def fanout(target: Target, args: argparse.Namespace) -> None:
         figures["server_cpu_percent"] = round(100 * (cpu_after - cpu_before) / elapsed)
     if redis_cpu_before is not None and redis_cpu_after is not None:
         figures["redis_cpu_percent"] = round(100 * (redis_cpu_after - redis_cpu_before) / elapsed)
+    figures.update(target.note())
     result("fanout", figures)
     for sock in clients + (senders if target.redis else []):
         sock.close()
 
 
-def payload_of(line: bytes, redis: bool) -> bytes | None:
+def payload_of(line: bytes, kind: str) -> bytes | None:
     """The message payload in one received line, if the line carries one."""
-    if redis:  # the payload is the one line of a push that is not RESP framing
+    if kind != "chat":
+        # Redis and NATS put the payload on a line of its own; ours start with
+        # a digit, and no framing line does ("*3", "$7", ":1", "MSG ...", "PING").
         line = line.rstrip(b"\r")
-        if line.count(b":") >= 3 and not line.startswith((b"*", b"$", b":")):
+        if line[:1].isdigit() and line.count(b":") >= 3:
             return line
         return None
     if line.startswith(b"RECEIVE "):
@@ -508,7 +570,7 @@ def latency(target: Target, args: argparse.Namespace) -> None:
     deadline = time.monotonic() + args.timeout
     clients = connect_all(target, args.n, deadline)
     probe = clients[0]
-    sender = target.connect() if target.redis else clients[1]
+    sender = target.connect() if target.redis else clients[1]  # NATS: echo off
     probe.setblocking(False)
     readers = clients if args.all_read else [probe]
     selector = selectors.DefaultSelector()
@@ -545,7 +607,7 @@ def latency(target: Target, args: argparse.Namespace) -> None:
             if sock is not probe:
                 continue
             for line in probe_reader.feed(chunk):
-                if payload_of(line, target.redis) is not None:
+                if payload_of(line, target.kind) is not None:
                     latencies.add(int(line.split(b":")[-2]))
         if progress.due():
             progress.show(f"{sent:,}/{total:,} sent")
@@ -582,8 +644,8 @@ def conns(target: Target, args: argparse.Namespace) -> None:
     rss_after = target.rss_bytes()
     # One broadcast must reach every idle connection.
     sender = target.connect()
-    if not target.redis:
-        sender.sendall(b"USERNAME bench-sender\nSYNC\n")
+    if target.hello(b"bench-sender"):
+        sender.sendall(target.hello(b"bench-sender"))
         read_through(sender, target.joined, deadline)
     sender.sendall(target.publish(b"hello-everyone"))
     reached = 0
@@ -609,6 +671,7 @@ def conns(target: Target, args: argparse.Namespace) -> None:
         figures["server_rss_before_kib"] = rss_before // 1024
         figures["server_rss_after_kib"] = rss_after // 1024
         figures["rss_per_connection_kib"] = round((rss_after - rss_before) / args.n / 1024, 3)
+    figures.update(target.note())
     result("conns", figures)
     for sock in [*clients, sender]:
         sock.close()
@@ -718,6 +781,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pin", action="store_true", help="with --spawn: server on core 0, load on core 1"
     )
     parser.add_argument("--redis", action="store_true", help="speak Redis pub/sub instead")
+    parser.add_argument("--nats", action="store_true", help="speak core NATS pub/sub instead")
     parser.add_argument(
         "--cluster",
         type=int,
