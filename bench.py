@@ -7,6 +7,7 @@ or NATS pub/sub, for comparison, through the same client code).
     python3 bench.py --spawn --redis latency         # the same load on Redis
     python3 bench.py --spawn --nats latency          # ... and on NATS (nats-server)
     python3 bench.py --port 8080 conns -n 10000 --pid $(pgrep -f chat.py)
+    python3 bench.py conns -n 10000 --port 8080     # options on either side
     python3 bench.py --spawn --cluster 2 --reuse-port fanout   # Redis + 2 chat.py
     python3 bench.py --ports 9001,9002 latency                 # clients round robin
 
@@ -21,8 +22,11 @@ Scenarios:
   flood    one client sends as fast as it can while a pair exchanges
            messages at a low rate: the pair's round trip (fairness).
 
-Each scenario prints a table and one JSON line, and stops by itself
-(--timeout). Clients count lines with bytes.count on a reused buffer; only
+The target options (--host, --port, --spawn, ...) may come before or after
+the scenario. Without --spawn, --port or --ports the target is the chat
+server at 127.0.0.1:8080. Each scenario prints a table and one JSON line,
+and stops by itself (--timeout). CPU shares are only given for runs of at
+least a second. Clients count lines with bytes.count on a reused buffer; only
 the probe parses, so the load generator stays cheap. Standard library only.
 """
 
@@ -39,6 +43,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +52,9 @@ from typing import Any, cast
 
 HERE = Path(__file__).resolve().parent
 RECV_SIZE = 256 * 1024
+# The shortest run whose CPU share is worth showing: /proc's clock ticks are
+# 10 ms, so over 1 s the share is within about 2 %.
+MIN_CPU_SECONDS = 1.0
 PAD = b"x" * 24  # makes a message about as long as a short chat line
 # Counting "\n" counts messages, even across reads, because every kind of
 # delivery holds a fixed number of them (payloads hold none): a chat
@@ -81,10 +89,18 @@ class Target:
     kind: str  # "chat", "redis" or "nats": the protocol spoken
     pids: list[int] = field(default_factory=list)  # the chat servers (or Redis, NATS)
     redis_pid: int | None = None  # cluster mode: the Redis they share
+    logs: list[Path] = field(default_factory=list)  # spawned servers' stderr
 
     def connect(self, index: int = 0) -> socket.socket:
         port = self.ports[index % len(self.ports)]
-        sock = socket.create_connection((self.host, port), timeout=10)
+        try:
+            sock = socket.create_connection((self.host, port), timeout=10)
+        except OSError as error:
+            hint = "" if self.pids else " (is the server running? --spawn starts one)"
+            sys.exit(
+                f"bench.py: cannot connect to {self.kind} at {self.host}:{port}: "
+                f"{error.strerror or error}{hint}"
+            )
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
@@ -199,11 +215,16 @@ def free_port() -> int:
         return port
 
 
-def wait_until_listening(host: str, port: int, process: subprocess.Popen[bytes]) -> None:
+def wait_until_listening(
+    host: str, port: int, process: subprocess.Popen[bytes], log: Path | None = None
+) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            sys.exit(f"bench.py: the server exited with {process.returncode}")
+            # Its last line says why (a bad --server-arg, most likely).
+            last = log.read_text(errors="replace").strip().splitlines()[-1:] if log else []
+            why = f": {last[0]}" if last else ""
+            sys.exit(f"bench.py: the server exited with {process.returncode}{why}")
         with contextlib.suppress(OSError):
             socket.create_connection((host, port), timeout=1).close()
             return
@@ -225,6 +246,7 @@ def target_from(args: argparse.Namespace) -> Iterator[Target]:
             yield target
         return
     port = free_port()
+    logs = Path(tempfile.mkdtemp(prefix="bench-"))
     if args.redis:
         server = shutil.which("redis-server")
         if server is None:
@@ -241,24 +263,33 @@ def target_from(args: argparse.Namespace) -> Iterator[Target]:
     else:
         command = [sys.executable, str(HERE / "chat.py"), str(port), "--host", "127.0.0.1"]
         command += ["--log-level", "WARNING", "--max-clients", "20000"]
+    command += args.server_args  # last, so that they override the defaults above
 
     def pin_server() -> None:
         os.sched_setaffinity(0, {0})
         raise_fd_limit()
 
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=pin_server if args.pin else raise_fd_limit,
-    )
+    log = logs / "server.log"
+    process = start(command, log, pin_server if args.pin else raise_fd_limit)
     if args.pin:
         os.sched_setaffinity(0, {1})
     try:
-        wait_until_listening("127.0.0.1", port, process)
-        yield Target("127.0.0.1", [port], kind_of(args), pids=[process.pid])
+        wait_until_listening("127.0.0.1", port, process, log)
+        yield Target("127.0.0.1", [port], kind_of(args), pids=[process.pid], logs=[log])
     finally:
         stop(process)
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+def start(
+    command: list[str], log: Path, preexec: Callable[[], None] | None = None
+) -> subprocess.Popen[bytes]:
+    """A server whose stderr goes to `log` (a file, not a pipe: nobody reads
+    a pipe during the run, and a full one would stop the server)."""
+    with log.open("wb") as stderr:
+        return subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=preexec
+        )
 
 
 def kind_of(args: argparse.Namespace) -> str:
@@ -288,11 +319,11 @@ def spawn_cluster(args: argparse.Namespace) -> Iterator[Target]:
     if importlib.util.find_spec("hiredis") is None:  # the servers run on this Python
         sys.exit("bench.py: --cluster needs hiredis: pip install -r requirements-cluster.txt")
     redis_port = free_port()
+    logs = Path(tempfile.mkdtemp(prefix="bench-"))
     processes = [
-        subprocess.Popen(
+        start(
             [server, "--port", str(redis_port), "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            logs / "redis.log",
         )
     ]
     try:
@@ -303,16 +334,12 @@ def spawn_cluster(args: argparse.Namespace) -> Iterator[Target]:
             command += ["--log-level", "WARNING", "--max-clients", "20000"]
             command += ["--redis", f"redis://127.0.0.1:{redis_port}/0"]
             command += ["--reuse-port"] if args.reuse_port else []
-            processes.append(
-                subprocess.Popen(
-                    command,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    preexec_fn=raise_fd_limit,
-                )
-            )
-        for process, port in zip(processes[1:], ports, strict=True):
-            wait_until_listening("127.0.0.1", port, process)
+            command += args.server_args
+            log = logs / f"chat-{len(processes)}.log"
+            processes.append(start(command, log, raise_fd_limit))
+        chat_logs = [logs / f"chat-{i}.log" for i in range(1, len(processes))]
+        for process, port, log in zip(processes[1:], ports, chat_logs, strict=True):
+            wait_until_listening("127.0.0.1", port, process, log)
         wait_until_subscribed(redis_port, args.cluster)
         yield Target(
             "127.0.0.1",
@@ -320,10 +347,12 @@ def spawn_cluster(args: argparse.Namespace) -> Iterator[Target]:
             "chat",
             pids=[process.pid for process in processes[1:]],
             redis_pid=processes[0].pid,
+            logs=chat_logs,
         )
     finally:
         for process in reversed(processes):
             stop(process)
+        shutil.rmtree(logs, ignore_errors=True)
 
 
 def wait_until_subscribed(redis_port: int, count: int) -> None:
@@ -422,6 +451,23 @@ def read_through(sock: socket.socket, token: bytes, deadline: float) -> None:
         if not chunk:
             sys.exit("bench.py: the server closed a connection during set-up")
         data += chunk
+
+
+def add_cpu(
+    figures: dict[str, Any], key: str, before: float | None, after: float | None, elapsed: float
+) -> None:
+    """A CPU share, only from a run long enough for it to mean something:
+    /proc counts CPU time in clock ticks (10 ms), so a run of a few
+    milliseconds reads anything from 0 to a few hundred per cent."""
+    if before is None or after is None:
+        return  # not a local server (no --spawn, no --pid)
+    if elapsed < MIN_CPU_SECONDS:
+        figures[key] = None
+        figures["cpu_note"] = (
+            f"CPU not measured: the run took {elapsed:.3f} s, under {MIN_CPU_SECONDS:g} s"
+        )
+        return
+    figures[key] = round(100 * (after - before) / elapsed)
 
 
 def result(name: str, figures: dict[str, Any]) -> None:
@@ -542,10 +588,8 @@ def fanout(target: Target, args: argparse.Namespace) -> None:
         "probe_max_ms": latencies.percentile_ms(1.0),
         "probe_order_ok": in_order,
     }
-    if cpu_before is not None and cpu_after is not None:
-        figures["server_cpu_percent"] = round(100 * (cpu_after - cpu_before) / elapsed)
-    if redis_cpu_before is not None and redis_cpu_after is not None:
-        figures["redis_cpu_percent"] = round(100 * (redis_cpu_after - redis_cpu_before) / elapsed)
+    add_cpu(figures, "server_cpu_percent", cpu_before, cpu_after, elapsed)
+    add_cpu(figures, "redis_cpu_percent", redis_cpu_before, redis_cpu_after, elapsed)
     figures.update(target.note())
     result("fanout", figures)
     for sock in clients + (senders if target.redis else []):
@@ -665,8 +709,7 @@ def conns(target: Target, args: argparse.Namespace) -> None:
         "connect_register_per_s": round(args.n / elapsed),
         "broadcast_reached": reached,
     }
-    if cpu_before is not None and cpu_after is not None:
-        figures["server_cpu_percent"] = round(100 * (cpu_after - cpu_before) / elapsed)
+    add_cpu(figures, "server_cpu_percent", cpu_before, cpu_after, elapsed)
     if rss_before is not None and rss_after is not None:
         figures["server_rss_before_kib"] = rss_before // 1024
         figures["server_rss_after_kib"] = rss_after // 1024
@@ -768,54 +811,130 @@ SCENARIOS: dict[str, Callable[[Target, argparse.Namespace], None]] = {
 }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument(
-        "--ports", help="several servers of one cluster, e.g. 9001,9002: client i uses the i-th"
+def add_target_options(parser: argparse.ArgumentParser, late: bool) -> None:
+    """The options that say where the load goes. Each scenario's parser has
+    them too (`late`), so that they may come before or after the scenario;
+    there they default to nothing, so that a value given before the
+    scenario stands."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if late else value
+
+    group = parser.add_argument_group("target (before or after the scenario)")
+    group.add_argument("--host", default=default("127.0.0.1"), help="default: 127.0.0.1")
+    group.add_argument("--port", type=int, default=default(8080), help="default: 8080")
+    group.add_argument(
+        "--ports",
+        default=default(None),
+        help="several servers of one cluster, e.g. 9001,9002: client i uses the i-th",
     )
-    parser.add_argument("--pid", type=int, help="the server's pid, for its CPU and RSS")
-    parser.add_argument("--spawn", action="store_true", help="start the server on a free port")
-    parser.add_argument(
-        "--pin", action="store_true", help="with --spawn: server on core 0, load on core 1"
+    group.add_argument(
+        "--pid", type=int, default=default(None), help="the server's pid, for its CPU and RSS"
     )
-    parser.add_argument("--redis", action="store_true", help="speak Redis pub/sub instead")
-    parser.add_argument("--nats", action="store_true", help="speak core NATS pub/sub instead")
-    parser.add_argument(
+    group.add_argument(
+        "--spawn",
+        action="store_true",
+        default=default(False),
+        help="start the server on a free port (and stop it afterwards)",
+    )
+    group.add_argument(
+        "--pin",
+        action="store_true",
+        default=default(False),
+        help="with --spawn: server on core 0, load on core 1",
+    )
+    group.add_argument(
+        "--redis", action="store_true", default=default(False), help="speak Redis pub/sub instead"
+    )
+    group.add_argument(
+        "--nats",
+        action="store_true",
+        default=default(False),
+        help="speak core NATS pub/sub instead (with --spawn: nats-server)",
+    )
+    group.add_argument(
         "--cluster",
         type=int,
-        default=0,
+        default=default(0),
         metavar="N",
         help="with --spawn: start Redis and N chat.py servers in cluster mode",
     )
-    parser.add_argument(
-        "--reuse-port", action="store_true", help="with --cluster: the N servers share one port"
+    group.add_argument(
+        "--reuse-port",
+        action="store_true",
+        default=default(False),
+        help="with --cluster: the N servers share one port",
     )
-    parser.add_argument("--timeout", type=float, default=120, help="stop after this many seconds")
-    sub = parser.add_subparsers(dest="scenario", required=True)
-    p = sub.add_parser("fanout", help="n clients, s senders, closed loop")
+    group.add_argument(
+        "--server-arg",
+        # A separate list after the scenario: argparse would otherwise let
+        # that list replace the one given before it.
+        dest="late_server_args" if late else "server_args",
+        action="append",
+        default=default([]),
+        metavar="ARG",
+        help="with --spawn: one more argument for the server, e.g. "
+        "--server-arg=--output-budget=67108864 (repeatable)",
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=default(120),
+        help="stop after this many seconds (default: 120)",
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog="Without --spawn, --port or --ports, the target is the chat server at "
+        "127.0.0.1:8080.",
+    )
+    add_target_options(parser, late=False)
+    sub = parser.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
+
+    def scenario(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_target_options(p, late=True)
+        return p
+
+    p = scenario("fanout", "n clients, s senders, closed loop")
     p.add_argument("-n", type=int, default=100, help="clients (default 100)")
     p.add_argument("-s", type=int, default=10, help="senders among them (default 10)")
     p.add_argument("-m", type=int, default=20_000, help="messages per sender (default 20000)")
     p.add_argument("-w", type=int, default=64, help="window per sender (default 64)")
-    p = sub.add_parser("latency", help="one sender at a fixed rate")
-    p.add_argument("-n", type=int, default=100, help="clients (default 100)")
+    p = scenario("latency", "one sender at a fixed rate; every receiver timed")
+    p.add_argument("-n", type=int, default=100, help="receivers (default 100)")
     p.add_argument("--rate", type=float, default=500, help="messages per second (default 500)")
     p.add_argument("--duration", type=float, default=10, help="seconds of sending (default 10)")
-    p.add_argument("--all-read", action="store_true", help="every client reads, not just one")
-    p = sub.add_parser("conns", help="many idle registered connections")
+    # Every receiver reads (and is timed) now; the old switch is still accepted.
+    p.add_argument("--all-read", action="store_true", help=argparse.SUPPRESS)
+    p = scenario("conns", "many idle registered connections")
     p.add_argument("-n", type=int, default=10_000, help="connections (default 10000)")
-    p = sub.add_parser("flood", help="a flooder beside a ping-pong pair")
+    p = scenario("flood", "a flooder beside a ping-pong pair")
     p.add_argument("--exchanges", type=int, default=200, help="round trips (default 200)")
     p.add_argument("--interval", type=float, default=0.02, help="seconds between round trips")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.server_args = args.server_args + getattr(args, "late_server_args", [])
+    if args.server_args and not args.spawn:
+        parser.error("--server-arg is for a server started with --spawn")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with target_from(args) as target:
-        SCENARIOS[args.scenario](target, args)
+    # Thousands of sockets (conns, hostile) need more than the usual 1,024
+    # descriptors.
+    raise_fd_limit()
+    try:
+        with target_from(args) as target:
+            SCENARIOS[args.scenario](target, args)
+    except OSError as error:
+        # One clear line, not a traceback: the server went away, or a limit of
+        # this machine was hit.
+        sys.exit(f"bench.py: {error.strerror or error}")
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 
