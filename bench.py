@@ -15,8 +15,10 @@ Scenarios:
   fanout   n clients register; s of them send m messages each, closed loop:
            a sender is at most w messages ahead of what the probe (client 0)
            has received from it. Deliveries/s, lost deliveries, probe latency.
-  latency  n registered clients; one sender at a fixed rate; probe latency
-           percentiles.
+  latency  n registered receivers and one sender at a fixed rate; every
+           delivery to every receiver is timed: p50/p99/p99.9/max over all
+           of them, the time until the last receiver has a message, and
+           (labelled probe_) receiver 0 alone.
   conns    n idle registered connections; connect+register rate, proof that
            all of them get one broadcast, server RSS per connection.
   flood    one client sends as fast as it can while a pair exchanges
@@ -27,7 +29,8 @@ the scenario. Without --spawn, --port or --ports the target is the chat
 server at 127.0.0.1:8080. Each scenario prints a table and one JSON line,
 and stops by itself (--timeout). CPU shares are only given for runs of at
 least a second. Clients count lines with bytes.count on a reused buffer; only
-the probe parses, so the load generator stays cheap. Standard library only.
+the probe parses, so the load generator stays cheap (latency: every receiver
+parses, with one regular expression per read). Standard library only.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import resource
 import selectors
 import shutil
@@ -56,6 +60,10 @@ RECV_SIZE = 256 * 1024
 # 10 ms, so over 1 s the share is within about 2 %.
 MIN_CPU_SECONDS = 1.0
 PAD = b"x" * 24  # makes a message about as long as a short chat line
+# latency's payload, "0:<seq>:<send time, ns>:xxx...", found in any target's
+# framing by one regular expression: one C call per chunk, so that the
+# Python load generator can time every delivery to every receiver.
+LATENCY_STAMP = re.compile(rb"(?<![0-9])0:([0-9]+):([0-9]+):x")
 # Counting "\n" counts messages, even across reads, because every kind of
 # delivery holds a fixed number of them (payloads hold none): a chat
 # "RECEIVE name payload" line holds one; a RESP pub/sub push,
@@ -395,6 +403,14 @@ class Latencies:
         return round(values[min(len(values) - 1, int(fraction * len(values)))] / 1e6, 3)
 
 
+def percentiles_ms(nanoseconds: list[int], *fractions: float) -> list[float | None]:
+    """Several percentiles of one list, sorted once (it may hold millions)."""
+    values = sorted(nanoseconds)
+    if not values:
+        return [None for _ in fractions]
+    return [round(values[min(len(values) - 1, int(f * len(values)))] / 1e6, 3) for f in fractions]
+
+
 class Progress:
     """One line on stderr, rewritten in place, only on a terminal and only
     once the run has taken a couple of seconds."""
@@ -611,68 +627,130 @@ def payload_of(line: bytes, kind: str) -> bytes | None:
 
 
 def latency(target: Target, args: argparse.Namespace) -> None:
+    """Every receiver is timed: which member a server serves first would
+    otherwise decide the figure. One selectors loop reads all of them; a
+    delivery's time runs from the sender's stamp in the payload to the
+    select() that reported its receiver readable (one clock read per
+    select, so the loop's own work on the sockets before it in the ready
+    list is not counted against the server)."""
     deadline = time.monotonic() + args.timeout
-    clients = connect_all(target, args.n, deadline)
-    probe = clients[0]
-    sender = target.connect() if target.redis else clients[1]  # NATS: echo off
-    probe.setblocking(False)
-    readers = clients if args.all_read else [probe]
+    receivers = connect_all(target, args.n, deadline)
+    # The sender is one more connection, for every target, so that each of
+    # the n receivers should get every message (a chat.py or NATS sender
+    # gets no copy of its own, a Redis subscriber cannot publish).
+    sender = target.connect(args.n)
+    if target.hello(b"bench-sender"):
+        sender.sendall(target.hello(b"bench-sender"))
+        read_through(sender, target.joined, deadline)
     selector = selectors.DefaultSelector()
-    for sock in readers:
+    for index, sock in enumerate(receivers):
         sock.setblocking(False)
-        selector.register(sock, selectors.EVENT_READ)
-    if target.redis:
-        sender.setblocking(False)
-        selector.register(sender, selectors.EVENT_READ)
-    latencies = Latencies()
-    probe_reader = LineReader()
-    interval = 1 / args.rate
+        selector.register(sock, selectors.EVENT_READ, index)
+    # Redis answers each PUBLISH with ":N", and NATS may PING: read the sender too.
+    sender.setblocking(False)
+    selector.register(sender, selectors.EVENT_READ, -1)
     total = int(args.rate * args.duration)
+    expected = total * args.n
+    reached = [0] * total  # how many receivers have message i
+    last_ns = [0] * total  # how long until the last of them had it
+    delays: list[int] = []  # every delivery, in nanoseconds
+    probe: list[int] = []  # receiver 0's, the figure bench.py used to give
+    tails = [b""] * args.n
+    last_seq = [-1] * args.n
+    in_order = True
+    interval = 1 / args.rate
+    # recv_into one buffer: recv(RECV_SIZE) would allocate RECV_SIZE bytes on
+    # every call, which costs more than the rest of a delivery's handling.
+    buffer = bytearray(RECV_SIZE)
+    view = memoryview(buffer)
     sent = 0
     progress = Progress("latency")
+    cpu_before = target.cpu_seconds()
     started = time.perf_counter()
     next_send = started
-    while (sent < total or len(latencies.nanoseconds) < total) and time.monotonic() < deadline:
+    # Once everything is sent, what has not come within 5 s is lost.
+    give_up = min(deadline, time.monotonic() + args.duration + 5)
+    while len(delays) < expected and time.monotonic() < give_up:
         now = time.perf_counter()
         if sent < total and now >= next_send:
             payload = b"0:%d:%d:%s" % (sent, time.perf_counter_ns(), PAD)
+            sender.setblocking(True)
             sender.sendall(target.publish(payload))
+            sender.setblocking(False)
             sent += 1
             next_send += interval
         wait = max(0.0, next_send - time.perf_counter()) if sent < total else 0.5
-        for key, _ in selector.select(wait):
+        events = selector.select(wait)
+        ready_ns = time.perf_counter_ns()
+        for key, _ in events:
             sock = cast(socket.socket, key.fileobj)
             try:
-                chunk = sock.recv(RECV_SIZE)
+                size = sock.recv_into(buffer)
             except BlockingIOError:
                 continue
-            if not chunk:
+            if not size:
                 sys.exit("bench.py: the server closed a connection")
-            if sock is not probe:
+            chunk = view[:size].tobytes()
+            receiver: int = key.data
+            if target.nats and b"PING\r\n" in chunk:  # the server's keepalive
+                sock.sendall(b"PONG\r\n")
+            if receiver < 0:
                 continue
-            for line in probe_reader.feed(chunk):
-                if payload_of(line, target.kind) is not None:
-                    latencies.add(int(line.split(b":")[-2]))
+            data = tails[receiver] + chunk if tails[receiver] else chunk
+            cut = data.rfind(b"\n") + 1  # only whole lines; the rest waits
+            tails[receiver] = data[cut:]
+            for seq_text, stamp in LATENCY_STAMP.findall(data, 0, cut):
+                seq = int(seq_text)
+                delay = ready_ns - int(stamp)
+                delays.append(delay)
+                reached[seq] += 1
+                if delay > last_ns[seq]:
+                    last_ns[seq] = delay
+                if seq <= last_seq[receiver]:
+                    in_order = False
+                last_seq[receiver] = seq
+                if receiver == 0:
+                    probe.append(delay)
         if progress.due():
-            progress.show(f"{sent:,}/{total:,} sent")
+            progress.show(f"{sent:,}/{total:,} sent, {len(delays):,}/{expected:,} received")
+    elapsed = time.perf_counter() - started
+    cpu_after = target.cpu_seconds()
     progress.done()
-    result(
-        "latency",
-        {
-            "target": target.describe(),
-            "clients": args.n,
-            "rate_per_s": args.rate,
-            "messages": total,
-            "received_by_probe": len(latencies.nanoseconds),
-            "lost": total - len(latencies.nanoseconds),
-            "all_clients_read": args.all_read,
-            "p50_ms": latencies.percentile_ms(0.5),
-            "p99_ms": latencies.percentile_ms(0.99),
-            "p99_9_ms": latencies.percentile_ms(0.999),
-            "max_ms": latencies.percentile_ms(1.0),
-        },
-    )
-    for sock in clients:
+    p50, p99, p99_9, top = percentiles_ms(delays, 0.5, 0.99, 0.999, 1.0)
+    complete = [last_ns[i] for i in range(total) if reached[i] == args.n]
+    last_p50, last_p99, last_top = percentiles_ms(complete, 0.5, 0.99, 1.0)
+    probe_p50, probe_p99, probe_p99_9, probe_top = percentiles_ms(probe, 0.5, 0.99, 0.999, 1.0)
+    figures: dict[str, Any] = {
+        "target": target.describe(),
+        "clients": args.n,
+        "connections": args.n + 1,
+        "rate_per_s": args.rate,
+        "messages": total,
+        "deliveries": len(delays),
+        "lost": expected - len(delays),
+        "order_ok": in_order,
+        "all_clients_read": True,
+        # Over every delivery to every receiver:
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "p99_9_ms": p99_9,
+        "max_ms": top,
+        # Per message, until the last receiver had it:
+        "last_member_p50_ms": last_p50,
+        "last_member_p99_ms": last_p99,
+        "last_member_max_ms": last_top,
+        "messages_short_of_someone": total - len(complete),
+        # Receiver 0 alone (what bench.py latency reported before):
+        "received_by_probe": len(probe),
+        "probe_p50_ms": probe_p50,
+        "probe_p99_ms": probe_p99,
+        "probe_p99_9_ms": probe_p99_9,
+        "probe_max_ms": probe_top,
+    }
+    add_cpu(figures, "server_cpu_percent", cpu_before, cpu_after, elapsed)
+    figures.update(target.note())
+    result("latency", figures)
+    for sock in [*receivers, sender]:
         sock.close()
 
 
