@@ -99,10 +99,26 @@ class Target:
     redis_pid: int | None = None  # cluster mode: the Redis they share
     logs: list[Path] = field(default_factory=list)  # spawned servers' stderr
 
-    def connect(self, index: int = 0) -> socket.socket:
+    def connect(self, index: int = 0, rcvbuf: int | None = None) -> socket.socket:
         port = self.ports[index % len(self.ports)]
         try:
-            sock = socket.create_connection((self.host, port), timeout=10)
+            if rcvbuf is None:
+                sock = socket.create_connection((self.host, port), timeout=10)
+            else:
+                family, kind, proto, _, address = socket.getaddrinfo(
+                    self.host, port, type=socket.SOCK_STREAM
+                )[0]
+                sock = socket.socket(family, kind, proto)
+                # Before connect(): the window scale is agreed on in the
+                # handshake, so a buffer shrunk later would not shrink the
+                # window the server may fill.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+                sock.settimeout(10)
+                try:
+                    sock.connect(address)
+                except OSError:
+                    sock.close()
+                    raise
         except OSError as error:
             hint = "" if self.pids else " (is the server running? --spawn starts one)"
             sys.exit(
@@ -183,12 +199,14 @@ class Target:
     def redis_cpu_seconds(self) -> float | None:
         return None if self.redis_pid is None else cpu_seconds_of(self.redis_pid)
 
-    def rss_bytes(self) -> int | None:
+    def rss_bytes(self, key: str = "VmRSS") -> int | None:
+        """The servers' resident memory (VmRSS), or with key="VmHWM" its peak
+        since each started, if they are local."""
         total = 0
         for pid in self.pids:
             try:
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
+                    if line.startswith(key + ":"):
                         total += int(line.split()[1]) * 1024
             except OSError:
                 return None
@@ -435,9 +453,12 @@ class Progress:
             sys.stderr.write("\r\033[K")
 
 
-def connect_all(target: Target, count: int, deadline: float) -> list[socket.socket]:
-    """Open `count` subscribers, joined, in pipelined batches: each sends its
-    join as soon as it is connected; the replies are collected per batch."""
+def connect_all(
+    target: Target, count: int, deadline: float, first: int = 0, rcvbuf: int | None = None
+) -> list[socket.socket]:
+    """Open `count` subscribers (named u<first>, u<first + 1>, ...), joined,
+    in pipelined batches: each sends its join as soon as it is connected;
+    the replies are collected per batch."""
     clients: list[socket.socket] = []
     progress = Progress("connecting")
     batch_size = 1024
@@ -446,8 +467,9 @@ def connect_all(target: Target, count: int, deadline: float) -> list[socket.sock
         batch = []
         for offset in range(size):
             # Joining at once keeps the server busy while the rest connect.
-            sock = target.connect(len(clients) + offset)
-            sock.sendall(target.join(len(clients) + offset))
+            index = first + len(clients) + offset
+            sock = target.connect(index, rcvbuf)
+            sock.sendall(target.join(index))
             batch.append(sock)
         for sock in batch:
             read_through(sock, target.joined, deadline)
@@ -798,15 +820,39 @@ def conns(target: Target, args: argparse.Namespace) -> None:
         sock.close()
 
 
-def flood(target: Target, args: argparse.Namespace) -> None:
-    deadline = time.monotonic() + args.timeout
-    if target.redis:
-        sys.exit("bench.py: flood speaks the chat protocol only")
-    ping, pong, flooder = connect_all(target, 3, deadline)
+@dataclass
+class PairRun:
+    """What a chatting pair saw while a third client flooded."""
+
+    round_trips: list[float] = field(default_factory=list)  # seconds
+    flood_lines: int = 0  # received by the pair, both together
+    seconds: float = 0.0
+    disconnected: str | None = None  # which of the pair the server closed, and how
+    pending: float | None = None  # a round trip still unanswered at the end (seconds)
+
+    def trip_ms(self, fraction: float) -> float | None:
+        trips = sorted(self.round_trips)
+        if not trips:
+            return None
+        return round(1000 * trips[min(len(trips) - 1, int(fraction * len(trips)))], 3)
+
+
+def chat_under_flood(
+    ping: socket.socket,
+    pong: socket.socket,
+    flooder: socket.socket,
+    interval: float,
+    stop_after: Callable[[int, float], bool],
+    label: str,
+    every_tick: Callable[[], None] = lambda: None,
+) -> PairRun:
+    """ping (u0) and pong (u1) exchange a message each way every `interval`
+    seconds while flooder (u2) sends as fast as the server takes it, until
+    `stop_after(round trips, seconds)` or the server closes one of the pair.
+    The flooder sends valid messages, so the pair must read the flood too:
+    the round trip measures both the server's fairness and its fan-out."""
     for sock in (ping, pong, flooder):
         sock.setblocking(False)
-    # The flooder sends valid messages, so the pair must read the flood too:
-    # the round trip measures both the server's fairness and its fan-out.
     line = b"SEND " + b"f" * 40 + b"\n"
     burst = line * (65536 // len(line))
     selector = selectors.DefaultSelector()
@@ -814,67 +860,96 @@ def flood(target: Target, args: argparse.Namespace) -> None:
     selector.register(pong, selectors.EVENT_READ, "pong")
     selector.register(flooder, selectors.EVENT_READ | selectors.EVENT_WRITE, "flooder")
     tails = {"ping": b"", "pong": b""}
-    round_trips: list[float] = []
-    flood_lines = 0
+    run = PairRun()
     exchange = 0
     sent_at = 0.0
     waiting = False
-    progress = Progress("flood")
+    progress = Progress(label)
     started = time.perf_counter()
-    while exchange < args.exchanges and time.monotonic() < deadline:
+    while not run.disconnected and not stop_after(exchange, time.perf_counter() - started):
         now = time.perf_counter()
-        if not waiting and now - started >= exchange * args.interval:
-            ping.sendall(b"SEND ping-%d\n" % exchange)
+        if not waiting and now - started >= exchange * interval:
+            try:
+                ping.sendall(b"SEND ping-%d\n" % exchange)
+            except OSError as error:
+                run.disconnected = f"ping: {error.strerror or error}"
+                break
             sent_at = now
             waiting = True
         for key, events in selector.select(0.01):
             role = key.data
             sock = cast(socket.socket, key.fileobj)
             if role == "flooder":
-                if events & selectors.EVENT_WRITE:
-                    with contextlib.suppress(BlockingIOError):
-                        sock.send(burst)
-                if events & selectors.EVENT_READ:
-                    with contextlib.suppress(BlockingIOError):
-                        sock.recv(RECV_SIZE)
+                try:
+                    if events & selectors.EVENT_WRITE:
+                        with contextlib.suppress(BlockingIOError):
+                            sock.send(burst)
+                    if events & selectors.EVENT_READ:
+                        with contextlib.suppress(BlockingIOError):
+                            sock.recv(RECV_SIZE)
+                except OSError:  # closed by the server: the pair goes on
+                    selector.unregister(sock)
                 continue
             try:
                 chunk = sock.recv(RECV_SIZE)
             except BlockingIOError:
                 continue
+            except OSError as error:
+                run.disconnected = f"{role}: {error.strerror or error}"
+                break
             if not chunk:
-                sys.exit("bench.py: the server closed a connection")
-            flood_lines += chunk.count(b"\n")
+                run.disconnected = f"{role}: closed by the server"
+                break
+            run.flood_lines += chunk.count(b"\n")
             data = tails[role] + chunk
             tails[role] = data[-32:]
             if role == "pong" and b"RECEIVE u0 ping-%d\n" % exchange in data:
-                pong.sendall(b"SEND pong-%d\n" % exchange)
+                try:
+                    pong.sendall(b"SEND pong-%d\n" % exchange)
+                except OSError as error:
+                    run.disconnected = f"pong: {error.strerror or error}"
+                    break
                 tails[role] = b""
             elif role == "ping" and waiting and b"RECEIVE u1 pong-%d\n" % exchange in data:
-                round_trips.append(time.perf_counter() - sent_at)
+                run.round_trips.append(time.perf_counter() - sent_at)
                 tails[role] = b""
                 waiting = False
                 exchange += 1
+        every_tick()
         if progress.due():
-            progress.show(f"{exchange}/{args.exchanges} round trips")
-    elapsed = time.perf_counter() - started
+            progress.show(f"{exchange} round trips")
+    run.seconds = time.perf_counter() - started
+    if waiting:
+        run.pending = time.perf_counter() - sent_at
     progress.done()
-    trips = sorted(round_trips)
+    selector.close()
+    return run
 
-    def trip_ms(fraction: float) -> float | None:
-        if not trips:
-            return None
-        return round(1000 * trips[min(len(trips) - 1, int(fraction * len(trips)))], 3)
 
+def flood(target: Target, args: argparse.Namespace) -> None:
+    deadline = time.monotonic() + args.timeout
+    if target.kind != "chat":
+        sys.exit("bench.py: flood speaks the chat protocol only")
+    ping, pong, flooder = connect_all(target, 3, deadline)
+    run = chat_under_flood(
+        ping,
+        pong,
+        flooder,
+        args.interval,
+        lambda trips, _: trips >= args.exchanges or time.monotonic() >= deadline,
+        "flood",
+    )
+    if run.disconnected:
+        sys.exit(f"bench.py: the server closed a connection ({run.disconnected})")
     result(
         "flood",
         {
             "target": "chat",
-            "round_trips": len(trips),
-            "flood_lines_per_s_at_pair": round(flood_lines / 2 / elapsed),
-            "round_trip_p50_ms": trip_ms(0.5),
-            "round_trip_p99_ms": trip_ms(0.99),
-            "round_trip_max_ms": trip_ms(1.0),
+            "round_trips": len(run.round_trips),
+            "flood_lines_per_s_at_pair": round(run.flood_lines / 2 / run.seconds),
+            "round_trip_p50_ms": run.trip_ms(0.5),
+            "round_trip_p99_ms": run.trip_ms(0.99),
+            "round_trip_max_ms": run.trip_ms(1.0),
         },
     )
     for sock in (ping, pong, flooder):
