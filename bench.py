@@ -10,6 +10,7 @@ or NATS pub/sub, for comparison, through the same client code).
     python3 bench.py conns -n 10000 --port 8080     # options on either side
     python3 bench.py --spawn --cluster 2 --reuse-port fanout   # Redis + 2 chat.py
     python3 bench.py --ports 9001,9002 latency                 # clients round robin
+    python3 bench.py --spawn hostile -k 2000 --server-arg=--output-budget=67108864
 
 Scenarios:
   fanout   n clients register; s of them send m messages each, closed loop:
@@ -23,6 +24,11 @@ Scenarios:
            all of them get one broadcast, server RSS per connection.
   flood    one client sends as fast as it can while a pair exchanges
            messages at a low rate: the pair's round trip (fairness).
+  hostile  k registered clients that never read (small SO_RCVBUF), one
+           flooder, and a chatting pair, for --duration seconds: the pair's
+           round trip, whether it was disconnected, the server's peak RSS,
+           how many slow consumers it closed and why (from its log, with
+           --spawn), against goals that are printed, not asserted.
 
 The target options (--host, --port, --spawn, ...) may come before or after
 the scenario. Without --spawn, --port or --ports the target is the chat
@@ -956,11 +962,146 @@ def flood(target: Target, args: argparse.Namespace) -> None:
         sock.close()
 
 
+def hostile(target: Target, args: argparse.Namespace) -> None:
+    """k registered clients that never read (each with a small receive
+    buffer), one flooder, and a pair that chats: does the pair keep
+    chatting, and what does the server's memory do?"""
+    if target.kind != "chat":
+        sys.exit("bench.py: hostile speaks the chat protocol only")
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < args.k + 64:  # the k, the three, the server's pipes and files
+        sys.exit(f"bench.py: -k {args.k} needs {args.k + 64} file descriptors; ulimit -n is {soft}")
+    deadline = time.monotonic() + args.timeout
+    ping, pong, flooder = connect_all(target, 3, deadline)  # u0, u1, u2
+    # Registered (the reply to the join is read), then never read again.
+    non_readers = connect_all(target, args.k, deadline, first=3, rcvbuf=args.rcvbuf)
+    peak_sampled = target.rss_bytes()
+    next_sample = time.monotonic()
+
+    def sample_rss() -> None:
+        """VmHWM says the peak only for the server's whole life: with --pid it
+        may come from before this run, so RSS is also sampled every 0.1 s."""
+        nonlocal peak_sampled, next_sample
+        if peak_sampled is None or time.monotonic() < next_sample:
+            return
+        next_sample = time.monotonic() + 0.1
+        rss = target.rss_bytes()
+        if rss is not None:
+            peak_sampled = max(peak_sampled, rss)
+
+    run = chat_under_flood(
+        ping,
+        pong,
+        flooder,
+        args.interval,
+        lambda _, seconds: seconds >= args.duration or time.monotonic() >= deadline,
+        "hostile",
+        sample_rss,
+    )
+    peak = target.rss_bytes("VmHWM")
+    rss_after = target.rss_bytes()
+    closed = slow_consumers_closed(target)
+    budget, budget_given = output_budget(args.server_args)
+    p99 = run.trip_ms(0.99)
+    figures: dict[str, Any] = {
+        "target": target.describe(),
+        "non_readers": args.k,
+        "non_reader_rcvbuf": args.rcvbuf,
+        "seconds": round(run.seconds, 3),
+        "round_trips": len(run.round_trips),
+        "round_trip_p50_ms": run.trip_ms(0.5),
+        "round_trip_p99_ms": p99,
+        "round_trip_max_ms": run.trip_ms(1.0),
+        "round_trip_unanswered_ms": None if run.pending is None else round(1000 * run.pending),
+        "flood_lines_per_s_at_pair": round(run.flood_lines / 2 / run.seconds),
+        "pair_disconnected": run.disconnected is not None,
+        "pair_disconnected_how": run.disconnected,
+        "server_peak_rss_kib": None if peak is None else peak // 1024,
+        "server_peak_rss_sampled_kib": None if peak_sampled is None else peak_sampled // 1024,
+        "server_rss_after_kib": None if rss_after is None else rss_after // 1024,
+        **closed,
+        "output_budget_bytes": budget,
+        "output_budget_from": "--server-arg" if budget_given else "the protocol's default",
+        # Goals, shown and not asserted: "met", "missed" or "unknown".
+        "goal_pair_never_disconnected": goal(run.disconnected is None),
+        "goal_round_trip_p99_under_250_ms": goal(None if p99 is None else p99 < 250),
+        "goal_peak_rss_under_budget_plus_64_mib": goal(
+            None if peak is None else peak < budget + 64 * 1024 * 1024
+        ),
+    }
+    result("hostile", figures)
+    for sock in [ping, pong, flooder, *non_readers]:
+        sock.close()
+
+
+# The protocol's default for --output-budget (PROTOCOL.md, "Total memory").
+DEFAULT_OUTPUT_BUDGET = 256 * 1024 * 1024
+# An address with its port, as in the server's "<fd 7 127.0.0.1:51234 'u3'>".
+PEER = re.compile(r"(?:\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\]):(\d+)")
+
+
+def output_budget(server_args: list[str]) -> tuple[int, bool]:
+    """The server's --output-budget, as passed with --server-arg, and
+    whether it was passed (else the protocol's default is assumed)."""
+    for i, arg in enumerate(server_args):
+        if arg.startswith("--output-budget="):
+            return int(arg.split("=", 1)[1]), True
+        if arg == "--output-budget" and i + 1 < len(server_args):
+            return int(server_args[i + 1]), True
+    return DEFAULT_OUTPUT_BUDGET, False
+
+
+def slow_consumers_closed(target: Target) -> dict[str, Any]:
+    """How many connections the server closed as slow consumers, and why,
+    from the logs of servers started here (None without --spawn). The
+    wording may change, so a line counts when it says "slow consumer" or
+    "budget" in any case; a connection the server logs twice (e.g. "is a
+    slow consumer" at WARNING, "disconnected: slow consumer" at INFO) counts
+    once, told apart by its peer address."""
+    if not target.logs:
+        return {
+            "slow_consumers_closed": None,
+            "slow_consumer_reasons": None,
+            "slow_consumer_log_example": None,
+        }
+    reasons: dict[str, str] = {}  # connection -> why it was closed
+    example = None
+    for log in target.logs:
+        with contextlib.suppress(OSError):
+            for number, line in enumerate(log.read_text(errors="replace").splitlines()):
+                lower = line.lower()
+                if "slow consumer" not in lower and "budget" not in lower:
+                    continue
+                # A client's port, never the server's own (a start-up line
+                # about the budget names the listening address).
+                peers = [m for m in PEER.finditer(line) if int(m[1]) not in target.ports]
+                if not peers and PEER.search(line):
+                    continue
+                key = peers[0][0] if peers else f"{log.name}:{number}"
+                why = "output budget" if "budget" in lower else "output limit"
+                if reasons.get(key) != "output budget":  # the more specific reason wins
+                    reasons[key] = why
+                example = example or line
+    counts: dict[str, int] = {}
+    for why in reasons.values():
+        counts[why] = counts.get(why, 0) + 1
+    return {
+        "slow_consumers_closed": len(reasons),
+        "slow_consumer_reasons": counts,
+        "slow_consumer_log_example": example,
+    }
+
+
+def goal(met: bool | None) -> str:
+    return "unknown" if met is None else "met" if met else "missed"
+
+
 SCENARIOS: dict[str, Callable[[Target, argparse.Namespace], None]] = {
     "fanout": fanout,
     "latency": latency,
     "conns": conns,
     "flood": flood,
+    "hostile": hostile,
 }
 
 
@@ -1067,6 +1208,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = scenario("flood", "a flooder beside a ping-pong pair")
     p.add_argument("--exchanges", type=int, default=200, help="round trips (default 200)")
     p.add_argument("--interval", type=float, default=0.02, help="seconds between round trips")
+    p = scenario("hostile", "k clients that never read, a flooder, and a chatting pair")
+    p.add_argument("-k", type=int, default=2000, help="clients that never read (default 2000)")
+    p.add_argument("--duration", type=float, default=10, help="seconds of flood (default 10)")
+    p.add_argument(
+        "--interval", type=float, default=0.02, help="seconds between round trips (default 0.02)"
+    )
+    p.add_argument(
+        "--rcvbuf",
+        type=int,
+        default=4096,
+        help="SO_RCVBUF of each non-reader, set before it connects (default 4096)",
+    )
     args = parser.parse_args(argv)
     args.server_args = args.server_args + getattr(args, "late_server_args", [])
     if args.server_args and not args.spawn:
