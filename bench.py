@@ -286,8 +286,7 @@ def target_from(args: argparse.Namespace) -> Iterator[Target]:
         command = [server, "--port", str(port), "--save", "", "--appendonly", "no"]
         command += ["--maxclients", "20000"]
     elif args.nats:
-        # Debian installs it in /usr/sbin, which is not on every user's PATH.
-        server = shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin")
+        server = find_nats_server()
         if server is None:
             sys.exit("bench.py: nats-server not found (apt-get install -y nats-server)")
         # Core NATS only (no JetStream); loopback, like the others.
@@ -322,6 +321,11 @@ def start(
         return subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=preexec
         )
+
+
+def find_nats_server() -> str | None:
+    # Debian installs it in /usr/sbin, which is not on every user's PATH.
+    return shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin")
 
 
 def kind_of(args: argparse.Namespace) -> str:
