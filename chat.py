@@ -51,9 +51,7 @@ import signal
 import socket
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from itertools import accumulate
 from selectors import EVENT_READ, EVENT_WRITE, DefaultSelector
@@ -61,6 +59,7 @@ from types import FrameType
 from typing import Final, NoReturn, Protocol, cast
 
 import protocol
+from metrics import Metric, MetricsServer, Stats, chat_metrics
 from protocol import BadSend, Blank, Reply, Send, SetName
 from room import NO_KEYS, ConfigurationError, Host, LocalRoom, Member, Room
 
@@ -193,14 +192,18 @@ class Connection:
 class Timer:
     """One callback on the reactor's heap; `cancel` keeps it from running."""
 
-    __slots__ = ("callback", "cancelled")
+    __slots__ = ("callback", "cancelled", "_timers")
 
-    def __init__(self, callback: Callable[[], None]) -> None:
+    def __init__(self, callback: Callable[[], None], timers: Timers) -> None:
         self.callback = callback
         self.cancelled = False
+        self._timers: Timers | None = timers  # None once out of the heap
 
     def cancel(self) -> None:
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled = True
+            if self._timers is not None:
+                self._timers.cancelled_one()
 
 
 class Timers:
@@ -214,18 +217,17 @@ class Timers:
         self._cancelled = 0
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(callback)
+        timer = Timer(callback, self)
         heapq.heappush(self._heap, (when, next(self._order), timer))
         return timer
 
-    def cancel(self, timer: Timer) -> None:
-        if not timer.cancelled:
-            timer.cancel()
-            self._cancelled += 1
-            if self._cancelled > 64 and self._cancelled > len(self._heap) // 2:
-                self._heap = [entry for entry in self._heap if not entry[2].cancelled]
-                heapq.heapify(self._heap)
-                self._cancelled = 0
+    def cancelled_one(self) -> None:
+        """A timer in the heap was cancelled: past half of the heap, they go."""
+        self._cancelled += 1
+        if self._cancelled > 64 and self._cancelled > len(self._heap) // 2:
+            self._heap = [entry for entry in self._heap if not entry[2].cancelled]
+            heapq.heapify(self._heap)
+            self._cancelled = 0
 
     def next_due(self) -> float | None:
         heap = self._heap
@@ -244,6 +246,7 @@ class Timers:
             if timer.cancelled:
                 self._cancelled -= 1
             else:
+                timer._timers = None
                 due.append(timer)
         for timer in due:
             if not timer.cancelled:
@@ -270,18 +273,6 @@ CLOSE_REASONS: Final = {
     "server_shutdown": "server shutting down",
     "internal_error": "internal error",
 }
-
-
-@dataclass
-class Stats:
-    """What the server counts for monitoring, where each event happens."""
-
-    accepted: int = 0
-    messages: int = 0  # SENDs accepted
-    deliveries: int = 0  # RECEIVE lines handed to members
-    bytes_sent: int = 0
-    refused: Counter[str] = field(default_factory=Counter)
-    disconnections: Counter[str] = field(default_factory=Counter)
 
 
 def format_peer(address: object) -> str:
@@ -507,6 +498,7 @@ class ChatServer:
         keepalive: int = DEFAULT_KEEPALIVE,
         register_timeout: float = DEFAULT_REGISTER_TIMEOUT,
         reuse_port: bool = False,
+        metrics_address: tuple[str, int] | None = None,
         room: RoomFactory = LocalRoom,
         clock: Clock = time.monotonic,
     ) -> None:
@@ -550,8 +542,11 @@ class ChatServer:
         self._writers: dict[Connection, float] = {}
         self.unsent = 0
         self._stall_check: Timer | None = None
+        self.metrics: MetricsServer | None = None
         try:
             self._room: Room = room(self)
+            if metrics_address is not None:
+                self.metrics = MetricsServer(self, metrics_address, self._metrics)
         except BaseException:
             self.close()
             raise
@@ -565,9 +560,14 @@ class ChatServer:
     def open_count(self) -> int:
         return self._door.open_count
 
-    @property
-    def member_count(self) -> int:
-        return len(self._room.members)
+    def _metrics(self) -> list[Metric]:
+        return chat_metrics(
+            self.stats,
+            open_count=self._door.open_count,
+            members=len(self._room.members),
+            unsent=self.unsent,
+            extra=self._room.metrics(),
+        )
 
     # --- the loop -------------------------------------------------------
 
@@ -632,6 +632,9 @@ class ChatServer:
             self._close(conn, "server_shutdown")
         if hasattr(self, "_room"):
             self._room.close()  # after the closes above queued their releases
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.close()
         self._door.close()
         for sock in (self._wakeup_reader, self._wakeup_writer):
             if sock.fileno() >= 0:
@@ -701,7 +704,7 @@ class ChatServer:
         if conn.name is not None:
             timer = self._registering.pop(conn, None)
             if timer is not None:
-                self._timers.cancel(timer)
+                timer.cancel()
 
     def _expire(self, conn: Connection) -> None:
         if self._registering.pop(conn, None) is not None and not conn.closed:
@@ -1007,7 +1010,7 @@ class ChatServer:
         self._held.discard(conn)
         timer = self._registering.pop(conn, None)
         if timer is not None:
-            self._timers.cancel(timer)
+            timer.cancel()
         self._drop_output(conn)
         self._door.left(conn.address_key)
         self.stats.disconnections[reason] += 1
@@ -1173,6 +1176,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="DEBUG, INFO, WARNING or ERROR, in any case (default: INFO)",
     )
     parser.add_argument(
+        "--log-name",
+        default=None,
+        metavar="NAME",
+        help="start every log line with [NAME], to tell servers apart in one log "
+        "(default: none; with --redis, the port)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="with --metrics-port: the address to serve them on (default: 127.0.0.1)",
+    )
+    parser.add_argument(
         "--reuse-port",
         action="store_true",
         help="set SO_REUSEPORT, so that several servers on one machine can share "
@@ -1250,9 +1273,14 @@ def _describe_listener(host: str | None, address: tuple[str, int]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    log_name = args.log_name
+    if log_name is None and args.redis is not None:
+        log_name = str(args.port)
+    tag = f"[{log_name}] " if log_name else ""
     logging.basicConfig(
         level=args.log_level,
-        format="%(asctime)s %(levelname)s %(message)s",
+        # No % formatting of the name: it is the user's text.
+        format="%(asctime)s %(levelname)s " + tag.replace("%", "%%") + "%(message)s",
         stream=sys.stderr,
     )
     server: ChatServer | None = None
@@ -1278,6 +1306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             keepalive=args.keepalive,
             register_timeout=args.register_timeout,
             reuse_port=args.reuse_port,
+            metrics_address=None
+            if args.metrics_port is None
+            else (args.metrics_host, args.metrics_port),
             room=room,
         )
     except ConfigurationError as error:
@@ -1285,12 +1316,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as error:
         where = f"port {args.port}" if args.host is None else f"{args.host!r} port {args.port}"
+        if error.errno == errno.EADDRINUSE and args.metrics_port is not None:
+            where += f" or metrics port {args.metrics_port}"
         # Not str(error): create_server adds "(while attempting to bind on
         # address ...)", which says it in Python's words.
         reason = os.strerror(error.errno) if error.errno else str(error)
         print(f"chat.py: cannot listen on {where}: {reason}", file=sys.stderr)
         return 1
-    log.info("listening on %s", format_peer((server.address[0] or "*", server.address[1])))
+    log.info("listening on %s", _describe_listener(args.host, server.address))
+    if server.metrics is not None:
+        log.info("metrics at http://%s/metrics", format_peer(server.metrics.address))
     _warn_about_unused_options(args)
     server.serve_forever()
     log.info("stopped")

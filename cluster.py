@@ -49,6 +49,7 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 
 import protocol
+from metrics import Metric, counter, gauge
 from protocol import SetName
 from room import ConfigurationError, Host, LocalRoom, Member, Room, Timer, name_keys
 
@@ -302,6 +303,8 @@ class RedisRoom:
         self._connect_deadline: Timer | None = None
         self._renewal: Timer | None = None
         self._renewal_answered = True
+        self._was_up = False  # an outage is the loss of a link that was up
+        self._outages = 0
         log.info("cluster mode: room %r on Redis at %s", room, redis)
         self._connect()
 
@@ -391,6 +394,12 @@ class RedisRoom:
                 if len(link.out) > MAX_UNSENT:
                     self._fail(f"Redis is not reading: {len(link.out)} bytes unsent")
                     return
+
+    def metrics(self) -> list[Metric]:
+        return [
+            gauge("chat_redis_up", "1 while Redis answers, else 0.", int(self.available)),
+            counter("chat_redis_outages_total", "Times Redis became unreachable.", self._outages),
+        ]
 
     def close(self) -> None:
         """Server shutdown: one last try to send (the closed connections'
@@ -531,6 +540,7 @@ class RedisRoom:
         if not (self._cmd_ready and self._sub_ready) or self.available:
             return
         self.available = True
+        self._was_up = True
         if self._connect_deadline is not None:
             self._connect_deadline.cancel()
             self._connect_deadline = None
@@ -563,6 +573,8 @@ class RedisRoom:
         now = self._host.now()
         if self._down_since is None:
             self._down_since = now
+            if self._was_up:
+                self._outages += 1
             log.error(
                 "cannot reach Redis at %s (%s): USERNAME and SEND get "
                 "'ERROR Service unavailable.' until it is back; reconnecting",

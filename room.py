@@ -27,6 +27,7 @@ from collections.abc import Callable, Collection
 from typing import Final, Protocol
 
 import protocol
+from metrics import Metric
 from protocol import SetName
 
 log = logging.getLogger("chat")
@@ -112,6 +113,10 @@ class Room(Protocol):
 
     def end_turn(self) -> None:
         """The turn is over and delivered (cluster mode: talk to Redis)."""
+        ...
+
+    def metrics(self) -> list[Metric]:
+        """The room's own metrics, beside the reactor's."""
         ...
 
     def close(self) -> None: ...
@@ -275,6 +280,9 @@ class LocalRoom:
 
     def end_turn(self) -> None:
         pass
+
+    def metrics(self) -> list[Metric]:
+        return []
 
     def close(self) -> None:
         pass
