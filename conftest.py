@@ -427,9 +427,6 @@ class StderrReader(threading.Thread):
         with self.lock:
             return b"".join(self.chunks).decode("utf-8", "replace")
 
-    def wait_for(self, needle: str) -> None:  # removed in the next commit
-        poll(f"{needle!r} in the log", lambda: needle in self.text())
-
 
 @dataclass
 class ServerProcess:
@@ -636,31 +633,3 @@ def raise_fd_limit(needed: int) -> None:
         if hard != resource.RLIM_INFINITY and hard < needed:
             pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {needed}")
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-
-
-# Removed in the next commit, once test_server.py uses `launch`.
-def spawn_server(
-    *args: str, port: int | None = None, preexec: Callable[[], None] | None = None
-) -> ServerProcess:
-    port = free_port() if port is None else port
-    process = subprocess.Popen(
-        [sys.executable, str(HERE / "chat.py"), str(port), "--host", "127.0.0.1", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        preexec_fn=preexec,
-    )
-    assert process.stderr is not None
-    running = ServerProcess(process, port, StderrReader(process.stderr))
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()
-        except OSError:
-            pass
-        else:
-            if process.poll() is None:
-                return running
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"chat.py did not start: {running.stderr_text()}")
-        time.sleep(0.05)

@@ -10,26 +10,20 @@ has been handed to the recipients' sockets. Tests wait on such replies
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import operator
 import os
 import random
 import re
 import resource
-import selectors
-import shutil
 import signal
 import socket
-import struct
 import subprocess
-import sys
 import threading
 import time
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import partial
 from itertools import accumulate, pairwise
 from typing import Final
@@ -53,16 +47,39 @@ from hypothesis.stateful import (
 import chat
 from chat import Batch, ChatServer, Connection
 from conftest import (
-    HERE,
+    ERRORS,
+    LINE_TOO_LONG,
+    LISTENING,
+    MAX_LINE,
+    MAX_NAME,
+    MESSAGE_EMPTY,
+    MESSAGE_INVALID,
+    NAME_EMPTY,
+    NAME_HAS_SPACES,
+    NAME_INVALID,
+    NAME_REQUIRED,
+    NAME_TAKEN,
+    NAME_TOO_LONG,
+    SERVER_FULL,
+    SERVICE_UNAVAILABLE,
     SYNC,
     SYNC_REPLY,
     TIMEOUT,
+    UNRECOGNISED,
     Client,
+    Netcat,
     RunningServer,
-    ServerProcess,
-    StderrReader,
-    spawn_server,
+    launch,
+    nc_path,
+    poll,
+    raise_fd_limit,
+    receive,
+    receives,
+    run_chat,
+    send_line,
+    sends,
     start_server,
+    username,
 )
 
 # --- The contract, row by row ---
@@ -70,73 +87,18 @@ from conftest import (
 # Every line the server may send, spelled as in PROTOCOL.md, without "\n".
 # Typed here rather than imported from protocol.py so that a typo there is
 # caught here.
-LINE_TOO_LONG: Final = b"ERROR Line too long."
-NAME_EMPTY: Final = b"ERROR Username cannot be empty."
-NAME_INVALID: Final = b"ERROR Username contains invalid characters."
-NAME_HAS_SPACES: Final = b"ERROR Username contains empty spaces."
-NAME_TOO_LONG: Final = b"ERROR Username is too long."
-NAME_TAKEN: Final = b"ERROR Username already in use."
-NAME_REQUIRED: Final = b"ERROR You must set a username first."
-MESSAGE_EMPTY: Final = b"ERROR Message cannot be empty."
-MESSAGE_INVALID: Final = b"ERROR Message contains invalid characters."
-UNRECOGNISED: Final = b"ERROR Unrecognised command."
-SERVER_FULL: Final = b"ERROR Server is full."
 
-MAX_LINE: Final = 4096  # bytes, not counting "\r\n" or "\n"
 
 # The zero-width joiner sequence "woman technologist": format characters
 # (Cf) are allowed in messages.
 ZWJ_EMOJI: Final = "\U0001f469\u200d\U0001f4bb"
 
 
-def username(name: str | bytes) -> bytes:
-    raw = name.encode() if isinstance(name, str) else name
-    return b"USERNAME " + raw + b"\n"
-
-
-def send_line(message: str | bytes) -> bytes:
-    raw = message.encode() if isinstance(message, str) else message
-    return b"SEND " + raw + b"\n"
-
-
-def receive(name: str, message: str | bytes) -> bytes:
-    """A RECEIVE line as a client sees it, without its "\\n"."""
-    raw = message.encode() if isinstance(message, str) else message
-    return b"RECEIVE " + name.encode() + b" " + raw
-
-
-def member(running: RunningServer, name: str) -> Client:
-    client = running.client()
-    client.register(name)
-    return client
-
-
-def read_exactly(client: Client, size: int) -> bytes:
-    """The next `size` bytes from `client`, through its line buffer; each
-    recv is bounded by the socket's timeout."""
-    data = client.buffer
-    while len(data) < size:
-        chunk = client.sock.recv(65536)
-        if not chunk:
-            raise EOFError(f"closed after {data!r}")
-        data += chunk
-    client.buffer = data[size:]
-    return data[:size]
-
-
 def expect_exactly(client: Client, expected: bytes) -> None:
     """`client` receives exactly `expected` and, as its sync proves, nothing
     more so far."""
-    assert read_exactly(client, len(expected)) == expected
+    assert client.exactly(len(expected)) == expected
     assert client.sync() == []
-
-
-def sync_unrecognised(client: Client) -> list[bytes]:
-    """Like `Client.sync`, for tests that expect `ERROR Unrecognised
-    command.` (the reply to PING): syncs with `USERNAME`, which is refused
-    as empty and changes nothing, and returns every line before its reply."""
-    client.send(b"USERNAME\n")
-    return client.until(NAME_EMPTY)
 
 
 def send_in_pieces(client: Client, data: bytes, sizes: Sequence[int], pace: float = 0.0) -> None:
@@ -154,38 +116,17 @@ def send_in_pieces(client: Client, data: bytes, sizes: Sequence[int], pace: floa
             time.sleep(pace)
 
 
-def half_close(client: Client) -> bytes:
-    """Send end of input; return everything until the server closes."""
-    client.sock.shutdown(socket.SHUT_WR)
-    return client.read_to_eof()
-
-
 def take_name_within(client: Client, name: str, seconds: float) -> None:
     """Retry USERNAME until accepted: for names freed by an event the test
     cannot sync on (a reset, a slow consumer). Bounded by a deadline."""
-    deadline = time.monotonic() + seconds
-    while True:
+
+    def taken() -> bool:
         client.send(username(name))
         reply = client.sync()
-        if reply == []:
-            return
-        assert reply == [NAME_TAKEN]
-        assert time.monotonic() < deadline, f"{name!r} was never freed"
-        time.sleep(0.02)  # polling pace, not a wait for a known event
+        assert reply in ([], [NAME_TAKEN]), reply
+        return reply == []
 
-
-class SmallBufferClient(Client):
-    """A Client whose receive buffer is set before connecting, so that the
-    window it advertises stays small."""
-
-    def __init__(self, address: tuple[str, int], receive_buffer: int) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-        sock.settimeout(TIMEOUT)
-        sock.connect(address)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = sock
-        self.buffer = b""
+    poll(f"{name!r} to be freed", taken, seconds)
 
 
 # --- 1. The seed sessions (README / the brief), byte for byte -------------
@@ -295,7 +236,7 @@ def test_username_refused(server: RunningServer, line: bytes, reply: bytes) -> N
     ids=lambda name: ascii(name)[:24],
 )
 def test_username_accepted_silently_and_shown_as_typed(server: RunningServer, name: str) -> None:
-    watcher = member(server, "watcher")
+    watcher = server.member("watcher")
     client = server.client()
     client.send(username(name))
     assert client.sync() == []
@@ -320,22 +261,22 @@ def test_username_accepted_silently_and_shown_as_typed(server: RunningServer, na
     ids=lambda name: ascii(name)[:24],
 )
 def test_username_taken(server: RunningServer, holder: str, attempt: str) -> None:
-    first = member(server, holder)
+    first = server.member(holder)
     second = server.client()
     second.send(username(attempt))
     assert second.sync() == [NAME_TAKEN]
     # The holder keeps it, and the second connection has no name.
     second.send(b"SEND hi\n")
     assert second.sync() == [NAME_REQUIRED]
-    observer = member(server, "observer")
+    observer = server.member("observer")
     first.send(b"SEND still mine\n")
     assert first.sync() == []
     assert observer.sync() == [receive(holder, "still mine")]
 
 
 def test_sending_own_name_again_is_silent(server: RunningServer) -> None:
-    teixe = member(server, "teixe")
-    jeff = member(server, "jeff")
+    teixe = server.member("teixe")
+    jeff = server.member("jeff")
     teixe.send(b"USERNAME teixe\nUSERNAME teixe\n")
     assert teixe.sync() == []
     teixe.send(b"SEND hi\n")
@@ -348,8 +289,8 @@ def test_own_name_in_another_case_is_not_taken_and_is_shown_as_typed(
 ) -> None:
     # "held by another connection" is the taken row: the holder itself may
     # respell its name, and the new spelling is what others see.
-    teixe = member(server, "teixe")
-    jeff = member(server, "jeff")
+    teixe = server.member("teixe")
+    jeff = server.member("jeff")
     teixe.send(username("TEIXE"))
     assert teixe.sync() == []
     teixe.send(b"SEND hi\n")
@@ -358,8 +299,8 @@ def test_own_name_in_another_case_is_not_taken_and_is_shown_as_typed(
 
 
 def test_rename_frees_old_name_at_once(server: RunningServer) -> None:
-    teixe = member(server, "teixe")
-    watcher = member(server, "watcher")
+    teixe = server.member("teixe")
+    watcher = server.member("watcher")
     teixe.send(username("bob"))
     assert teixe.sync() == []
     # No waiting: the next connection to ask gets the old name.
@@ -388,8 +329,8 @@ def test_rename_frees_old_name_at_once(server: RunningServer) -> None:
 def test_rejected_username_keeps_the_old_name(
     server: RunningServer, line: bytes, reply: bytes
 ) -> None:
-    teixe = member(server, "teixe")
-    jeff = member(server, "jeff")
+    teixe = server.member("teixe")
+    jeff = server.member("jeff")
     teixe.send(line + b"\n")
     assert teixe.sync() == [reply]
     teixe.send(b"SEND still teixe\n")
@@ -411,7 +352,7 @@ def test_rejected_username_keeps_the_old_name(
 )
 def test_send_before_a_name(server: RunningServer, line: bytes) -> None:
     # The missing name is reported first, whatever the message.
-    bystander = member(server, "bystander")
+    bystander = server.member("bystander")
     client = server.client()
     client.send(line + b"\n")
     assert client.sync() == [NAME_REQUIRED]
@@ -456,8 +397,8 @@ REFUSED_SENDS: Final[list[tuple[bytes, bytes]]] = [
     ("line", "reply"), REFUSED_SENDS, ids=[repr(line[4:])[:30] for line, _ in REFUSED_SENDS]
 )
 def test_send_refused(server: RunningServer, line: bytes, reply: bytes) -> None:
-    sender = member(server, "sender")
-    other = member(server, "other")
+    sender = server.member("sender")
+    other = server.member("other")
     sender.send(line + b"\n")
     assert sender.sync() == [reply]
     assert other.sync() == []
@@ -468,8 +409,8 @@ def test_send_of_only_whitespace_controls_is_refused(server: RunningServer, mess
     # Both the "empty" row (str.isspace() is true) and the "control
     # character" row apply; PROTOCOL.md does not say which comes first for
     # SEND, so either reply is accepted, but nothing may be relayed.
-    sender = member(server, "sender")
-    other = member(server, "other")
+    sender = server.member("sender")
+    other = server.member("other")
     sender.send(send_line(message))
     assert sender.sync() in ([MESSAGE_EMPTY], [MESSAGE_INVALID])
     assert other.sync() == []
@@ -495,8 +436,8 @@ RELAYED_MESSAGES: Final[list[bytes]] = [
 
 @pytest.mark.parametrize("message", RELAYED_MESSAGES, ids=lambda m: repr(m)[:30])
 def test_send_relayed_byte_for_byte(server: RunningServer, message: bytes) -> None:
-    sender = member(server, "sender")
-    other = member(server, "other")
+    sender = server.member("sender")
+    other = server.member("other")
     sender.send(send_line(message))
     assert sender.sync() == []
     expect_exactly(other, b"RECEIVE sender " + message + b"\n")
@@ -526,17 +467,17 @@ def test_send_relayed_byte_for_byte(server: RunningServer, message: bytes) -> No
     ids=lambda line: repr(line)[:30],
 )
 def test_unknown_commands(server: RunningServer, line: bytes) -> None:
-    bystander = member(server, "bystander")
+    bystander = server.member("bystander")
     client = server.client()
     client.send(line + b"\n")
-    assert sync_unrecognised(client) == [UNRECOGNISED]
+    assert client.sync_unrecognised() == [UNRECOGNISED]
     # Nothing was set or relayed by it.
     client.send(b"SEND hi\n")
     assert client.sync() == [NAME_REQUIRED]
     # The same from a connection with a name.
     client.register("named")
     client.send(line + b"\n")
-    assert sync_unrecognised(client) == [UNRECOGNISED]
+    assert client.sync_unrecognised() == [UNRECOGNISED]
     assert bystander.sync() == []
 
 
@@ -544,16 +485,16 @@ def test_unknown_commands(server: RunningServer, line: bytes) -> None:
 
 
 def test_sender_never_receives_its_own_messages(server: RunningServer) -> None:
-    alice = member(server, "alice")
-    bob = member(server, "bob")
+    alice = server.member("alice")
+    bob = server.member("bob")
     alice.send(b"".join(send_line(f"m{i}") for i in range(50)))
     assert alice.sync() == []
     assert bob.sync() == [receive("alice", f"m{i}") for i in range(50)]
 
 
 def test_connections_without_a_name_receive_nothing(server: RunningServer) -> None:
-    alice = member(server, "alice")
-    bob = member(server, "bob")
+    alice = server.member("alice")
+    bob = server.member("bob")
     silent = server.client()
     refused = server.client()
     refused.send(b"USERNAME not valid\n")
@@ -573,8 +514,8 @@ def test_connections_without_a_name_receive_nothing(server: RunningServer) -> No
 
 def test_every_recipient_sees_one_global_order(server: RunningServer) -> None:
     sender_count, listener_count, per_sender = 6, 10, 150
-    senders = [member(server, f"s{i}") for i in range(sender_count)]
-    listeners = [member(server, f"l{i}") for i in range(listener_count)]
+    senders = [server.member(f"s{i}") for i in range(sender_count)]
+    listeners = [server.member(f"l{i}") for i in range(listener_count)]
     # What each sender read before its own sync replies: RECEIVEs from the
     # other senders, which send at the same time.
     early: dict[int, list[bytes]] = {i: [] for i in range(sender_count)}
@@ -689,24 +630,24 @@ def cuts_after(data: bytes, byte: bytes) -> list[int]:
     ids=["whole", "bytes", "small", "large", "after-cr", "after-space"],
 )
 def test_same_result_whatever_the_pieces(server: RunningServer, sizes: list[int]) -> None:
-    jeff = member(server, "jeff")
+    jeff = server.member("jeff")
     client = server.client()
     send_in_pieces(client, CHUNKING_SCRIPT, sizes)
-    assert sync_unrecognised(client) == CHUNKING_REPLIES
+    assert client.sync_unrecognised() == CHUNKING_REPLIES
     assert jeff.sync() == CHUNKING_RELAYED
 
 
 def test_many_lines_in_one_send(server: RunningServer) -> None:
-    jeff = member(server, "jeff")
+    jeff = server.member("jeff")
     teixe = server.client()
     lines = [username("teixe")] + [send_line(f"n{i}") for i in range(1000)] + [b"BAD\n"]
     teixe.send(b"".join(lines))
-    assert sync_unrecognised(teixe) == [UNRECOGNISED]
+    assert teixe.sync_unrecognised() == [UNRECOGNISED]
     assert jeff.sync() == [receive("teixe", f"n{i}") for i in range(1000)]
 
 
 def test_crlf_line_endings(server: RunningServer) -> None:
-    jeff = member(server, "jeff")
+    jeff = server.member("jeff")
     teixe = server.client()
     teixe.send(b"USERNAME teixe\r\nSEND hi\r\n")
     assert teixe.sync() == []
@@ -730,17 +671,17 @@ def test_crlf_line_endings(server: RunningServer) -> None:
 def test_only_one_cr_before_lf_is_dropped(
     server: RunningServer, data: bytes, replies: list[bytes]
 ) -> None:
-    jeff = member(server, "jeff")
-    client = member(server, "client")
+    jeff = server.member("jeff")
+    client = server.member("client")
     client.send(data)
-    assert sync_unrecognised(client) == replies
+    assert client.sync_unrecognised() == replies
     assert jeff.sync() == []
 
 
 def test_blank_lines_get_no_reply(server: RunningServer) -> None:
-    jeff = member(server, "jeff")
+    jeff = server.member("jeff")
     unnamed = server.client()
-    named = member(server, "named")
+    named = server.member("named")
     for client in (unnamed, named):
         client.send(b"\n\r\n\n\r\n")
         client.send(b"\r")
@@ -784,8 +725,8 @@ def long_send(total: int) -> bytes:
     ],
 )
 def test_line_length_limit(server: RunningServer, pieces: list[bytes], relayed: bool) -> None:
-    jeff = member(server, "jeff")
-    sender = member(server, "sender")
+    jeff = server.member("jeff")
+    sender = server.member("sender")
     for piece in pieces:
         sender.send(piece)
     if relayed:
@@ -801,16 +742,16 @@ def test_line_length_limit(server: RunningServer, pieces: list[bytes], relayed: 
 
 
 def test_too_long_line_then_next_line_in_the_same_piece(server: RunningServer) -> None:
-    jeff = member(server, "jeff")
-    sender = member(server, "sender")
+    jeff = server.member("jeff")
+    sender = server.member("sender")
     sender.send(long_send(5000) + b"\nSEND next\n" + long_send(MAX_LINE + 1) + b"\r\nSEND last\n")
     assert sender.sync() == [LINE_TOO_LONG, LINE_TOO_LONG]
     assert jeff.sync() == [receive("sender", "next"), receive("sender", "last")]
 
 
 def test_one_megabyte_line(server: RunningServer) -> None:
-    jeff = member(server, "jeff")
-    sender = member(server, "sender")
+    jeff = server.member("jeff")
+    sender = server.member("sender")
     line = long_send(1 << 20)
     for start in range(0, len(line), 50_000):
         sender.send(line[start : start + 50_000])
@@ -826,9 +767,9 @@ def test_reset_client_does_not_disturb_others_and_frees_its_name(
     server: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="chat")
-    alice = member(server, "alice")
-    bob = member(server, "bob")
-    doomed = member(server, "doomed")
+    alice = server.member("alice")
+    bob = server.member("bob")
+    doomed = server.member("doomed")
     # Unread input on the doomed side when it resets.
     alice.send(b"SEND unread\n")
     assert alice.sync() == []
@@ -841,15 +782,15 @@ def test_reset_client_does_not_disturb_others_and_frees_its_name(
 
 
 def test_half_close_processes_everything_then_closes(server: RunningServer) -> None:
-    alice = member(server, "alice")
-    bob = member(server, "bob")
+    alice = server.member("alice")
+    bob = server.member("bob")
     # A final line without "\n" is a line too.
     alice.send(b"SEND one\nNOPE\nSEND \x1b[2J\nSEND bye")
     # The replies come before the end of the stream, and nothing else.
-    assert half_close(alice) == UNRECOGNISED + b"\n" + MESSAGE_INVALID + b"\n"
+    assert alice.half_close() == UNRECOGNISED + b"\n" + MESSAGE_INVALID + b"\n"
     assert bob.sync() == [receive("alice", "one"), receive("alice", "bye")]
     # The server frees the name before it closes, and the EOF has arrived.
-    member(server, "alice")
+    server.member("alice")
 
 
 @pytest.mark.parametrize(
@@ -869,21 +810,21 @@ def test_half_close_answers_the_final_line(
 ) -> None:
     client = server.client()
     client.send(data)
-    assert half_close(client) == reply
+    assert client.half_close() == reply
 
 
 def test_half_close_with_many_replies_pending(server: RunningServer) -> None:
     # Best effort, but a client that keeps reading loses nothing.
     client = server.client()
     client.send(SYNC * 5000)
-    assert half_close(client) == (SYNC_REPLY + b"\n") * 5000
+    assert client.half_close() == (SYNC_REPLY + b"\n") * 5000
 
 
 def test_server_full() -> None:
     running = start_server(max_clients=2)
     try:
-        first = member(running, "first")
-        second = member(running, "second")
+        first = running.member("first")
+        second = running.member("second")
         third = running.client()
         # Exactly this, then the end of the stream.
         assert third.read_to_eof() == SERVER_FULL + b"\n"
@@ -893,8 +834,8 @@ def test_server_full() -> None:
         assert second.sync() == [receive("first", "hi")]
         # Once `first` is gone (its EOF proves the server closed it), a new
         # connection gets its place.
-        assert half_close(first) == b""
-        fourth = member(running, "fourth")
+        assert first.half_close() == b""
+        fourth = running.member("fourth")
         fourth.send(b"SEND welcome\n")
         assert fourth.sync() == []
         assert second.sync() == [receive("fourth", "welcome")]
@@ -908,11 +849,10 @@ def test_slow_consumer_is_disconnected_others_unaffected(
 ) -> None:
     running = start_server(output_limit=64 * 1024)
     try:
-        slow = SmallBufferClient(running.address, receive_buffer=4096)
-        running.clients.append(slow)
+        slow = running.small_window_client()
         slow.register("slow")  # and from now on it never reads
-        sender = member(running, "sender")
-        fast = member(running, "fast")
+        sender = running.member("sender")
+        fast = running.member("fast")
         claimant = running.client()
         sent: list[bytes] = []
         deadline = time.monotonic() + 30
@@ -941,40 +881,6 @@ def test_slow_consumer_is_disconnected_others_unaffected(
 # --- 6. The program ----------------------------------------------------------
 
 
-@pytest.fixture
-def spawned() -> Iterator[Callable[..., ServerProcess]]:
-    """spawn_server, with every process killed at the end of the test."""
-    started: list[ServerProcess] = []
-
-    def spawn(*args: str) -> ServerProcess:
-        started.append(spawn_server(*args))
-        return started[-1]
-
-    yield spawn
-    for running in started:
-        if running.process.poll() is None:
-            running.process.kill()
-            running.process.communicate()
-
-
-def ready_member(address: tuple[str, int], name: str) -> Client:
-    """A member of a chat.py process. Its sync reply also proves the server
-    loop is running, so the signal handlers are installed."""
-    client = Client(address)
-    client.register(name)
-    return client
-
-
-def run_chat(*args: str) -> subprocess.CompletedProcess[bytes]:
-    """chat.py run to completion, for command lines that must not serve."""
-    return subprocess.run(
-        [sys.executable, str(HERE / "chat.py"), *args],
-        capture_output=True,
-        timeout=3 * TIMEOUT,
-        check=False,
-    )
-
-
 def assert_one_clear_line(stderr: bytes, *mentions: str) -> None:
     text = stderr.decode()
     assert "Traceback" not in text
@@ -986,90 +892,47 @@ def assert_one_clear_line(stderr: bytes, *mentions: str) -> None:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
-def test_signal_stops_the_server_within_a_second(
-    spawned: Callable[..., ServerProcess], signum: signal.Signals
-) -> None:
-    running = spawned()
-    alice = ready_member(running.address, "alice")
-    bob = ready_member(running.address, "bob")
-    alice.send(b"SEND hi\n")
-    assert alice.sync() == []
-    unnamed = Client(running.address)
-    assert unnamed.sync() == []
-    started = time.monotonic()
-    running.process.send_signal(signum)
-    running.process.wait(TIMEOUT)
-    elapsed = time.monotonic() - started
-    assert running.process.returncode == 0
-    assert elapsed < 1.0
-    # Every connection was closed, with nothing more sent to it.
-    assert bob.read_to_eof() == b"RECEIVE alice hi\n"
-    assert alice.read_to_eof() == b""
-    assert unnamed.read_to_eof() == b""
-    assert "Traceback" not in running.stderr_text()
-    for client in (alice, bob, unnamed):
-        client.close()
-
-
-def read_stderr_until(
-    process: subprocess.Popen[bytes], pattern: re.Pattern[str]
-) -> tuple[re.Match[str], str]:
-    """Read the process's stderr (unbuffered, so `communicate` can read the
-    rest later) until a line matches `pattern`; bounded by TIMEOUT."""
-    assert process.stderr is not None
-    fd = process.stderr.fileno()
-    text = ""
-    deadline = time.monotonic() + TIMEOUT
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while True:
-            for line in text.splitlines():
-                if found := pattern.search(line):
-                    return found, text
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no line matching {pattern.pattern!r} in {text!r}"
-            if selector.select(remaining):
-                chunk = os.read(fd, 65536)
-                assert chunk, f"stderr closed; it said {text!r}"
-                text += chunk.decode("utf-8", "replace")
-
-
-@contextlib.contextmanager
-def chat_process(*args: str) -> Iterator[subprocess.Popen[bytes]]:
-    """chat.py with the given arguments; killed at the end if still running."""
-    process = subprocess.Popen(
-        [sys.executable, str(HERE / "chat.py"), *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate(timeout=TIMEOUT)
-
-
-LISTENING: Final = re.compile(r"listening on \[?([^\]\s]*)\]?:(\d+)\s*$")
+def test_signal_stops_the_server_within_a_second(signum: signal.Signals) -> None:
+    with launch() as running:
+        alice = running.member("alice")
+        bob = running.member("bob")
+        alice.send(b"SEND hi\n")
+        assert alice.sync() == []
+        unnamed = running.client()
+        assert unnamed.sync() == []
+        started = time.monotonic()
+        running.process.send_signal(signum)
+        running.process.wait(TIMEOUT)
+        elapsed = time.monotonic() - started
+        assert running.process.returncode == 0
+        assert elapsed < 1.0
+        # Every connection was closed, with nothing more sent to it.
+        assert bob.read_to_eof() == b"RECEIVE alice hi\n"
+        assert alice.read_to_eof() == b""
+        assert unnamed.read_to_eof() == b""
+        assert "Traceback" not in running.stderr_text()
 
 
 def test_port_zero_logs_the_real_port() -> None:
-    with chat_process("0", "--host", "127.0.0.1") as process:
-        found, _ = read_stderr_until(process, LISTENING)
+    with launch() as running:  # port 0
+        found = LISTENING.search(running.log.text())
+        assert found is not None
         assert found.group(1) == "127.0.0.1"
         port = int(found.group(2))
         assert port != 0
-        alice = ready_member(("127.0.0.1", port), "alice")
-        bob = ready_member(("127.0.0.1", port), "bob")
+        # The logged port is the real one: chat happens on it.
+        alice = Client(("127.0.0.1", port))
+        bob = Client(("127.0.0.1", port))
+        running.clients += [alice, bob]
+        alice.register("alice")
+        bob.register("bob")
         alice.send(b"SEND hi\n")
         assert alice.sync() == []
         assert bob.sync() == [receive("alice", "hi")]
-        process.terminate()
-        _, rest = process.communicate(timeout=TIMEOUT)
-        assert process.returncode == 0
-        assert b"Traceback" not in rest
-        alice.close()
-        bob.close()
+        running.process.terminate()
+        rest = running.stderr_text()
+        assert running.process.returncode == 0
+        assert "Traceback" not in rest
 
 
 @pytest.mark.parametrize("default_host", [False, True], ids=["host", "all-interfaces"])
@@ -1121,73 +984,66 @@ def test_help_explains_every_option() -> None:
 
 
 @pytest.mark.parametrize("level", ["debug", "Info", "DEBUG"])
-def test_log_level_in_any_case(spawned: Callable[..., ServerProcess], level: str) -> None:
-    running = spawned("--log-level", level)
-    client = ready_member(running.address, "alice")
-    running.process.terminate()
-    text = running.stderr_text()
-    assert running.process.returncode == 0
-    assert "listening on" in text
-    assert "Traceback" not in text
-    client.close()
+def test_log_level_in_any_case(level: str) -> None:
+    with launch("--log-level", level) as running:
+        running.member("alice")
+        running.process.terminate()
+        text = running.stderr_text()
+        assert running.process.returncode == 0
+        assert "listening on" in text
+        assert "Traceback" not in text
 
 
 @pytest.mark.parametrize("level", ["WARNING", "error"])
-def test_log_level_above_info_hides_connections(
-    spawned: Callable[..., ServerProcess], level: str
-) -> None:
-    running = spawned("--log-level", level)
-    alice = ready_member(running.address, "alice")
-    bob = ready_member(running.address, "bob")
-    alice.send(b"SEND hi\n")
-    assert alice.sync() == []
-    assert half_close(alice) == b""
-    running.process.terminate()
-    text = running.stderr_text()
-    assert running.process.returncode == 0
-    assert "INFO" not in text
-    assert "connected" not in text
-    assert "alice" not in text
-    bob.close()
+def test_log_level_above_info_hides_connections(level: str) -> None:
+    with launch("--log-level", level) as running:
+        alice = running.member("alice")
+        running.member("bob")
+        alice.send(b"SEND hi\n")
+        assert alice.sync() == []
+        assert alice.half_close() == b""
+        running.process.terminate()
+        text = running.stderr_text()
+        assert running.process.returncode == 0
+        assert "INFO" not in text
+        assert "connected" not in text
+        assert "alice" not in text
 
 
 @pytest.mark.parametrize("args", [[], ["--log-level", "debug"]], ids=["default", "debug"])
-def test_logs_show_events_but_never_message_text(
-    spawned: Callable[..., ServerProcess], args: list[str]
-) -> None:
-    running = spawned(*args)
-    marker = f"marker-{os.getpid()}-{time.monotonic_ns()}"
-    alice = ready_member(running.address, "alice")
-    bob = ready_member(running.address, "bob")
-    alice_port = alice.sock.getsockname()[1]
-    # Relayed, refused for a control character, refused as invalid UTF-8.
-    alice.send(
-        send_line(marker) + send_line("\x1b" + marker) + send_line(marker.encode() + b"\xff")
-    )
-    assert alice.sync() == [MESSAGE_INVALID, MESSAGE_INVALID]
-    assert bob.sync() == [receive("alice", marker)]
-    alice.send(username("carol"))
-    assert alice.sync() == []
-    assert half_close(alice) == b""  # the server has logged the disconnection
-    running.process.terminate()
-    text = running.stderr_text()
-    assert running.process.returncode == 0
-    assert marker not in text
-    lines = text.splitlines()
-    # Every line about alice's connection or names is at INFO: her connection
-    # (named by its address), her name, her rename, her disconnection.
-    about_alice = [
-        line
-        for line in lines
-        if f"127.0.0.1:{alice_port}" in line or "alice" in line or "carol" in line
-    ]
-    assert all("INFO" in line for line in about_alice), about_alice
-    by_address = [line for line in about_alice if f"127.0.0.1:{alice_port}" in line]
-    assert any("disconnected" not in line and "connected" in line for line in by_address)
-    assert any("disconnected" in line for line in by_address)
-    assert any("alice" in line and "carol" not in line for line in about_alice)
-    assert any("alice" in line and "carol" in line for line in about_alice)
-    bob.close()
+def test_logs_show_events_but_never_message_text(args: list[str]) -> None:
+    with launch(*args) as running:
+        marker = f"marker-{os.getpid()}-{time.monotonic_ns()}"
+        alice = running.member("alice")
+        bob = running.member("bob")
+        alice_port = alice.sock.getsockname()[1]
+        # Relayed, refused for a control character, refused as invalid UTF-8.
+        alice.send(
+            send_line(marker) + send_line("\x1b" + marker) + send_line(marker.encode() + b"\xff")
+        )
+        assert alice.sync() == [MESSAGE_INVALID, MESSAGE_INVALID]
+        assert bob.sync() == [receive("alice", marker)]
+        alice.send(username("carol"))
+        assert alice.sync() == []
+        assert alice.half_close() == b""  # the server has logged the disconnection
+        running.process.terminate()
+        text = running.stderr_text()
+        assert running.process.returncode == 0
+        assert marker not in text
+        lines = text.splitlines()
+        # Every line about alice's connection or names is at INFO: her connection
+        # (named by its address), her name, her rename, her disconnection.
+        about_alice = [
+            line
+            for line in lines
+            if f"127.0.0.1:{alice_port}" in line or "alice" in line or "carol" in line
+        ]
+        assert all("INFO" in line for line in about_alice), about_alice
+        by_address = [line for line in about_alice if f"127.0.0.1:{alice_port}" in line]
+        assert any("disconnected" not in line and "connected" in line for line in by_address)
+        assert any("disconnected" in line for line in by_address)
+        assert any("alice" in line and "carol" not in line for line in about_alice)
+        assert any("alice" in line and "carol" in line for line in about_alice)
 
 
 def test_module_port_is_the_default() -> None:
@@ -1197,79 +1053,6 @@ def test_module_port_is_the_default() -> None:
 
 
 # --- 7. The real nc client ---------------------------------------------------
-
-
-def nc_path() -> str:
-    path = shutil.which("nc")
-    assert path is not None, "nc (netcat-openbsd) is required: apt-get install netcat-openbsd"
-    return path
-
-
-class Netcat:
-    """`nc -N 127.0.0.1 PORT`, typed into through a pipe; its stdout is read
-    by a thread, and every wait for it has a deadline."""
-
-    def __init__(self, port: int) -> None:
-        self.process = subprocess.Popen(
-            [nc_path(), "-N", "127.0.0.1", str(port)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        self.output = b""
-        self.seen = 0  # how much of `output` sync has consumed
-        self.closed = False
-        self.changed = threading.Condition()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        fd = self.process.stdout.fileno()
-        while chunk := os.read(fd, 65536):
-            with self.changed:
-                self.output += chunk
-                self.changed.notify_all()
-        with self.changed:
-            self.closed = True
-            self.changed.notify_all()
-
-    def type(self, data: bytes) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(data)
-        self.process.stdin.flush()
-
-    def sync(self) -> list[bytes]:
-        """Type PING; the lines nc printed before the reply."""
-        self.type(SYNC)
-        marker = SYNC_REPLY + b"\n"
-        with self.changed:
-            found = self.changed.wait_for(
-                lambda: marker in self.output[self.seen :] or self.closed, TIMEOUT
-            )
-            assert found and marker in self.output[self.seen :], self.output
-            end = self.output.index(marker, self.seen)
-            lines = self.output[self.seen : end].split(b"\n")[:-1]
-            self.seen = end + len(marker)
-        return lines
-
-    def finish(self) -> bytes:
-        """Close nc's stdin (-N sends end of input); all it printed."""
-        assert self.process.stdin is not None
-        self.process.stdin.close()
-        self.process.wait(TIMEOUT)
-        self.reader.join(TIMEOUT)
-        assert self.closed
-        assert self.process.returncode == 0
-        return self.output
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(TIMEOUT)
-        for pipe in (self.process.stdin, self.process.stdout, self.process.stderr):
-            if pipe is not None:
-                pipe.close()
 
 
 def test_nc_seed_session_two(server: RunningServer) -> None:
@@ -1320,10 +1103,8 @@ needs_dualstack = pytest.mark.skipif(
 
 @needs_dualstack
 def test_default_host_serves_ipv4_and_ipv6_together() -> None:
-    server = ChatServer(None, 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    port = server.address[1]
+    running = start_server(host=None)
+    port = running.address[1]
     try:
         with Client(("127.0.0.1", port)) as v4, Client(("::1", port)) as v6:
             v4.register("four")
@@ -1337,27 +1118,24 @@ def test_default_host_serves_ipv4_and_ipv6_together() -> None:
             v6.send(username("FOUR"))
             assert v6.sync() == [NAME_TAKEN]
     finally:
-        server.stop()
-        thread.join(TIMEOUT)
-    assert not thread.is_alive()
+        running.stop()
+    assert not running.thread.is_alive()
 
 
 @needs_dualstack
 def test_program_without_host_serves_ipv4_and_ipv6() -> None:
-    with chat_process("0") as process:
-        found, _ = read_stderr_until(process, LISTENING)
-        port = int(found.group(2))
+    with launch(host=None) as running:
+        port = running.port
         assert port != 0
-        with (
-            ready_member(("127.0.0.1", port), "four") as v4,
-            ready_member(("::1", port), "six") as v6,
-        ):
+        with Client(("127.0.0.1", port)) as v4, Client(("::1", port)) as v6:
+            v4.register("four")
+            v6.register("six")
             v6.send(b"SEND hi\n")
             assert v6.sync() == []
             assert v4.sync() == [receive("six", "hi")]
-        process.terminate()
-        process.wait(TIMEOUT)
-        assert process.returncode == 0
+        running.process.terminate()
+        running.process.wait(TIMEOUT)
+        assert running.process.returncode == 0
 
 
 # --- A model of the room, and byte-level fuzzing ---
@@ -1375,41 +1153,6 @@ def test_program_without_host_serves_ipv4_and_ipv6() -> None:
 # every RECEIVE it caused has been handed to its recipients.
 
 
-class Wire:
-    """The contract's lines (the constants at the top of this file), as the
-    model and the fuzzer use them."""
-
-    LINE_TOO_LONG: Final = LINE_TOO_LONG
-    NAME_EMPTY: Final = NAME_EMPTY
-    NAME_INVALID: Final = NAME_INVALID
-    NAME_HAS_SPACES: Final = NAME_HAS_SPACES
-    NAME_TOO_LONG: Final = NAME_TOO_LONG
-    NAME_TAKEN: Final = NAME_TAKEN
-    NAME_REQUIRED: Final = NAME_REQUIRED
-    MESSAGE_EMPTY: Final = MESSAGE_EMPTY
-    MESSAGE_INVALID: Final = MESSAGE_INVALID
-    UNRECOGNISED: Final = UNRECOGNISED
-    # Not in this set: "Server is full.", which these tests never provoke.
-    ERRORS: Final = frozenset(
-        {
-            LINE_TOO_LONG,
-            NAME_EMPTY,
-            NAME_INVALID,
-            NAME_HAS_SPACES,
-            NAME_TOO_LONG,
-            NAME_TAKEN,
-            NAME_REQUIRED,
-            MESSAGE_EMPTY,
-            MESSAGE_INVALID,
-            UNRECOGNISED,
-        }
-    )
-
-
-MODEL_MAX_LINE: Final = MAX_LINE
-MODEL_MAX_NAME: Final = 32  # code points
-
-
 def model_key(name: str) -> str:
     """What makes two names the same name (PROTOCOL.md, USERNAME)."""
     return unicodedata.normalize("NFKC", name).casefold()
@@ -1419,32 +1162,32 @@ def model_name_error(raw: bytes) -> bytes | None:
     """The reply to `USERNAME <raw>` from the first failing row of the table
     that does not depend on the room; None if the name is well-formed."""
     if not raw:
-        return Wire.NAME_EMPTY
+        return NAME_EMPTY
     try:
         name = raw.decode("utf-8")
     except UnicodeDecodeError:
-        return Wire.NAME_INVALID
+        return NAME_INVALID
     if any(char.isspace() for char in name):
-        return Wire.NAME_HAS_SPACES
+        return NAME_HAS_SPACES
     if any(unicodedata.category(char) in ("Cc", "Cf") for char in name):
-        return Wire.NAME_INVALID
-    if len(name) > MODEL_MAX_NAME:
-        return Wire.NAME_TOO_LONG
+        return NAME_INVALID
+    if len(name) > MAX_NAME:
+        return NAME_TOO_LONG
     return None
 
 
 def model_message_error(raw: bytes) -> bytes | None:
     """The reply to `SEND <raw>` from a named connection; None if relayed."""
     if not raw:
-        return Wire.MESSAGE_EMPTY
+        return MESSAGE_EMPTY
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        return Wire.MESSAGE_INVALID
+        return MESSAGE_INVALID
     if text.isspace():
-        return Wire.MESSAGE_EMPTY
+        return MESSAGE_EMPTY
     if any(unicodedata.category(char) == "Cc" and char != "\t" for char in text):
-        return Wire.MESSAGE_INVALID
+        return MESSAGE_INVALID
     return None
 
 
@@ -1459,6 +1202,10 @@ def model_lines(stream: bytes, *, at_eof: bool) -> list[bytes]:
         lines.append(rest)
     return lines
 
+
+# The lines the model and the fuzzer may see: "Server is full." and "Service
+# unavailable." are never provoked here.
+MODEL_ERRORS: Final = ERRORS - {SERVER_FULL, SERVICE_UNAVAILABLE}
 
 Output = tuple[int, bytes]  # (connection, line it must receive, without "\n")
 
@@ -1480,8 +1227,8 @@ class RoomModel:
         """What one line from `who` makes the server send, in order."""
         if not line:
             return []
-        if len(line) > MODEL_MAX_LINE:
-            return [(who, Wire.LINE_TOO_LONG)]
+        if len(line) > MAX_LINE:
+            return [(who, LINE_TOO_LONG)]
         verb, _, argument = line.partition(b" ")
         if verb == b"USERNAME":
             error = model_name_error(argument)
@@ -1490,19 +1237,19 @@ class RoomModel:
             name = argument.decode("utf-8")
             holder = self.holder(name)
             if holder is not None and holder != who:
-                return [(who, Wire.NAME_TAKEN)]
+                return [(who, NAME_TAKEN)]
             self.names[who] = name
             return []
         if verb == b"SEND":
             sender = self.names.get(who)
             if sender is None:
-                return [(who, Wire.NAME_REQUIRED)]
+                return [(who, NAME_REQUIRED)]
             error = model_message_error(argument)
             if error is not None:
                 return [(who, error)]
             line = b"RECEIVE " + sender.encode("utf-8") + b" " + argument
             return [(other, line) for other in self.names if other != who]
-        return [(who, Wire.UNRECOGNISED)]
+        return [(who, UNRECOGNISED)]
 
     def feed_stream(self, who: int, stream: bytes, *, at_eof: bool) -> list[Output]:
         outputs: list[Output] = []
@@ -1527,7 +1274,7 @@ def assert_contract_line(line: bytes) -> None:
         assert model_message_error(message) is None, line
         allowed = "\t"
     else:
-        assert line in Wire.ERRORS, line
+        assert line in MODEL_ERRORS, line
         allowed = ""
     controls = [char for char in text if unicodedata.category(char) == "Cc"]
     assert all(char in allowed for char in controls), line
@@ -1562,12 +1309,12 @@ def read_through_sync(conn: Client, expected: Sequence[bytes]) -> list[bytes]:
     are `expected`. Any unknown command gets the same reply as SYNC, so this
     reads until it has seen one more of those than `expected` holds. Linear
     in what it reads (Client.line re-copies its buffer for every line)."""
-    wanted = list(expected).count(Wire.UNRECOGNISED) + 1
+    wanted = list(expected).count(UNRECOGNISED) + 1
     lines: list[bytes] = []
     while True:
         *complete, conn.buffer = conn.buffer.split(b"\n")
         for index, line in enumerate(complete):
-            if line == Wire.UNRECOGNISED:
+            if line == UNRECOGNISED:
                 wanted -= 1
                 if wanted == 0:
                     rest = complete[index + 1 :]
@@ -1578,12 +1325,6 @@ def read_through_sync(conn: Client, expected: Sequence[bytes]) -> list[bytes]:
         if not chunk:
             raise EOFError(f"closed before the sync reply; got {lines!r}")
         conn.buffer += chunk
-
-
-def half_close_and_read(conn: Client) -> bytes:
-    """Send end of input, then everything the server sends until it closes."""
-    conn.sock.shutdown(socket.SHUT_WR)
-    return conn.read_to_eof()
 
 
 # --- Strategies -----------------------------------------------------------
@@ -1639,8 +1380,9 @@ def name_variants(name: str) -> st.SearchStrategy[str]:
     )
 
 
-def username_line(name: str) -> bytes:
-    return b"USERNAME " + name.encode("utf-8")
+def name_line(name: str) -> bytes:
+    """`USERNAME <name>` without an end: the strategies add one."""
+    return username(name, end=b"")
 
 
 def insert(base: bytes, extra: bytes, position: int) -> bytes:
@@ -1664,7 +1406,7 @@ bad_name_lines = st.one_of(
     ),
     # An argument starting with the second of two spaces holds a space.
     fresh_names.map(lambda name: b"USERNAME  " + name.encode()),
-    boundary_names.map(username_line),
+    boundary_names.map(name_line),
 )
 
 MESSAGE_TOKENS: Final = (
@@ -1859,17 +1601,18 @@ class ChatMachine(RuleBasedStateMachine):
         then gives it back by half-closing and reading to EOF. Nobody sends
         meanwhile, so the probe receives nothing but its replies."""
         probe = self.running.client()
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            probe.send(username_line(name) + b"\n" + SYNC)
+
+        def taken() -> bool:
+            probe.send(username(name) + SYNC)
             reply = read_through_sync(probe, [])
             if reply == []:
-                break
-            assert reply == [Wire.NAME_TAKEN], reply
+                return True
+            assert reply == [NAME_TAKEN], reply
             assert may_wait, f"{name!r} is still taken after its holder got EOF"
-            assert time.monotonic() < deadline, f"{name!r} was never freed"
-            time.sleep(0.005)
-        assert half_close_and_read(probe) == b""
+            return False
+
+        poll(f"{name!r} to be freed", taken)
+        assert probe.half_close() == b""
 
     # --- rules --------------------------------------------------------------
 
@@ -1895,7 +1638,7 @@ class ChatMachine(RuleBasedStateMachine):
         peers = [self.new_peer() for _ in names]
         for peer, name in zip(peers, names, strict=True):
             if name is not None:
-                self.act(peer, username_line(name) + data.draw(line_endings), data)
+                self.act(peer, username(name, data.draw(line_endings)), data)
         return multiple(*peers)
 
     @precondition(lambda self: len(self.live) < MAX_PEERS)
@@ -1907,16 +1650,16 @@ class ChatMachine(RuleBasedStateMachine):
     @rule(target=peers, name=fresh_names, data=st.data())
     def connect_and_take_a_name(self, name: str, data: st.DataObject) -> Peer:
         peer = self.new_peer()
-        self.act(peer, username_line(name) + data.draw(line_endings), data)
+        self.act(peer, username(name, data.draw(line_endings)), data)
         return peer
 
     def name_lines(self) -> st.SearchStrategy[bytes]:
         """Valid names, fresh or spelled like one seen before (taken or not)."""
         fresh = st.one_of(fresh_names, fresh_names, boundary_names)
         if not self.seen_names:
-            return fresh.map(username_line)
+            return fresh.map(name_line)
         seen = st.sampled_from(self.seen_names).flatmap(name_variants)
-        return st.one_of(fresh, seen, seen).map(username_line)
+        return st.one_of(fresh, seen, seen).map(name_line)
 
     def any_line(self) -> st.SearchStrategy[bytes]:
         return st.one_of(
@@ -2027,7 +1770,7 @@ class ChatMachine(RuleBasedStateMachine):
         want = b"".join(line + b"\n" for line in self.pending[peer.ident])
         self.forget(peer)
         send_randomly_cut(data, peer.conn, payload)
-        got = half_close_and_read(peer.conn)
+        got = peer.conn.half_close()
         assert got == want, f"{peer}: got {got!r} before EOF, expected {want!r}"
         if name is not None:
             self.prove_name_free(name, may_wait=False)
@@ -2116,7 +1859,7 @@ fuzz_commands = st.builds(
 fuzz_good_lines = st.one_of(
     send_lines,
     st.sampled_from(["alice", "ALICE", "ａｌｉｃｅ", "bob", "fuzz", "Fuzz2", "ＦＵＺＺ"]).map(
-        username_line
+        name_line
     ),
 ).map(lambda line: b"\n" + line + b"\n")
 fuzz_pieces = st.one_of(
@@ -2168,7 +1911,7 @@ def run_fuzz_round(running: RunningServer, stream: bytes, named: bool, data: st.
 
     joins = list(PAIR_NAMES.items()) + ([(FUZZER, "fuzz")] if named else [])
     for who, name in joins:
-        payload = username_line(name) + b"\n"
+        payload = username(name)
         assert room.feed_stream(who, payload, at_eof=False) == []
         sync_exactly(who, payload, [])
 
@@ -2290,174 +2033,8 @@ def test_fuzzer_beside_a_chatting_pair(stream: bytes, named: bool, data: st.Data
 
 # --- helpers for the fault tests -------------------------------------------
 
-_LINE_TOO_LONG = b"ERROR Line too long."
-_NAME_TAKEN = b"ERROR Username already in use."
 
-
-@dataclass
-class _Served:
-    """chat.py as a child process, its drained stderr, and the clients a
-    test opened (closed when the test ends, whatever happens)."""
-
-    proc: ServerProcess
-    log: StderrReader
-    clients: list[Client] = field(default_factory=list)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.process.pid
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self.proc.address
-
-    def client(self) -> Client:
-        client = Client(self.address)
-        self.clients.append(client)
-        return client
-
-    def small_window_client(self) -> Client:
-        client = _SmallWindowClient(self.address)
-        self.clients.append(client)
-        return client
-
-    def finish(self, signum: int = signal.SIGTERM) -> str:
-        """Stop the server as an operator would and return its stderr, after
-        checking that it exited 0 without a traceback."""
-        self.proc.process.send_signal(signum)
-        returncode = self.proc.process.wait(TIMEOUT)
-        self.log.join(TIMEOUT)
-        text = self.log.text()
-        assert returncode == 0, text
-        assert "Traceback" not in text, text
-        return text
-
-
-_LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
-
-
-@contextlib.contextmanager
-def _serve(*args: str, preexec: Callable[[], None] | None = None) -> Iterator[_Served]:
-    """chat.py on port 0, its real port read from its startup log line.
-
-    Not conftest.spawn_server: a port picked free and then bound by the
-    child can be taken in between (tests here open thousands of connections,
-    and other test runs share the machine), and its connect probe would then
-    reach whatever holds the port. Port 0 cannot race, and the log line
-    comes after the signal handlers are installed."""
-    process = subprocess.Popen(
-        [sys.executable, str(HERE / "chat.py"), "0", "--host", "127.0.0.1", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        preexec_fn=preexec,
-    )
-    assert process.stderr is not None
-    log = StderrReader(process.stderr)
-    served: _Served | None = None
-    failed = False
-    try:
-        _poll(
-            lambda: _LISTENING.search(log.text()) is not None or process.poll() is not None,
-            TIMEOUT,
-            "the server to start",
-        )
-        found = _LISTENING.search(log.text())
-        assert found is not None, f"chat.py did not start: {log.text()}"
-        served = _Served(ServerProcess(process, int(found[1]), log), log)
-        yield served
-    except BaseException:
-        failed = True
-        raise
-    finally:
-        for client in [] if served is None else served.clients:
-            client.close()
-        if process.poll() is None:
-            process.kill()
-        process.wait(TIMEOUT)
-        log.join(TIMEOUT)
-        if failed:  # pytest shows this with the failure
-            print("--- the server's stderr (last 20,000 characters) ---")
-            print(log.text()[-20_000:])
-
-
-class _SmallWindowClient(Client):
-    """A client with a 4 KiB receive buffer, so that what it does not read
-    piles up on the server's side, not in its own kernel buffer. The option
-    must be set before connecting (it fixes the window scale), so this does
-    not call Client.__init__, which connects at once."""
-
-    def __init__(self, address: tuple[str, int], receive_buffer: int = 4096) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-            sock.settimeout(TIMEOUT)
-            sock.connect(address)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-        self.buffer = b""
-
-
-def _reset(client: Client) -> None:
-    """Close with an RST: SO_LINGER on with a zero timeout. (struct linger is
-    two ints, l_onoff and l_linger; a non-zero l_linger would be an ordinary
-    close that waits, with a FIN.)"""
-    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    client.sock.close()
-
-
-def _poll(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Wait until `condition()` holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid`, from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as stat:
-        # The command name (field 2) may hold spaces; it ends at the last ")".
-        fields = stat.read().rpartition(")")[2].split()
-    # fields[0] is field 3 (state), so utime (14) and stime (15) are 11 and 12.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _status_kib(pid: int, key: str) -> int:
-    """A "kB" line of /proc/<pid>/status, such as VmRSS or VmHWM."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            name, _, value = line.partition(":")
-            if name == key:
-                return int(value.split()[0])
-    raise KeyError(key)
-
-
-def _fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def _raise_fd_limit(needed: int) -> None:
-    """Let this process hold `needed` descriptors (children inherit it)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        if hard != resource.RLIM_INFINITY and hard < needed:
-            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {needed}")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-
-
-def _sends(messages: list[bytes]) -> bytes:
-    return b"".join(b"SEND " + message + b"\n" for message in messages)
-
-
-def _receives(name: str, messages: list[bytes]) -> list[bytes]:
-    prefix = b"RECEIVE " + name.encode() + b" "
-    return [prefix + message for message in messages]
-
-
-def _timed_sync(client: Client) -> tuple[list[bytes], float]:
+def timed_sync(client: Client) -> tuple[list[bytes], float]:
     start = time.monotonic()
     lines = client.sync()
     return lines, time.monotonic() - start
@@ -2466,16 +2043,16 @@ def _timed_sync(client: Client) -> tuple[list[bytes], float]:
 # --- running out of file descriptors ---------------------------------------
 
 # Low enough that 100 extra connections exhaust it, high enough for Python.
-_FD_LIMIT = 64
+FD_LIMIT = 64
 
 
-def _limit_fds() -> None:
+def limit_fds() -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (_FD_LIMIT, hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, hard))
 
 
 def test_fd_exhaustion_does_not_spin_and_service_continues() -> None:
-    with _serve(preexec=_limit_fds) as server:
+    with launch(preexec=limit_fds) as server:
         alice = server.client()
         alice.register("alice")
         bob = server.client()
@@ -2486,7 +2063,7 @@ def test_fd_exhaustion_does_not_spin_and_service_continues() -> None:
             # can accept them; the ones past its limit wait in the backlog.
             for _ in range(100):
                 extra.append(socket.create_connection(server.address, timeout=TIMEOUT))
-            server.log.wait_for("Too many open files")
+            poll("the server to run out", lambda: "Too many open files" in server.log.text())
 
             for turn in range(3):
                 alice.send(f"SEND while out of descriptors {turn}\n".encode())
@@ -2498,10 +2075,10 @@ def test_fd_exhaustion_does_not_spin_and_service_continues() -> None:
 
             # The listener stays readable while the backlog is not empty: a
             # server that retried accept() at once would burn a whole core.
-            cpu_before = _cpu_seconds(server.pid)
+            cpu_before = server.cpu_seconds()
             wall_before = time.monotonic()
             time.sleep(1.0)  # the quiet second being measured, not a wait
-            cpu = _cpu_seconds(server.pid) - cpu_before
+            cpu = server.cpu_seconds() - cpu_before
             wall = time.monotonic() - wall_before
             assert cpu < 0.2, f"the server used {cpu:.2f}s of CPU in {wall:.2f}s while idle"
         finally:
@@ -2537,7 +2114,7 @@ def test_fd_exhaustion_does_not_spin_and_service_continues() -> None:
 
 
 def test_slow_consumer_is_dropped_without_slowing_the_others() -> None:
-    with _serve() as server:  # the default output limit, 1 MiB
+    with launch() as server:  # the default output limit, 1 MiB
         slow = server.small_window_client()
         slow.register("slow")
         alice = server.client()
@@ -2555,19 +2132,19 @@ def test_slow_consumer_is_dropped_without_slowing_the_others() -> None:
         # to 64 rounds.
         for turn in range(64):
             messages = [f"{turn}-{index} ".encode() + filler for index in range(64)]
-            alice.send(_sends(messages))
-            lines, elapsed = _timed_sync(alice)
+            alice.send(sends(messages))
+            lines, elapsed = timed_sync(alice)
             assert lines == []
             sync_times.append(elapsed)
-            lines, elapsed = _timed_sync(bob)
-            assert lines == _receives("alice", messages)
+            lines, elapsed = timed_sync(bob)
+            assert lines == receives("alice", messages)
             sync_times.append(elapsed)
             stream += lines
             prober.send(b"USERNAME slow\n")
             reply = prober.sync()
             if reply == []:
                 break  # the prober holds the slow client's name now
-            assert reply == [_NAME_TAKEN]
+            assert reply == [NAME_TAKEN]
         else:
             pytest.fail("the slow client was never disconnected")
         assert max(sync_times) < 2.0, f"slowest sync {max(sync_times):.2f}s"
@@ -2590,7 +2167,7 @@ def test_slow_consumer_is_dropped_without_slowing_the_others() -> None:
 
 def test_many_slow_consumers_and_several_senders_keep_one_order() -> None:
     output_limit = 256 * 1024
-    with _serve("--output-limit", str(output_limit)) as server:
+    with launch("--output-limit", str(output_limit)) as server:
         slow = [server.small_window_client() for _ in range(10)]
         for index, client in enumerate(slow):
             client.register(f"slow{index}")
@@ -2604,7 +2181,7 @@ def test_many_slow_consumers_and_several_senders_keep_one_order() -> None:
 
         def burst(sender: int, turn: int) -> None:
             messages = [f"{sender}-{turn}-{index} ".encode() + filler for index in range(per_burst)]
-            healthy[sender].send(_sends(messages))
+            healthy[sender].send(sends(messages))
             seen[sender] += healthy[sender].sync()
 
         # Rounds of 256 KiB, from all senders at once. A healthy client's
@@ -2631,7 +2208,7 @@ def test_many_slow_consumers_and_several_senders_keep_one_order() -> None:
                 refused = [line for line in prober.sync() if line.startswith(b"ERROR")]
                 if not refused:
                     break
-                assert set(refused) == {_NAME_TAKEN}
+                assert set(refused) == {NAME_TAKEN}
         for index, client in enumerate(healthy):
             seen[index] += client.sync()
 
@@ -2665,7 +2242,7 @@ def test_many_slow_consumers_and_several_senders_keep_one_order() -> None:
 def test_signal_stops_at_once_with_output_queued(signum: signal.Signals) -> None:
     # 8 MiB so that the non-readers, owed 5 MB each, stay connected with
     # output queued in the server (the kernel takes ~2.8 MB of it).
-    with _serve("--output-limit", str(8 << 20)) as server:
+    with launch("--output-limit", str(8 << 20)) as server:
         stuck = [server.small_window_client() for _ in range(5)]
         for index, client in enumerate(stuck):
             client.register(f"stuck{index}")
@@ -2673,14 +2250,14 @@ def test_signal_stops_at_once_with_output_queued(signum: signal.Signals) -> None
         sender.register("sender")
         idle = [server.client() for _ in range(44)]  # 50 connections in all
         messages = [f"{index} ".encode() + b"z" * 4000 for index in range(1250)]
-        sender.send(_sends(messages))
+        sender.send(sends(messages))
         assert sender.sync() == []
         for client in idle:
             assert client.sync() == []
 
         start = time.monotonic()
-        server.proc.process.send_signal(signum)
-        returncode = server.proc.process.wait(TIMEOUT)
+        server.process.send_signal(signum)
+        returncode = server.process.wait(TIMEOUT)
         elapsed = time.monotonic() - start
         assert returncode == 0
         assert elapsed < 1.0, f"exited {elapsed:.2f}s after the signal"
@@ -2692,7 +2269,7 @@ def test_signal_stops_at_once_with_output_queued(signum: signal.Signals) -> None
             again.bind(server.address)
             again.listen()
 
-        owed = b"".join(line + b"\n" for line in _receives("sender", messages))
+        owed = b"".join(line + b"\n" for line in receives("sender", messages))
         for client in stuck:
             assert owed.startswith(client.read_to_eof())
         for client in [sender, *idle]:
@@ -2709,10 +2286,10 @@ def test_signal_stops_at_once_with_output_queued(signum: signal.Signals) -> None
 
 
 def test_connect_reset_cycles_leak_no_descriptors() -> None:
-    with _serve() as server:
+    with launch() as server:
         watcher = server.client()
         watcher.register("watcher")
-        baseline = _fd_count(server.pid)
+        baseline = server.fd_count()
         names: list[str] = []
 
         def cycle(index: int, kind: str) -> None:
@@ -2734,7 +2311,7 @@ def test_connect_reset_cycles_leak_no_descriptors() -> None:
                         lines += SYNC
                     client.send(lines + b"SEND par")
                 if kind.endswith("reset"):
-                    _reset(client)
+                    client.reset()
             finally:
                 client.close()
 
@@ -2747,9 +2324,9 @@ def test_connect_reset_cycles_leak_no_descriptors() -> None:
 
         def settled() -> bool:
             received.extend(watcher.sync())
-            return _fd_count(server.pid) == baseline
+            return server.fd_count() == baseline
 
-        _poll(settled, 10, f"the server to get back to {baseline} descriptors")
+        poll(f"the server to get back to {baseline} descriptors", settled, 10)
         received.extend(watcher.sync())  # what came with the last close
         # A closed connection's final line without "\n" is still a line; a
         # reset one's lines may or may not have been read before the RST,
@@ -2776,19 +2353,19 @@ def test_connect_reset_cycles_leak_no_descriptors() -> None:
 
 
 def test_ten_megabyte_line_is_refused_once_in_bounded_memory() -> None:
-    with _serve() as server:
+    with launch() as server:
         client = server.client()
         assert client.sync() == []
         # VmHWM is the peak: a buffer that grew and was freed still shows.
-        peak_before = _status_kib(server.pid, "VmHWM")
-        rss_before = _status_kib(server.pid, "VmRSS")
+        peak_before = server.status_kib("VmHWM")
+        rss_before = server.status_kib("VmRSS")
         piece = b"x" * 65536
         for _ in range(160):  # 10 MiB, no "\n"
             client.send(piece)
         client.send(b"\n")
-        assert client.sync() == [_LINE_TOO_LONG]
-        peak_growth = _status_kib(server.pid, "VmHWM") - peak_before
-        rss_growth = _status_kib(server.pid, "VmRSS") - rss_before
+        assert client.sync() == [LINE_TOO_LONG]
+        peak_growth = server.status_kib("VmHWM") - peak_before
+        rss_growth = server.status_kib("VmRSS") - rss_before
         assert peak_growth < 4096, f"peak memory grew by {peak_growth} KiB"
         assert rss_growth < 4096, f"memory grew by {rss_growth} KiB"
         # The line after it is a line like any other.
@@ -2797,15 +2374,15 @@ def test_ten_megabyte_line_is_refused_once_in_bounded_memory() -> None:
 
 
 def test_megabytes_of_blank_lines_cost_linear_time() -> None:
-    with _serve() as server:
+    with launch() as server:
         client = server.client()
         assert client.sync() == []
-        cpu_before = _cpu_seconds(server.pid)
+        cpu_before = server.cpu_seconds()
         start = time.monotonic()
         client.send(b"\n" * (4 << 20))
         assert client.sync() == []  # no reply to any blank line
         elapsed = time.monotonic() - start
-        cpu = _cpu_seconds(server.pid) - cpu_before
+        cpu = server.cpu_seconds() - cpu_before
         # Both take ~0.8 s on an idle 2-core machine; anything quadratic in
         # 4 Mi lines would take hours. The server's CPU time is the sharp
         # measure: other processes on the machine barely change it, whereas
@@ -2819,7 +2396,7 @@ def test_megabytes_of_blank_lines_cost_linear_time() -> None:
 # --- floods -------------------------------------------------------------------
 
 
-class _Reader(threading.Thread):
+class Reader(threading.Thread):
     """Reads one connection until `stop`, handing `on_match` the first group
     of every line that matches `pattern` and discarding the rest (all of it
     when `pattern` is None)."""
@@ -2862,7 +2439,7 @@ class _Reader(threading.Thread):
             self.error = error
 
 
-class _Flooder(threading.Thread):
+class Flooder(threading.Thread):
     """Sends `block` again and again until `stop` or `limit` seconds."""
 
     def __init__(self, client: Client, block: bytes, stop: threading.Event, limit: float) -> None:
@@ -2885,7 +2462,7 @@ class _Flooder(threading.Thread):
 
 @pytest.mark.parametrize("flood", ["unknown-commands", "valid-sends"])
 def test_flooder_does_not_starve_a_conversation(flood: str) -> None:
-    with _serve() as server:
+    with launch() as server:
         alice = server.client()
         alice.register("alice")
         bob = server.client()
@@ -2911,17 +2488,17 @@ def test_flooder_does_not_starve_a_conversation(flood: str) -> None:
                 pongs.append(int(number))
                 pong_arrived.notify()
 
-        threads: list[_Reader | _Flooder] = [
-            _Reader(alice, rb"^RECEIVE bob pong (\d+)$", on_pong, stop),
-            _Reader(bob, rb"^RECEIVE alice ping (\d+)$", on_ping, stop),
-            _Reader(flooder, None, lambda _: None, stop),
+        threads: list[Reader | Flooder] = [
+            Reader(alice, rb"^RECEIVE bob pong (\d+)$", on_pong, stop),
+            Reader(bob, rb"^RECEIVE alice ping (\d+)$", on_ping, stop),
+            Reader(flooder, None, lambda _: None, stop),
         ]
-        flood_thread = _Flooder(flooder, line * 2048, stop, limit=20)
+        flood_thread = Flooder(flooder, line * 2048, stop, limit=20)
         threads.append(flood_thread)
         try:
             for thread in threads:
                 thread.start()
-            _poll(lambda: flood_thread.sent >= 1 << 20, TIMEOUT, "the flood to start")
+            poll("the flood to start", lambda: flood_thread.sent >= 1 << 20)
             flooded_before = flood_thread.sent
             round_trips: list[float] = []
             for number in range(20):
@@ -2952,8 +2529,8 @@ def test_flooder_does_not_starve_a_conversation(flood: str) -> None:
 
 def test_thousand_registered_clients_all_receive_a_broadcast() -> None:
     count = 1000
-    _raise_fd_limit(count + 200)  # the sockets here; the server inherits it too
-    with _serve() as server:
+    raise_fd_limit(count + 200)  # the sockets here; the server inherits it too
+    with launch() as server:
         clients = [server.client() for _ in range(count)]
         # Pipelined: every client's name and sync are sent before any reply
         # is read.
@@ -2974,7 +2551,7 @@ def test_thousand_registered_clients_all_receive_a_broadcast() -> None:
 
 def test_resets_in_the_middle_of_a_broadcast_spare_the_others() -> None:
     # A limit no survivor can reach: they are read only after the burst.
-    with _serve("--output-limit", str(16 << 20)) as server:
+    with launch("--output-limit", str(16 << 20)) as server:
         sender = server.client()
         sender.register("sender")
         members = [server.client() for _ in range(60)]
@@ -2987,10 +2564,10 @@ def test_resets_in_the_middle_of_a_broadcast_spare_the_others() -> None:
         # Each victim resets, with output unread, while the server is still
         # working through the burst and sending to it.
         for number, victim in enumerate(victims):
-            sender.send(_sends(messages[number * chunk : (number + 1) * chunk]))
-            _reset(victim)
+            sender.send(sends(messages[number * chunk : (number + 1) * chunk]))
+            victim.reset()
         assert sender.sync() == []
-        expected = _receives("sender", messages)
+        expected = receives("sender", messages)
         for client in survivors:
             assert client.sync() == expected
         # Still serving: a newcomer takes a victim's name and talks.
@@ -3094,13 +2671,9 @@ def test_closing_a_server_twice_is_harmless() -> None:
 
 
 def test_cluster_options_without_redis_are_ignored_with_a_warning() -> None:
-    running = spawn_server("--room", "elsewhere")
-    try:
-        client = ready_member(running.address, "alice")
-        client.close()
+    with launch("--room", "elsewhere") as running:
+        running.member("alice").close()
         running.process.send_signal(signal.SIGTERM)
         text = running.stderr_text()
-    finally:
-        running.process.kill()
     assert "--room and --lease-ms only matter with --redis" in text
     assert running.process.returncode == 0
