@@ -1,10 +1,21 @@
-"""Shared test helpers: Hypothesis profiles, an in-process server, a
-subprocess server, and a line client whose every read has a timeout."""
+"""What every test file shares: the contract's lines, typed from PROTOCOL.md;
+one way to wait (`poll`); the test clients; the servers, in-process
+(`start_server`, the `server` fixture) or as a `python chat.py` child
+(`launch`); and the Hypothesis profiles.
+
+Every blocking read or connect gives up after TIMEOUT; nothing waits on
+the clock for an event it could observe instead.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import re
+import resource
+import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -13,8 +24,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -23,16 +35,106 @@ from chat import ChatServer
 
 HERE = Path(__file__).resolve().parent
 # Every blocking read or connect in the tests gives up after this long.
-TIMEOUT = 5.0
-# The line a client sends to learn that everything it sent before has been
-# processed: the server answers each connection's lines in order.
-SYNC = b"PING\n"
-SYNC_REPLY = b"ERROR Unrecognised command."
+TIMEOUT: Final = 5.0
 
-# Hypothesis: "ci" is the fixed budget CI runs (derandomized, so a failure
-# reproduces; no deadline, since real sockets on a noisy 2-core machine
-# have no reliable timing); "soak" is for long local runs; "dev" is a
-# quick randomized run.
+# --- The contract's lines, typed from PROTOCOL.md ---------------------------
+#
+# Every line the server may send but RECEIVE, without its "\n". Typed here,
+# never imported from protocol.py, so that a typo there fails the tests
+# instead of being compared with itself.
+
+LINE_TOO_LONG: Final = b"ERROR Line too long."
+NAME_EMPTY: Final = b"ERROR Username cannot be empty."
+NAME_INVALID: Final = b"ERROR Username contains invalid characters."
+NAME_HAS_SPACES: Final = b"ERROR Username contains empty spaces."
+NAME_TOO_LONG: Final = b"ERROR Username is too long."
+NAME_TAKEN: Final = b"ERROR Username already in use."
+NAME_REQUIRED: Final = b"ERROR You must set a username first."
+MESSAGE_EMPTY: Final = b"ERROR Message cannot be empty."
+MESSAGE_INVALID: Final = b"ERROR Message contains invalid characters."
+UNRECOGNISED: Final = b"ERROR Unrecognised command."
+SERVER_FULL: Final = b"ERROR Server is full."
+SERVICE_UNAVAILABLE: Final = b"ERROR Service unavailable."  # cluster mode
+ERRORS: Final = frozenset(
+    {
+        LINE_TOO_LONG,
+        NAME_EMPTY,
+        NAME_INVALID,
+        NAME_HAS_SPACES,
+        NAME_TOO_LONG,
+        NAME_TAKEN,
+        NAME_REQUIRED,
+        MESSAGE_EMPTY,
+        MESSAGE_INVALID,
+        UNRECOGNISED,
+        SERVER_FULL,
+        SERVICE_UNAVAILABLE,
+    }
+)
+
+MAX_LINE: Final = 4096  # bytes, not counting "\r\n" or "\n"
+MAX_NAME: Final = 32  # code points
+
+# The startup log line, "listening on HOST:PORT" (an IPv6 HOST in brackets).
+LISTENING: Final = re.compile(
+    r"listening on \[?([^\]\s]*)\]?:(\d+)(?: \([^)]*\))?\s*$", re.MULTILINE
+)
+
+# The line a client sends to learn that everything it sent before has been
+# processed: the server answers each connection's lines in order, and an
+# unknown command's reply proves every line before it was processed.
+SYNC: Final = b"PING\n"
+SYNC_REPLY: Final = UNRECOGNISED
+
+
+def username(name: str | bytes, end: bytes = b"\n") -> bytes:
+    """The line `USERNAME <name>`, ended with `end`."""
+    raw = name.encode() if isinstance(name, str) else name
+    return b"USERNAME " + raw + end
+
+
+def send_line(message: str | bytes, end: bytes = b"\n") -> bytes:
+    """The line `SEND <message>`, ended with `end`."""
+    raw = message.encode() if isinstance(message, str) else message
+    return b"SEND " + raw + end
+
+
+def sends(messages: list[bytes]) -> bytes:
+    """One SEND line for each message, together."""
+    return b"".join(send_line(message) for message in messages)
+
+
+def receive(name: str, message: str | bytes) -> bytes:
+    """A RECEIVE line as a client sees it, without its "\\n"."""
+    raw = message.encode() if isinstance(message, str) else message
+    return b"RECEIVE " + name.encode() + b" " + raw
+
+
+def receives(name: str, messages: list[bytes]) -> list[bytes]:
+    return [receive(name, message) for message in messages]
+
+
+# --- Waiting -----------------------------------------------------------------
+
+
+def poll(what: str, check: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    """Call `check` until it is true; fail after `timeout` seconds. For what a
+    test cannot sync on (a name freed by a reset, a log line, Redis)."""
+    deadline = time.monotonic() + timeout
+    pace = 0.001  # doubling to 20 ms: quick for what comes at once, cheap for the rest
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout} s waiting for {what}")
+        time.sleep(pace)
+        pace = min(2 * pace, 0.02)
+
+
+# --- Hypothesis profiles -------------------------------------------------------
+#
+# "ci" is the fixed budget CI runs (derandomized, so a failure reproduces; no
+# deadline, since real sockets on a noisy 2-core machine have no reliable
+# timing); "soak" is for long local runs; "dev" is a quick randomized run.
+
 settings.register_profile(
     "ci",
     max_examples=60,
@@ -56,6 +158,9 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# --- Test clients ----------------------------------------------------------------
 
 
 class Client:
@@ -83,10 +188,29 @@ class Client:
     def lines(self, count: int) -> list[bytes]:
         return [self.line() for _ in range(count)]
 
+    def exactly(self, size: int) -> bytes:
+        """The next `size` bytes, through the line buffer; each recv is
+        bounded by the socket's timeout."""
+        data = self.buffer
+        while len(data) < size:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError(f"closed after {data!r}")
+            data += chunk
+        self.buffer = data[size:]
+        return data[:size]
+
     def sync(self) -> list[bytes]:
         """Send SYNC and return every line that came before its reply."""
         self.send(SYNC)
         return self.until(SYNC_REPLY)
+
+    def sync_unrecognised(self) -> list[bytes]:
+        """Like `sync`, for tests that expect `ERROR Unrecognised command.`
+        (the reply to SYNC): syncs with a bare `USERNAME`, which is refused
+        as empty and changes nothing, and returns every line before its reply."""
+        self.send(b"USERNAME\n")
+        return self.until(NAME_EMPTY)
 
     def until(self, last: bytes) -> list[bytes]:
         """The lines before `last` (which is consumed too)."""
@@ -97,7 +221,7 @@ class Client:
 
     def register(self, name: str) -> None:
         """Take `name`, and fail unless the server accepted it silently."""
-        self.send(b"USERNAME " + name.encode() + b"\n")
+        self.send(username(name))
         assert self.sync() == []
 
     def read_to_eof(self) -> bytes:
@@ -112,9 +236,15 @@ class Client:
             pass
         return data
 
+    def half_close(self) -> bytes:
+        """Send end of input; return everything until the server closes."""
+        self.sock.shutdown(socket.SHUT_WR)
+        return self.read_to_eof()
+
     def reset(self) -> None:
         """Close with an RST instead of a FIN: SO_LINGER on, with a zero
-        timeout (struct linger is two ints, l_onoff and l_linger)."""
+        timeout. (struct linger is two ints, l_onoff and l_linger; a non-zero
+        l_linger would be an ordinary close that waits, with a FIN.)"""
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.sock.close()
 
@@ -126,6 +256,102 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SmallWindowClient(Client):
+    """A client with a small receive buffer (4 KiB), so that what it does not
+    read piles up on the server's side, not in its own kernel buffer. The
+    option must be set before connecting (it fixes the window scale), so
+    this does not call Client.__init__, which connects at once."""
+
+    def __init__(self, address: tuple[str, int], receive_buffer: int = 4096) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            sock.settimeout(TIMEOUT)
+            sock.connect(address)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+        self.buffer = b""
+
+
+def nc_path() -> str:
+    path = shutil.which("nc")
+    assert path is not None, "nc (netcat-openbsd) is required: apt-get install netcat-openbsd"
+    return path
+
+
+class Netcat:
+    """`nc -N 127.0.0.1 PORT`, typed into through a pipe; its stdout is read
+    by a thread, and every wait for it has a deadline."""
+
+    def __init__(self, port: int) -> None:
+        self.process = subprocess.Popen(
+            [nc_path(), "-N", "127.0.0.1", str(port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.output = b""
+        self.seen = 0  # how much of `output` sync has consumed
+        self.closed = False
+        self.changed = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
+        while chunk := os.read(fd, 65536):
+            with self.changed:
+                self.output += chunk
+                self.changed.notify_all()
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+    def type(self, data: bytes) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(data)
+        self.process.stdin.flush()
+
+    def sync(self) -> list[bytes]:
+        """Type PING; the lines nc printed before the reply."""
+        self.type(SYNC)
+        marker = SYNC_REPLY + b"\n"
+        with self.changed:
+            found = self.changed.wait_for(
+                lambda: marker in self.output[self.seen :] or self.closed, TIMEOUT
+            )
+            assert found and marker in self.output[self.seen :], self.output
+            end = self.output.index(marker, self.seen)
+            lines = self.output[self.seen : end].split(b"\n")[:-1]
+            self.seen = end + len(marker)
+        return lines
+
+    def finish(self) -> bytes:
+        """Close nc's stdin (-N sends end of input); all it printed."""
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait(TIMEOUT)
+        self.reader.join(TIMEOUT)
+        assert self.closed
+        assert self.process.returncode == 0
+        return self.output
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(TIMEOUT)
+        for pipe in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+# --- The server in the test process ----------------------------------------------
 
 
 @dataclass
@@ -145,6 +371,17 @@ class RunningServer:
         self.clients.append(client)
         return client
 
+    def small_window_client(self) -> Client:
+        client = SmallWindowClient(self.address)
+        self.clients.append(client)
+        return client
+
+    def member(self, name: str) -> Client:
+        """A new client that has taken `name`."""
+        client = self.client()
+        client.register(name)
+        return client
+
     def stop(self) -> None:
         for client in self.clients:
             client.close()
@@ -153,8 +390,10 @@ class RunningServer:
         assert not self.thread.is_alive(), "the server did not stop"
 
 
-def start_server(**options: Any) -> RunningServer:
-    server = ChatServer("127.0.0.1", 0, **options)
+def start_server(host: str | None = "127.0.0.1", **options: Any) -> RunningServer:
+    """A ChatServer on port 0 of `host` (None: every interface), serving on
+    a thread; `options` are ChatServer's keyword arguments."""
+    server = ChatServer(host, 0, **options)
     thread = threading.Thread(target=server.serve_forever, name="chat-server", daemon=True)
     thread.start()
     return RunningServer(server, thread)
@@ -167,26 +406,13 @@ def server() -> Iterator[RunningServer]:
     running.stop()
 
 
-def free_port() -> int:
-    """A port no socket holds now, chosen below the kernel's ephemeral range
-    so that no client socket of the tests (thousands of them) can take it
-    before the server binds it."""
-    low, _ = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    for _ in range(100):
-        port = random.randrange(max(1024, low - 12_000), low)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port below the ephemeral range")
+# --- chat.py as a child process ----------------------------------------------------
 
 
 class StderrReader(threading.Thread):
     """Reads a child's stderr as it comes: the server logs every connection,
     so a test with hundreds of them would otherwise fill the 64 KiB pipe and
-    block the server on a log write. Also lets a test wait for a log line."""
+    block the server on a log write."""
 
     def __init__(self, stream: IO[bytes]) -> None:
         super().__init__(name="stderr-reader", daemon=True)
@@ -205,69 +431,209 @@ class StderrReader(threading.Thread):
         with self.lock:
             return b"".join(self.chunks).decode("utf-8", "replace")
 
-    def wait_for(self, needle: str, timeout: float = TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while needle not in self.text():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"gave up waiting for {needle!r} in the server's log")
-            time.sleep(0.01)
-
 
 @dataclass
 class ServerProcess:
-    """`python chat.py PORT ...` as a child process."""
+    """`python chat.py ...` as a child process, its drained stderr, and the
+    clients a test opened through it (closed when `launch` ends)."""
 
     process: subprocess.Popen[bytes]
     port: int
-    stderr: StderrReader
+    log: StderrReader
+    clients: list[Client] = field(default_factory=list)
 
     @property
     def address(self) -> tuple[str, int]:
         return ("127.0.0.1", self.port)
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def client(self) -> Client:
+        client = Client(self.address)
+        self.clients.append(client)
+        return client
+
+    def small_window_client(self) -> Client:
+        client = SmallWindowClient(self.address)
+        self.clients.append(client)
+        return client
+
+    def member(self, name: str) -> Client:
+        """A new client that has taken `name`. Its sync reply also proves
+        the server loop is running."""
+        client = self.client()
+        client.register(name)
+        return client
+
     def stderr_text(self) -> str:
-        """Stop the process if needed; everything it wrote to stderr."""
+        """Wait for the process to end (kill it after TIMEOUT); everything
+        it wrote to stderr."""
         try:
             self.process.wait(TIMEOUT)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self.stderr.join(TIMEOUT)
-        return self.stderr.text()
+        self.log.join(TIMEOUT)
+        return self.log.text()
+
+    def finish(self, signum: int = signal.SIGTERM) -> str:
+        """Stop the server as an operator would (SIGTERM by default) and
+        return its stderr, after checking that it exited 0 without a
+        traceback."""
+        self.process.send_signal(signum)
+        returncode = self.process.wait(TIMEOUT)
+        self.log.join(TIMEOUT)
+        text = self.log.text()
+        assert returncode == 0, text
+        assert "Traceback" not in text, text
+        return text
+
+    # What /proc says about the process.
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time, from /proc/<pid>/stat."""
+        with open(f"/proc/{self.pid}/stat") as stat:
+            # The command name (field 2) may hold spaces; it ends at the last ")".
+            fields = stat.read().rpartition(")")[2].split()
+        # fields[0] is field 3 (state), so utime (14) and stime (15) are 11 and 12.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def status_kib(self, key: str) -> int:
+        """A "kB" line of /proc/<pid>/status, such as VmRSS or VmHWM."""
+        with open(f"/proc/{self.pid}/status") as status:
+            for line in status:
+                name, _, value = line.partition(":")
+                if name == key:
+                    return int(value.split()[0])
+        raise KeyError(key)
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
 
 
-def spawn_server(
-    *args: str, port: int | None = None, preexec: Callable[[], None] | None = None
-) -> ServerProcess:
-    """Start chat.py on a free port and wait until it accepts connections."""
-    port = free_port() if port is None else port
+def _hides_info(args: tuple[str, ...]) -> bool:
+    """Whether `args` set a log level above INFO, which hides the startup
+    line."""
+    levels = [value for option, value in pairwise(args) if option == "--log-level"]
+    levels += [arg.partition("=")[2] for arg in args if arg.startswith("--log-level=")]
+    return bool(levels) and levels[-1].upper() in ("WARNING", "ERROR")
+
+
+def _listening_port(pid: int) -> int | None:
+    """The port of a listening TCP socket that process `pid` holds, from
+    /proc: its descriptors name socket inodes, /proc/net/tcp{,6} their ports
+    (state 0A is LISTEN)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and fields[9] in inodes:
+                    return int(fields[1].rpartition(":")[2], 16)
+    return None
+
+
+@contextlib.contextmanager
+def launch(
+    *args: str,
+    port: int = 0,
+    host: str | None = "127.0.0.1",
+    preexec: Callable[[], None] | None = None,
+) -> Iterator[ServerProcess]:
+    """`python chat.py PORT --host HOST ARGS...` (no --host when `host` is
+    None), once it is listening; killed when the block ends, and its stderr
+    printed if the block failed.
+
+    The port is 0 and the real one is read from the startup log line, so
+    no other process can take it in between (tests here open thousands of
+    connections, and other test runs share the machine). Only a test of
+    --reuse-port passes a `port`: the one another server already holds.
+    Where a log level above INFO hides that line, the port is read from the
+    process's listening socket in /proc instead."""
+    host_args = [] if host is None else ["--host", host]
     process = subprocess.Popen(
-        [sys.executable, str(HERE / "chat.py"), str(port), "--host", "127.0.0.1", *args],
+        [sys.executable, str(HERE / "chat.py"), str(port), *host_args, *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         preexec_fn=preexec,
     )
     assert process.stderr is not None
-    running = ServerProcess(process, port, StderrReader(process.stderr))
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()
-        except OSError:
-            pass
-        else:
-            if process.poll() is None:
-                return running
-        if process.poll() is not None or time.monotonic() > deadline:
+    log = StderrReader(process.stderr)
+    served: ServerProcess | None = None
+    failed = False
+    try:
+        found: list[int] = []
+        hides_info = _hides_info(args)
+
+        def listening() -> bool:
+            if hides_info:
+                real = _listening_port(process.pid)
+            else:
+                line = LISTENING.search(log.text())
+                real = None if line is None else int(line[2])
+            if real is not None:
+                found.append(real)
+            return real is not None or process.poll() is not None
+
+        poll("chat.py to listen", listening)
+        assert found and process.poll() is None, f"chat.py did not start: {log.text()}"
+        served = ServerProcess(process, found[0], log)
+        yield served
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        for client in [] if served is None else served.clients:
+            client.close()
+        if process.poll() is None:
             process.kill()
-            raise RuntimeError(f"chat.py did not start: {running.stderr_text()}")
-        time.sleep(0.05)
+        process.wait(TIMEOUT)
+        log.join(TIMEOUT)
+        if failed:  # pytest shows this with the failure
+            print("--- the server's stderr (last 20,000 characters) ---")
+            print(log.text()[-20_000:])
 
 
-@pytest.fixture
-def server_process() -> Iterator[ServerProcess]:
-    running = spawn_server()
-    yield running
-    if running.process.poll() is None:
-        running.process.kill()
-        running.process.communicate()
+def run_chat(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """`python chat.py ARGS...` run to completion, for command lines that
+    must not serve (--help, bad options)."""
+    return subprocess.run(
+        [sys.executable, str(HERE / "chat.py"), *args],
+        capture_output=True,
+        timeout=3 * TIMEOUT,
+        check=False,
+    )
+
+
+def free_port() -> int:
+    """A port no socket holds now, chosen below the kernel's ephemeral range
+    so that no client socket of the tests (thousands of them) can take it
+    before it is bound. Only for redis-server, which cannot report a port 0
+    (for chat.py, `launch` binds port 0)."""
+    low, _ = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 12_000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
+def raise_fd_limit(needed: int) -> None:
+    """Let this process hold `needed` descriptors (children inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {needed}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))

@@ -1,26 +1,42 @@
 """Cluster mode (PROTOCOL.md, "Cluster mode") against a real redis-server.
 
 Each test starts its own redis-server on a free port (no persistence) and two
-or three `chat.py --redis ...` processes. Every read has a timeout; what
-crosses servers is awaited with a deadline, never with a fixed sleep.
+or three `chat.py --redis ...` processes (conftest's `launch`, on port 0).
+Every read has a timeout; what crosses servers is awaited with `poll` and a
+deadline, never with a fixed sleep. The contract's lines come from
+conftest's table, not from protocol.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-import protocol
-from conftest import HERE, TIMEOUT, Client, ServerProcess, free_port, spawn_server
+from chat import ChatServer
+from conftest import (
+    HERE,
+    NAME_HAS_SPACES,
+    NAME_REQUIRED,
+    NAME_TAKEN,
+    SERVICE_UNAVAILABLE,
+    TIMEOUT,
+    Client,
+    ServerProcess,
+    free_port,
+    launch,
+    poll,
+    run_chat,
+    username,
+)
 
 hiredis = pytest.importorskip("hiredis")
 import cluster as cluster_module  # noqa: E402  (needs hiredis)
@@ -32,23 +48,11 @@ if REDIS_SERVER is None:
         pytest.fail("redis-server is missing", pytrace=False)
     pytest.skip("redis-server is not installed", allow_module_level=True)
 
-UNAVAILABLE = protocol.SERVICE_UNAVAILABLE.rstrip(b"\n")
-TAKEN = protocol.NAME_TAKEN.rstrip(b"\n")
-NAME_REQUIRED = protocol.NAME_REQUIRED.rstrip(b"\n")
 # How long anything that crosses servers (or waits for a lease) may take.
 DEADLINE = 15.0
 NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
 # The short lease the tests use, so that expiry is quick to observe.
 LEASE_MS = 1500
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = DEADLINE) -> None:
-    """Poll `check` until it holds; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 class Redis:
@@ -79,7 +83,7 @@ class Redis:
             except OSError:
                 return False
 
-        wait_for("redis-server to start", answers, TIMEOUT)
+        poll("redis-server to start", answers)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -113,22 +117,13 @@ class Cluster:
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self.servers: list[ServerProcess] = []
-        self.clients: list[Client] = []
+        self.servers = contextlib.ExitStack()
         self.probes = 0
 
-    def spawn(self, *args: str, port: int | None = None, ready: bool = True) -> ServerProcess:
-        server = spawn_server(
-            "--redis",
-            self.redis.url,
-            "--lease-ms",
-            str(LEASE_MS),
-            "--log-level",
-            "WARNING",
-            *args,
-            port=port,
+    def spawn(self, *args: str, port: int = 0, ready: bool = True) -> ServerProcess:
+        server = self.servers.enter_context(
+            launch("--redis", self.redis.url, "--lease-ms", str(LEASE_MS), *args, port=port)
         )
-        self.servers.append(server)
         if ready:
             self.wait_ready(server)
         return server
@@ -142,25 +137,20 @@ class Cluster:
             with Client(server.address) as client:
                 client.send(f"USERNAME {probe}\n".encode())
                 lines = client.sync()
-                assert lines in ([], [UNAVAILABLE]), lines
+                assert lines in ([], [SERVICE_UNAVAILABLE]), lines
                 return lines == []
 
-        wait_for("the server to reach Redis", accepts)
+        poll("the server to reach Redis", accepts, DEADLINE)
 
     def client(self, server: ServerProcess, name: str | None = None) -> Client:
-        client = Client(server.address)
-        self.clients.append(client)
+        client = server.client()
         if name is not None:
             client.register(name)
         return client
 
     def close(self) -> None:
-        for client in self.clients:
-            client.close()
-        for server in self.servers:
-            if server.process.poll() is None:
-                server.process.kill()
-            server.process.communicate(timeout=TIMEOUT)
+        """Close every client and kill every server."""
+        self.servers.close()
 
 
 @pytest.fixture
@@ -172,7 +162,7 @@ def cluster(redis: Redis) -> Iterator[Cluster]:
 
 def take(client: Client, name: str) -> list[bytes]:
     """Send USERNAME; the replies to it."""
-    client.send(f"USERNAME {name}\n".encode())
+    client.send(username(name))
     return client.sync()
 
 
@@ -181,16 +171,17 @@ def wait_until_free(client: Client, name: str) -> None:
 
     def given() -> bool:
         lines = take(client, name)
-        assert lines in ([], [TAKEN]), lines
+        assert lines in ([], [NAME_TAKEN]), lines
         return lines == []
 
-    wait_for(f"{name!r} to be free", given)
+    poll(f"{name!r} to be free", given, DEADLINE)
 
 
 # --- messages ------------------------------------------------------------
 
 
 def test_two_users_on_two_servers_talk(cluster: Cluster) -> None:
+    """A SEND accepted by one server reaches every other member on every server."""
     one, two = cluster.spawn(), cluster.spawn()
     alice = cluster.client(one)
     # A USERNAME waits for Redis, and the lines after it wait with it: the
@@ -213,6 +204,7 @@ def test_two_users_on_two_servers_talk(cluster: Cluster) -> None:
 
 
 def test_lines_after_a_username_wait_for_it_in_order(cluster: Cluster) -> None:
+    """A connection's lines behind a USERNAME that waits for Redis keep their order."""
     one, two = cluster.spawn(), cluster.spawn()
     bob = cluster.client(two, "bob")
     carol = cluster.client(one)
@@ -225,6 +217,7 @@ def test_lines_after_a_username_wait_for_it_in_order(cluster: Cluster) -> None:
 
 
 def test_one_global_order_across_servers(cluster: Cluster) -> None:
+    """All recipients on all servers see one global order; no sender gets its own."""
     servers = [cluster.spawn() for _ in range(3)]
     # Two senders per server: a server publishes a turn's messages together,
     # and must still leave each sender out of its own.
@@ -247,6 +240,7 @@ def test_one_global_order_across_servers(cluster: Cluster) -> None:
 
 
 def test_megabytes_across_servers_arrive_whole(cluster: Cluster) -> None:
+    """Every accepted message reaches every member on every server, megabytes of them."""
     # Room to spare for a test process that reads slowly on a busy machine:
     # this test is about Redis and the subscription losing nothing.
     servers = [cluster.spawn("--output-limit", str(64 << 20)) for _ in range(3)]
@@ -280,19 +274,20 @@ def test_megabytes_across_servers_arrive_whole(cluster: Cluster) -> None:
 
 
 def test_names_are_unique_across_servers(cluster: Cluster) -> None:
+    """Names are unique across the cluster (same comparison); renames free at once."""
     one, two = cluster.spawn(), cluster.spawn()
     teixe = cluster.client(one, "Teixe")
     other = cluster.client(two)
     for variant in ("Teixe", "teixe", "TEIXE", "ｔｅｉｘｅ"):
-        assert take(other, variant) == [TAKEN]
+        assert take(other, variant) == [NAME_TAKEN]
     # Refused, so the next line is processed without a name.
     other.send("USERNAME ＴＥＩＸＥ\nSEND hi\n".encode())
-    assert other.sync() == [TAKEN, NAME_REQUIRED]
+    assert other.sync() == [NAME_TAKEN, NAME_REQUIRED]
     # A rename frees the old name, for every server.
     assert take(teixe, "jeff") == []
     wait_until_free(other, "teixe")
-    assert take(teixe, "TEIXE") == [TAKEN]
-    assert take(cluster.client(one), "JEFF") == [TAKEN]
+    assert take(teixe, "TEIXE") == [NAME_TAKEN]
+    assert take(cluster.client(one), "JEFF") == [NAME_TAKEN]
     # A disconnection frees it too.
     teixe.close()
     wait_until_free(other, "jeff")
@@ -301,6 +296,7 @@ def test_names_are_unique_across_servers(cluster: Cluster) -> None:
 
 
 def test_a_stopped_server_frees_its_names_at_once(cluster: Cluster) -> None:
+    """A server that stops cleanly frees its names at once, for every server."""
     # A lease far longer than the wait below: only a release frees the name.
     one, two = cluster.spawn("--lease-ms", "600000"), cluster.spawn()
     cluster.client(one, "alice")
@@ -310,10 +306,11 @@ def test_a_stopped_server_frees_its_names_at_once(cluster: Cluster) -> None:
 
 
 def test_a_killed_servers_names_are_freed_within_the_lease(cluster: Cluster) -> None:
+    """A server that dies without cleaning up frees its names within the lease."""
     one, two = cluster.spawn(), cluster.spawn()
     cluster.client(one, "alice")
     bob = cluster.client(two)
-    assert take(bob, "alice") == [TAKEN]
+    assert take(bob, "alice") == [NAME_TAKEN]
     one.process.kill()  # no chance to release anything
     one.process.wait(TIMEOUT)
     # Still held (no renewal will come): LEASE_MS, polled, bounded.
@@ -325,6 +322,7 @@ def test_a_killed_servers_names_are_freed_within_the_lease(cluster: Cluster) -> 
 
 
 def test_redis_outage_keeps_connections_and_recovers(cluster: Cluster) -> None:
+    """Without Redis: connections stay, Service unavailable, logged once, back by itself."""
     one, two = cluster.spawn(), cluster.spawn()
     alice = cluster.client(one, "alice")
     bob = cluster.client(two, "bob")
@@ -335,37 +333,37 @@ def test_redis_outage_keeps_connections_and_recovers(cluster: Cluster) -> None:
         def check() -> bool:
             client.send(b"SEND are you there\n")
             lines = client.sync()
-            assert lines in ([], [UNAVAILABLE]), lines
-            return lines == [UNAVAILABLE]
+            assert lines in ([], [SERVICE_UNAVAILABLE]), lines
+            return lines == [SERVICE_UNAVAILABLE]
 
         return check
 
-    wait_for("alice's server to notice the outage", refused(alice))
-    wait_for("bob's server to notice the outage", refused(bob))
-    assert take(alice, "alice2") == [UNAVAILABLE]
-    assert take(newcomer, "carol") == [UNAVAILABLE]
+    poll("alice's server to notice the outage", refused(alice), DEADLINE)
+    poll("bob's server to notice the outage", refused(bob), DEADLINE)
+    assert take(alice, "alice2") == [SERVICE_UNAVAILABLE]
+    assert take(newcomer, "carol") == [SERVICE_UNAVAILABLE]
     newcomer.send(b"SEND hi\nUSERNAME a b\n")  # what needs no Redis works
-    assert newcomer.sync() == [NAME_REQUIRED, protocol.NAME_HAS_SPACES.rstrip(b"\n")]
+    assert newcomer.sync() == [NAME_REQUIRED, NAME_HAS_SPACES]
 
     cluster.redis.start()  # same port, empty: every lease is gone
 
     def flows() -> bool:
         alice.send(b"SEND back\n")
         lines = alice.sync()
-        assert lines in ([], [UNAVAILABLE]), lines
+        assert lines in ([], [SERVICE_UNAVAILABLE]), lines
         return lines == []
 
-    wait_for("alice's server to reconnect", flows)
+    poll("alice's server to reconnect", flows, DEADLINE)
     # Bob may have missed the messages alice sent before his server was
     # back; the first one he gets after that is hers.
-    wait_for("bob's server to reconnect", lambda: take(newcomer, "carol") == [])
+    poll("bob's server to reconnect", lambda: take(newcomer, "carol") == [], DEADLINE)
     alice.send(b"SEND after\n")
     for client in (bob, newcomer):
         while (line := client.line()) != b"RECEIVE alice after":
             assert line == b"RECEIVE alice back", line
     # Each server claimed its names again when Redis came back.
-    assert take(cluster.client(two), "ALICE") == [TAKEN]
-    assert take(cluster.client(one), "bob") == [TAKEN]
+    assert take(cluster.client(two), "ALICE") == [NAME_TAKEN]
+    assert take(cluster.client(one), "bob") == [NAME_TAKEN]
     # The outage was logged once per server, not once per retry.
     for server in (one, two):
         server.process.terminate()
@@ -375,6 +373,7 @@ def test_redis_outage_keeps_connections_and_recovers(cluster: Cluster) -> None:
 
 
 def test_a_redis_that_stops_answering_counts_as_an_outage(cluster: Cluster) -> None:
+    """A Redis that stops answering counts as an outage once a deadline passes."""
     one, two = cluster.spawn(), cluster.spawn()
     alice = cluster.client(one, "alice")
     bob = cluster.client(two, "bob")
@@ -386,25 +385,30 @@ def test_a_redis_that_stops_answering_counts_as_an_outage(cluster: Cluster) -> N
     def refused() -> bool:
         alice.send(b"SEND anyone?\n")
         lines = alice.sync()
-        assert lines in ([], [UNAVAILABLE]), lines
-        return lines == [UNAVAILABLE]
+        assert lines in ([], [SERVICE_UNAVAILABLE]), lines
+        return lines == [SERVICE_UNAVAILABLE]
 
-    wait_for("alice's server to give up on Redis", refused)
+    poll("alice's server to give up on Redis", refused, DEADLINE)
 
     def flows() -> bool:
         alice.send(b"SEND back\n")
         lines = alice.sync()
-        assert lines in ([], [UNAVAILABLE]), lines
+        assert lines in ([], [SERVICE_UNAVAILABLE]), lines
         return lines == []
 
-    wait_for("alice's server to reconnect", flows)
-    wait_for("bob's server to be back", lambda: take(cluster.client(two), "ALICE") == [TAKEN])
+    poll("alice's server to reconnect", flows, DEADLINE)
+    poll(
+        "bob's server to be back",
+        lambda: take(cluster.client(two), "ALICE") == [NAME_TAKEN],
+        DEADLINE,
+    )
     alice.send(b"SEND after\n")
     while (line := bob.line()) != b"RECEIVE alice after":
         assert line in (b"RECEIVE alice anyone?", b"RECEIVE alice back"), line
 
 
 def test_a_name_given_away_during_an_outage_is_lost(cluster: Cluster) -> None:
+    """A name given away during an outage is lost: Username already in use, no name."""
     one, two = cluster.spawn(), cluster.spawn()
     alice = cluster.client(one, "alice")
     bob = cluster.client(two, "bob")
@@ -414,24 +418,25 @@ def test_a_name_given_away_during_an_outage_is_lost(cluster: Cluster) -> None:
     assert take(bob, "alice") == []
     # Both servers lose their link; on return each claims its names again.
     assert cluster.redis.command(b"CLIENT", b"KILL", b"TYPE", b"pubsub") >= 2
-    assert alice.line() == TAKEN  # told, unprompted
+    assert alice.line() == NAME_TAKEN  # told, unprompted
     alice.send(b"SEND still me?\n")
     assert alice.sync() == [NAME_REQUIRED]
-    assert take(alice, "alice") == [TAKEN]
+    assert take(alice, "alice") == [NAME_TAKEN]
     # Bob kept it: wait until his server is back, then talk.
     assert take(alice, "alice3") == []
-    wait_for("bob's server to reconnect", lambda: take(bob, "Alice") == [])
+    poll("bob's server to reconnect", lambda: take(bob, "Alice") == [], DEADLINE)
     bob.send(b"SEND mine now\n")
     assert alice.line() == b"RECEIVE Alice mine now"
 
 
 def test_a_server_started_before_redis_connects_by_itself(redis: Redis) -> None:
+    """A server started before Redis answers Service unavailable, then connects itself."""
     redis.stop()
     running = Cluster(redis)
     try:
         server = running.spawn(ready=False)
         client = running.client(server)
-        assert take(client, "early") == [UNAVAILABLE]
+        assert take(client, "early") == [SERVICE_UNAVAILABLE]
         redis.start()
         running.wait_ready(server)
         assert take(client, "early") == []
@@ -440,6 +445,7 @@ def test_a_server_started_before_redis_connects_by_itself(redis: Redis) -> None:
 
 
 def test_rooms_on_one_redis_are_apart(cluster: Cluster) -> None:
+    """Servers with one Redis but another --room serve another room."""
     one, two = cluster.spawn("--room", "red"), cluster.spawn("--room", "blue")
     alice, carol = cluster.client(one, "same"), cluster.client(one, "carol")
     bob, dave = cluster.client(two, "same"), cluster.client(two, "dave")  # no clash
@@ -455,20 +461,21 @@ def test_rooms_on_one_redis_are_apart(cluster: Cluster) -> None:
 
 
 def test_servers_share_one_port_with_reuse_port(cluster: Cluster) -> None:
-    port = free_port()
-    first = cluster.spawn("--reuse-port", port=port)
-    second = cluster.spawn("--reuse-port", port=port, ready=False)
+    """--reuse-port lets several servers on one machine share one port."""
+    first = cluster.spawn("--reuse-port")
+    second = cluster.spawn("--reuse-port", port=first.port, ready=False)
     # The second binds before it subscribes: once Redis counts two
     # subscribers, both servers listen.
-    wait_for(
+    poll(
         "the second server to subscribe",
         lambda: cluster.redis.command(b"PUBSUB", b"NUMSUB", b"chat:chat")[1] == 2,
+        DEADLINE,
     )
     assert second.process.poll() is None
     clients = [cluster.client(first) for _ in range(16)]  # either server
     for i, client in enumerate(clients):
         # The second server may still be connecting to Redis.
-        wait_for("a name", lambda: take(client, f"user{i}") == [])  # noqa: B023
+        poll("a name", lambda: take(client, f"user{i}") == [], DEADLINE)  # noqa: B023
     clients[0].send(b"SEND everyone\n")
     for client in clients[1:]:
         assert client.line() == b"RECEIVE user0 everyone"
@@ -480,20 +487,13 @@ def test_servers_share_one_port_with_reuse_port(cluster: Cluster) -> None:
 
 
 def test_command_line(redis: Redis) -> None:
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, str(HERE / "chat.py"), *args],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-        )
-
-    usage = run("--help").stdout
+    """The cluster options: --help, a bad --redis URL, no extra import without --redis."""
+    usage = run_chat("--help").stdout.decode()
     for option in ("--redis URL", "--room NAME", "--reuse-port", "--lease-ms MS"):
         assert option in usage
-    bad = run("0", "--redis", "http://localhost:6379")
+    bad = run_chat("0", "--redis", "http://localhost:6379")
     assert bad.returncode == 2
-    assert bad.stderr.count("\n") == 1 and "redis://" in bad.stderr
+    assert bad.stderr.decode().count("\n") == 1 and "redis://" in bad.stderr.decode()
     # Single-server mode imports neither cluster.py nor hiredis.
     probe = (
         "import sys, chat; chat.ChatServer('127.0.0.1', 0).close(); "
@@ -503,3 +503,78 @@ def test_command_line(redis: Redis) -> None:
         [sys.executable, "-c", probe], cwd=HERE, capture_output=True, text=True, timeout=TIMEOUT
     )
     assert imported.stdout.strip() == "[]", imported.stderr
+
+
+# --- Timers on the reactor's clock (a fake one) -----------------------------
+
+
+class FakeClock:
+    """A clock that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_redis_back_off_doubles_up_to_its_cap() -> None:
+    """Cluster mode: reconnecting to an unreachable Redis backs off from
+    BACKOFF_FIRST, doubling to BACKOFF_MAX, on the reactor's clock."""
+    clock = FakeClock()
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nobody listens there
+    room = cluster_module.room_factory(url, room="chat", lease_ms=3000)
+    server = ChatServer("127.0.0.1", 0, clock=clock, room=room)
+    try:
+        waits = []
+        for _ in range(8):
+            # The refused connect shows as an event; its _fail sets the retry.
+            for _ in range(50):
+                server.run_once(max_wait=0.1)
+                due = server._timers.next_due()
+                if due is not None and due - clock.now != cluster_module.CONNECT_TIMEOUT:
+                    break
+            due = server._timers.next_due()
+            assert due is not None
+            waits.append(round(due - clock.now, 6))
+            clock.advance(due - clock.now)
+        expected = [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
+        assert [cluster_module.BACKOFF_FIRST * 2**i for i in range(6)] == expected[:6]
+        assert waits == expected
+    finally:
+        server.close()
+
+
+def test_leases_are_renewed_every_third_of_the_lease(redis: Redis) -> None:
+    """Cluster mode: names are leases renewed every third of --lease-ms,
+    on the reactor's clock; a renewal extends the lease in Redis."""
+    clock = FakeClock()
+    room = cluster_module.room_factory(redis.url, room="chat", lease_ms=3000)
+    server = ChatServer("127.0.0.1", 0, clock=clock, room=room)
+    try:
+        with socket.create_connection(server.address, timeout=TIMEOUT) as client:
+            client.sendall(b"USERNAME alice\nPING\n")
+            reply = b""
+            for _ in range(100):
+                server.run_once(max_wait=0.05)
+                client.settimeout(0.001)
+                with contextlib.suppress(TimeoutError):
+                    reply += client.recv(100)
+                if reply:
+                    break
+            assert reply == b"ERROR Unrecognised command.\n"
+            key = b"chat:chat:name:alice"
+            assert 0 < redis.command(b"PTTL", key) <= 3000
+            # The renewal is due a third of the lease after connecting.
+            assert server._timers.next_due() == pytest.approx(clock.now + 1.0)
+            redis.command(b"PEXPIRE", key, b"100000")
+            clock.advance(1.0)
+            for _ in range(20):
+                server.run_once(max_wait=0.05)
+            assert 0 < redis.command(b"PTTL", key) <= 3000  # renewed to the lease
+            assert server._timers.next_due() == pytest.approx(clock.now + 1.0)
+    finally:
+        server.close()

@@ -16,10 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import protocol
+from conftest import NAME_TAKEN
 from room import NO_KEYS, Batch, LocalRoom, Member
-
-# Spelled here, not imported from protocol.py, so a typo there is caught.
-NAME_TAKEN = b"ERROR Username already in use.\n"
 
 
 @dataclass(eq=False)  # hashed by identity, as connections are
@@ -129,7 +127,7 @@ def test_a_held_name_in_any_spelling_is_refused() -> None:
     set_name(room, alice, "teixe")
     for spelling in ("teixe", "TEIXE", "Ｔｅｉｘｅ"):
         set_name(room, other, spelling)
-    assert host.direct[other] == (NAME_TAKEN) * 3
+    assert host.direct[other] == (NAME_TAKEN + b"\n") * 3
     assert other.name is None
     assert list(room.members) == [alice]
 
@@ -143,7 +141,7 @@ def test_renaming_frees_the_old_name_at_once() -> None:
     set_name(room, bob, "alice")
     assert (alice.name, bob.name) == ("alicia", "alice")
     set_name(room, bob, "ALICIA")
-    assert host.direct == {bob: NAME_TAKEN}
+    assert host.direct == {bob: NAME_TAKEN + b"\n"}
     assert bob.name == "alice"  # a refused USERNAME keeps the old name
 
 

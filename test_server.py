@@ -1,38 +1,106 @@
 """The real server over real sockets, against PROTOCOL.md (all of it but
-"Cluster mode").
+"Cluster mode", which is test_cluster.py).
 
 Ordering rests on one fact: the server processes each connection's lines in
 order, so once a client's `PING` (an unknown command) has been answered,
 everything it sent before has been processed, and every RECEIVE it caused
 has been handed to the recipients' sockets. Tests wait on such replies
-(`Client.sync`), never on the clock; every read has a timeout.
+(`Client.sync`), or poll with a deadline (`poll`), never on the clock; every
+read has a timeout. The contract's lines, the clients and the servers
+(`server`, `start_server`, `launch`) are in conftest.py.
+
+The sections follow PROTOCOL.md's headings, in its order; each test's
+docstring names the contract row it holds. Index:
+
+The chat protocol (v2), its preamble: "what a person typing into nc expects"
+    test_seed_session_one, test_seed_session_two (the README's sessions)
+    test_nc_seed_session_two, test_nc_seed_session_one (the real nc)
+Transport and framing
+  TCP, dual-stack; --host       test_default_host_serves_ipv4_and_ipv6_together,
+                                test_program_without_host_serves_ipv4_and_ipv6
+  Port, PORT, port 0            test_module_port_is_the_default,
+                                test_port_zero_logs_the_real_port
+  Line ends (\\n, \\r\\n)         test_crlf_line_endings,
+                                test_only_one_cr_before_lf_is_dropped
+  Any number of pieces          test_seed_sessions_one_byte_per_send,
+                                test_same_result_whatever_the_pieces, test_many_lines_in_one_send
+  Longer than 4096 bytes        test_line_length_limit,
+                                test_too_long_line_then_next_line_in_the_same_piece,
+                                test_one_megabyte_line,
+                                test_ten_megabyte_line_is_refused_once_in_bounded_memory
+  An empty line is ignored      test_blank_lines_get_no_reply,
+                                test_megabytes_of_blank_lines_cost_linear_time
+  Telnet (v2)                   (tests to come)
+Commands
+  USERNAME <name>               test_username_refused,
+                                test_username_accepted_silently_and_shown_as_typed,
+                                test_username_taken, test_sending_own_name_again_is_silent,
+                                test_own_name_in_another_case_is_not_taken_and_is_shown_as_typed,
+                                test_rename_frees_old_name_at_once,
+                                test_rejected_username_keeps_the_old_name;
+                                the v2 rows (names that show nothing, confusables): (tests to come)
+  SEND <message>                test_send_before_a_name, test_send_refused,
+                                test_send_of_only_whitespace_controls_is_refused,
+                                test_send_relayed_byte_for_byte
+  Anything else                 test_unknown_commands
+Delivery guarantees             test_sender_never_receives_its_own_messages,
+                                test_connections_without_a_name_receive_nothing,
+                                test_every_recipient_sees_one_global_order,
+                                test_thousand_registered_clients_all_receive_a_broadcast
+Limits and failures
+  Slow consumers                test_slow_consumer_is_disconnected_others_unaffected,
+                                test_slow_consumer_is_dropped_without_slowing_the_others,
+                                test_many_slow_consumers_and_several_senders_keep_one_order
+  Fairness                      test_flooder_does_not_starve_a_conversation
+  Too many connections, fds     test_server_full,
+                                test_fd_exhaustion_does_not_spin_and_service_continues
+  End of input                  test_half_close_processes_everything_then_closes,
+                                test_half_close_answers_the_final_line,
+                                test_half_close_with_many_replies_pending
+  A reset or broken connection  test_reset_client_does_not_disturb_others_and_frees_its_name,
+                                test_resets_in_the_middle_of_a_broadcast_spare_the_others,
+                                test_connect_reset_cycles_leak_no_descriptors
+  No input can crash it         see "Model-based and fuzz tests"
+  Real networks (v2)            (tests to come)
+  TLS (v2)                      (tests to come)
+  Monitoring (v2)               (tests to come)
+The program
+  Usage, --help, --log-level    test_help_explains_every_option, test_log_level_in_any_case,
+                                test_log_level_above_info_hides_connections,
+                                test_cluster_options_without_redis_are_ignored_with_a_warning
+  One thread, one loop          test_closing_a_server_twice_is_harmless (ChatServer embedded)
+  Logs                          test_logs_show_events_but_never_message_text
+  Ctrl-C or SIGTERM             test_signal_stops_the_server_within_a_second,
+                                test_signal_stops_at_once_with_output_queued
+  Port in use, bad option       test_port_already_in_use, test_host_that_cannot_be_bound,
+                                test_bad_command_line
+Cluster mode                    test_cluster.py; What "accepted" means (v2): (tests to come)
+Model-based and fuzz tests      test_state_machine_matches_the_room_model (delivery, every
+                                reply), test_fuzzer_beside_a_chatting_pair (no input can crash
+                                it or make it send anything outside the protocol)
+Room and batch, no sockets      test_room.py
 """
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import logging
 import operator
 import os
 import random
 import re
 import resource
-import selectors
-import shutil
 import signal
 import socket
-import struct
 import subprocess
-import sys
 import threading
 import time
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import partial
 from itertools import pairwise
-from typing import Final
+from typing import Any, Final
 
 import pytest
 from hypothesis import event, given, settings
@@ -51,92 +119,70 @@ from hypothesis.stateful import (
 )
 
 import chat
-from chat import ChatServer
 from conftest import (
-    HERE,
+    ERRORS,
+    LINE_TOO_LONG,
+    LISTENING,
+    MAX_LINE,
+    MAX_NAME,
+    MESSAGE_EMPTY,
+    MESSAGE_INVALID,
+    NAME_EMPTY,
+    NAME_HAS_SPACES,
+    NAME_INVALID,
+    NAME_REQUIRED,
+    NAME_TAKEN,
+    NAME_TOO_LONG,
+    SERVER_FULL,
+    SERVICE_UNAVAILABLE,
     SYNC,
     SYNC_REPLY,
     TIMEOUT,
+    UNRECOGNISED,
     Client,
+    Netcat,
     RunningServer,
-    ServerProcess,
-    StderrReader,
-    spawn_server,
+    launch,
+    nc_path,
+    poll,
+    raise_fd_limit,
+    receive,
+    receives,
+    run_chat,
+    send_line,
+    sends,
     start_server,
+    username,
 )
 
-# --- The contract, row by row ---
+# ============================================================================
+# Helpers of this file (the shared ones are in conftest.py)
+# ============================================================================
 
-# Every line the server may send, spelled as in PROTOCOL.md, without "\n".
-# Typed here rather than imported from protocol.py so that a typo there is
-# caught here.
-LINE_TOO_LONG: Final = b"ERROR Line too long."
-NAME_EMPTY: Final = b"ERROR Username cannot be empty."
-NAME_INVALID: Final = b"ERROR Username contains invalid characters."
-NAME_HAS_SPACES: Final = b"ERROR Username contains empty spaces."
-NAME_TOO_LONG: Final = b"ERROR Username is too long."
-NAME_TAKEN: Final = b"ERROR Username already in use."
-NAME_REQUIRED: Final = b"ERROR You must set a username first."
-MESSAGE_EMPTY: Final = b"ERROR Message cannot be empty."
-MESSAGE_INVALID: Final = b"ERROR Message contains invalid characters."
-UNRECOGNISED: Final = b"ERROR Unrecognised command."
-SERVER_FULL: Final = b"ERROR Server is full."
 
-MAX_LINE: Final = 4096  # bytes, not counting "\r\n" or "\n"
+class FakeClock:
+    """A clock that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
 
 # The zero-width joiner sequence "woman technologist": format characters
 # (Cf) are allowed in messages.
 ZWJ_EMOJI: Final = "\U0001f469\u200d\U0001f4bb"
 
 
-def username(name: str | bytes) -> bytes:
-    raw = name.encode() if isinstance(name, str) else name
-    return b"USERNAME " + raw + b"\n"
-
-
-def send_line(message: str | bytes) -> bytes:
-    raw = message.encode() if isinstance(message, str) else message
-    return b"SEND " + raw + b"\n"
-
-
-def receive(name: str, message: str | bytes) -> bytes:
-    """A RECEIVE line as a client sees it, without its "\\n"."""
-    raw = message.encode() if isinstance(message, str) else message
-    return b"RECEIVE " + name.encode() + b" " + raw
-
-
-def member(running: RunningServer, name: str) -> Client:
-    client = running.client()
-    client.register(name)
-    return client
-
-
-def read_exactly(client: Client, size: int) -> bytes:
-    """The next `size` bytes from `client`, through its line buffer; each
-    recv is bounded by the socket's timeout."""
-    data = client.buffer
-    while len(data) < size:
-        chunk = client.sock.recv(65536)
-        if not chunk:
-            raise EOFError(f"closed after {data!r}")
-        data += chunk
-    client.buffer = data[size:]
-    return data[:size]
-
-
 def expect_exactly(client: Client, expected: bytes) -> None:
     """`client` receives exactly `expected` and, as its sync proves, nothing
     more so far."""
-    assert read_exactly(client, len(expected)) == expected
+    assert client.exactly(len(expected)) == expected
     assert client.sync() == []
-
-
-def sync_unrecognised(client: Client) -> list[bytes]:
-    """Like `Client.sync`, for tests that expect `ERROR Unrecognised
-    command.` (the reply to PING): syncs with `USERNAME`, which is refused
-    as empty and changes nothing, and returns every line before its reply."""
-    client.send(b"USERNAME\n")
-    return client.until(NAME_EMPTY)
 
 
 def send_in_pieces(client: Client, data: bytes, sizes: Sequence[int], pace: float = 0.0) -> None:
@@ -154,47 +200,32 @@ def send_in_pieces(client: Client, data: bytes, sizes: Sequence[int], pace: floa
             time.sleep(pace)
 
 
-def half_close(client: Client) -> bytes:
-    """Send end of input; return everything until the server closes."""
-    client.sock.shutdown(socket.SHUT_WR)
-    return client.read_to_eof()
-
-
 def take_name_within(client: Client, name: str, seconds: float) -> None:
     """Retry USERNAME until accepted: for names freed by an event the test
     cannot sync on (a reset, a slow consumer). Bounded by a deadline."""
-    deadline = time.monotonic() + seconds
-    while True:
+
+    def taken() -> bool:
         client.send(username(name))
         reply = client.sync()
-        if reply == []:
-            return
-        assert reply == [NAME_TAKEN]
-        assert time.monotonic() < deadline, f"{name!r} was never freed"
-        time.sleep(0.02)  # polling pace, not a wait for a known event
+        assert reply in ([], [NAME_TAKEN]), reply
+        return reply == []
+
+    poll(f"{name!r} to be freed", taken, seconds)
 
 
-class SmallBufferClient(Client):
-    """A Client whose receive buffer is set before connecting, so that the
-    window it advertises stays small."""
+# ============================================================================
+# The chat protocol (v2): the README's sessions, as a person types them into nc
+# ============================================================================
 
-    def __init__(self, address: tuple[str, int], receive_buffer: int) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-        sock.settimeout(TIMEOUT)
-        sock.connect(address)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = sock
-        self.buffer = b""
-
-
-# --- 1. The seed sessions (README / the brief), byte for byte -------------
 
 SEED_ONE_INPUT: Final = b"USERNAME teixe\nSEND Hello, world!\nUSERNAME not valid\n"
+
+
 SEED_ONE_REPLY: Final = NAME_HAS_SPACES + b"\n"
 
 
 def test_seed_session_one(server: RunningServer) -> None:
+    """README session one, byte for byte: a refused USERNAME, an unknown command."""
     teixe = server.client()
     teixe.send(SEED_ONE_INPUT)
     expect_exactly(teixe, SEED_ONE_REPLY)
@@ -203,6 +234,7 @@ def test_seed_session_one(server: RunningServer) -> None:
 
 
 def test_seed_session_two(server: RunningServer) -> None:
+    """README session two, byte for byte: two users talk; no sender gets its own."""
     teixe = server.client()
     jeff = server.client()
     teixe.send(b"USERNAME teixe\n")
@@ -217,7 +249,413 @@ def test_seed_session_two(server: RunningServer) -> None:
     expect_exactly(teixe, b"RECEIVE jeff bye\n")
 
 
-# --- 2. USERNAME, row by row ----------------------------------------------
+def test_nc_seed_session_two(server: RunningServer) -> None:
+    """README session two typed into two real nc processes."""
+    port = server.address[1]
+    teixe = Netcat(port)
+    jeff = Netcat(port)
+    try:
+        teixe.type(b"USERNAME teixe\n")
+        assert teixe.sync() == []
+        jeff.type(b"USERNAME jeff\n")
+        assert jeff.sync() == []
+        teixe.type(b"SEND hi\n")
+        assert teixe.sync() == []
+        assert jeff.sync() == [b"RECEIVE teixe hi"]
+        jeff.type(b"SEND bye\n")
+        assert jeff.sync() == []
+        assert teixe.sync() == [b"RECEIVE jeff bye"]
+        sync = SYNC_REPLY + b"\n"
+        assert teixe.finish() == 2 * sync + b"RECEIVE jeff bye\n" + sync
+        assert jeff.finish() == sync + b"RECEIVE teixe hi\n" + 2 * sync
+    finally:
+        teixe.kill()
+        jeff.kill()
+
+
+@pytest.mark.parametrize("crlf", [False, True], ids=["lf", "crlf"])
+def test_nc_seed_session_one(server: RunningServer, crlf: bool) -> None:
+    # -N: shut the socket down for writing at the end of stdin, then print
+    # until the server closes. -C: send "\r\n" like telnet.
+    """README session one through real nc, with \\n and with \\r\\n (-C) line ends."""
+    flags = ["-N", "-C"] if crlf else ["-N"]
+    result = subprocess.run(
+        [nc_path(), *flags, "127.0.0.1", str(server.address[1])],
+        input=SEED_ONE_INPUT + b"NOT_A_COMMAND test\n",
+        capture_output=True,
+        timeout=3 * TIMEOUT,
+        check=False,
+    )
+    assert result.stdout == SEED_ONE_REPLY + UNRECOGNISED + b"\n"
+    assert result.returncode == 0
+
+
+# ============================================================================
+# Transport and framing
+# ============================================================================
+
+
+# --- TCP, dual-stack by default; --host narrows it ---------------------------
+
+
+needs_dualstack = pytest.mark.skipif(
+    not socket.has_dualstack_ipv6(), reason="no dual-stack IPv6 on this system"
+)
+
+
+@needs_dualstack
+def test_default_host_serves_ipv4_and_ipv6_together() -> None:
+    """No host: one dual-stack listener serves IPv6 and IPv4 clients in one room."""
+    running = start_server(host=None)
+    port = running.address[1]
+    try:
+        with Client(("127.0.0.1", port)) as v4, Client(("::1", port)) as v6:
+            v4.register("four")
+            v6.register("six")
+            v4.send(b"SEND over IPv4\n")
+            assert v4.sync() == []
+            assert v6.sync() == [receive("four", "over IPv4")]
+            v6.send(b"SEND over IPv6\n")
+            assert v6.sync() == []
+            assert v4.sync() == [receive("six", "over IPv6")]
+            v6.send(username("FOUR"))
+            assert v6.sync() == [NAME_TAKEN]
+    finally:
+        running.stop()
+    assert not running.thread.is_alive()
+
+
+@needs_dualstack
+def test_program_without_host_serves_ipv4_and_ipv6() -> None:
+    """`python chat.py 0` without --host listens dual-stack, IPv4 and IPv6."""
+    with launch(host=None) as running:
+        port = running.port
+        assert port != 0
+        with Client(("127.0.0.1", port)) as v4, Client(("::1", port)) as v6:
+            v4.register("four")
+            v6.register("six")
+            v6.send(b"SEND hi\n")
+            assert v6.sync() == []
+            assert v4.sync() == [receive("six", "hi")]
+        running.process.terminate()
+        running.process.wait(TIMEOUT)
+        assert running.process.returncode == 0
+
+
+# --- Port: PORT = 8080 by default; port 0 and the startup log line -----------
+
+
+def test_module_port_is_the_default() -> None:
+    """Port: with no argument the module-level PORT = 8080 is used."""
+    assert chat.PORT == 8080
+    assert chat.parse_args([]).port == chat.PORT
+    assert chat.parse_args(["9000"]).port == 9000
+
+
+def test_port_zero_logs_the_real_port() -> None:
+    """Port 0 asks the system for a free port; the startup log line shows the real one."""
+    with launch() as running:  # port 0
+        found = LISTENING.search(running.log.text())
+        assert found is not None
+        assert found.group(1) == "127.0.0.1"
+        port = int(found.group(2))
+        assert port != 0
+        # The logged port is the real one: chat happens on it.
+        alice = Client(("127.0.0.1", port))
+        bob = Client(("127.0.0.1", port))
+        running.clients += [alice, bob]
+        alice.register("alice")
+        bob.register("bob")
+        alice.send(b"SEND hi\n")
+        assert alice.sync() == []
+        assert bob.sync() == [receive("alice", "hi")]
+        running.process.terminate()
+        rest = running.stderr_text()
+        assert running.process.returncode == 0
+        assert "Traceback" not in rest
+
+
+# --- A line ends with \n; one \r before it is dropped ------------------------
+
+
+def test_crlf_line_endings(server: RunningServer) -> None:
+    """One \\r right before the \\n is dropped, so telnet and Windows clients work."""
+    jeff = server.member("jeff")
+    teixe = server.client()
+    teixe.send(b"USERNAME teixe\r\nSEND hi\r\n")
+    assert teixe.sync() == []
+    # No "\r" in what is relayed: the name is "teixe", the message "hi".
+    expect_exactly(jeff, b"RECEIVE teixe hi\n")
+    jeff.send(b"USERNAME teixe\r\n")
+    assert jeff.sync() == [NAME_TAKEN]
+
+
+@pytest.mark.parametrize(
+    ("data", "replies"),
+    [
+        (b"SEND hi\r\r\n", [MESSAGE_INVALID]),  # only one "\r" is dropped
+        (b"USERNAME teixe\r\r\n", [NAME_HAS_SPACES]),  # "\r".isspace()
+        (b"\r\r\n", [UNRECOGNISED]),  # a line holding one "\r" is not blank
+        (b"SEND a\rb\r\n", [MESSAGE_INVALID]),
+        (b"SEND \r\n", [MESSAGE_EMPTY]),
+    ],
+    ids=repr,
+)
+def test_only_one_cr_before_lf_is_dropped(
+    server: RunningServer, data: bytes, replies: list[bytes]
+) -> None:
+    """Only one \\r is dropped: the rest of a line ending in \\r\\r\\n keeps a \\r."""
+    jeff = server.member("jeff")
+    client = server.member("client")
+    client.send(data)
+    assert client.sync_unrecognised() == replies
+    assert jeff.sync() == []
+
+
+# --- A line in any number of pieces, many lines in one piece -----------------
+
+
+def test_seed_sessions_one_byte_per_send(server: RunningServer) -> None:
+    """A line may arrive one byte per packet: the README sessions, byte by byte."""
+    one_byte = [1]
+    pace = 0.001  # spaces the bytes out so the server sees them one by one
+    teixe = server.client()
+    send_in_pieces(teixe, SEED_ONE_INPUT + b"NOT_A_COMMAND test\n", one_byte, pace)
+    expect_exactly(teixe, SEED_ONE_REPLY + UNRECOGNISED + b"\n")
+    jeff = server.client()
+    send_in_pieces(jeff, b"USERNAME jeff\n", one_byte, pace)
+    assert jeff.sync() == []
+    send_in_pieces(teixe, b"SEND hi\n", one_byte, pace)
+    assert teixe.sync() == []
+    expect_exactly(jeff, b"RECEIVE teixe hi\n")
+    send_in_pieces(jeff, b"SEND bye\r\n", one_byte, pace)
+    assert jeff.sync() == []
+    expect_exactly(teixe, b"RECEIVE jeff bye\n")
+
+
+# One connection's input, and what it and a watching member must get,
+# whatever pieces the input arrives in.
+CHUNKING_SCRIPT: Final = b"".join(
+    [
+        b"SEND early\n",
+        b"USERNAME te ixe\n",
+        b"USERNAME teixe\r\n",
+        b"\n\r\n",
+        b"SEND Hello, world!\n",
+        b"SEND a\tb " + ZWJ_EMOJI.encode() + b"\r\n",
+        b"USERNAME jeff\n",
+        b"SEND \x1b[2J\n",
+        b"send hi\n",
+        b"SEND " + b"x" * (MAX_LINE - 4) + b"\r\n",  # 4097 bytes
+        b"SEND " + b"y" * (MAX_LINE - 5) + b"\r\n",  # 4096 bytes
+        b"SEND bye\n",
+    ]
+)
+
+
+CHUNKING_REPLIES: Final = [
+    NAME_REQUIRED,
+    NAME_HAS_SPACES,
+    NAME_TAKEN,
+    MESSAGE_INVALID,
+    UNRECOGNISED,
+    LINE_TOO_LONG,
+]
+
+
+CHUNKING_RELAYED: Final = [
+    receive("teixe", "Hello, world!"),
+    receive("teixe", "a\tb " + ZWJ_EMOJI),
+    receive("teixe", b"y" * (MAX_LINE - 5)),
+    receive("teixe", "bye"),
+]
+
+
+def cuts_after(data: bytes, byte: bytes) -> list[int]:
+    """Piece sizes that cut `data` right after every occurrence of `byte`."""
+    ends = [i + 1 for i in range(len(data)) if data[i : i + 1] == byte] + [len(data)]
+    starts = [0, *ends[:-1]]
+    return [end - start for start, end in zip(starts, ends, strict=True) if end > start]
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [len(CHUNKING_SCRIPT)],
+        [1],
+        random.Random(7).choices(range(1, 9), k=500),
+        random.Random(8).choices(range(1, 3000), k=50),
+        cuts_after(CHUNKING_SCRIPT, b"\r"),
+        cuts_after(CHUNKING_SCRIPT, b" "),
+    ],
+    ids=["whole", "bytes", "small", "large", "after-cr", "after-space"],
+)
+def test_same_result_whatever_the_pieces(server: RunningServer, sizes: list[int]) -> None:
+    """Any number of pieces, many lines in one piece: the result is the same."""
+    jeff = server.member("jeff")
+    client = server.client()
+    send_in_pieces(client, CHUNKING_SCRIPT, sizes)
+    assert client.sync_unrecognised() == CHUNKING_REPLIES
+    assert jeff.sync() == CHUNKING_RELAYED
+
+
+def test_many_lines_in_one_send(server: RunningServer) -> None:
+    """Many lines may arrive in one piece: a thousand SENDs in one sendall."""
+    jeff = server.member("jeff")
+    teixe = server.client()
+    lines = [username("teixe")] + [send_line(f"n{i}") for i in range(1000)] + [b"BAD\n"]
+    teixe.send(b"".join(lines))
+    assert teixe.sync_unrecognised() == [UNRECOGNISED]
+    assert jeff.sync() == [receive("teixe", f"n{i}") for i in range(1000)]
+
+
+# --- A line longer than 4096 bytes -------------------------------------------
+
+
+def long_send(total: int) -> bytes:
+    """A SEND line of exactly `total` bytes, without its terminator."""
+    return b"SEND " + b"x" * (total - 5)
+
+
+@pytest.mark.parametrize(
+    ("pieces", "relayed"),
+    [
+        ([long_send(MAX_LINE) + b"\n"], True),
+        ([long_send(MAX_LINE) + b"\r\n"], True),
+        ([long_send(MAX_LINE) + b"\r", b"\n"], True),
+        ([long_send(MAX_LINE), b"\r", b"\n"], True),
+        ([long_send(MAX_LINE)[:1000], long_send(MAX_LINE)[1000:], b"\n"], True),
+        ([long_send(MAX_LINE + 1) + b"\n"], False),
+        ([long_send(MAX_LINE + 1) + b"\r\n"], False),
+        ([long_send(MAX_LINE + 1) + b"\r", b"\n"], False),
+        ([long_send(MAX_LINE), b"x", b"\n"], False),
+        ([long_send(MAX_LINE) + b"\r", b"\r\n"], False),  # 4096 bytes + "\r"
+        ([long_send(3 * MAX_LINE) + b"\n"], False),
+    ],
+    ids=[
+        "4096",
+        "4096-crlf",
+        "4096-cr|lf",
+        "4096|cr|lf",
+        "4096-in-pieces",
+        "4097",
+        "4097-crlf",
+        "4097-cr|lf",
+        "4096|x|lf",
+        "4096-cr|crlf",
+        "12288",
+    ],
+)
+def test_line_length_limit(server: RunningServer, pieces: list[bytes], relayed: bool) -> None:
+    """Over 4096 bytes (not counting \\r\\n): one Line too long, then carry on."""
+    jeff = server.member("jeff")
+    sender = server.member("sender")
+    for piece in pieces:
+        sender.send(piece)
+    if relayed:
+        assert sender.sync() == []
+        expect_exactly(jeff, b"RECEIVE sender " + long_send(MAX_LINE)[5:] + b"\n")
+    else:
+        # Exactly one reply, however long the line; the connection carries on.
+        assert sender.sync() == [LINE_TOO_LONG]
+        assert jeff.sync() == []
+    sender.send(b"SEND next\n")
+    assert sender.sync() == []
+    assert jeff.sync() == [receive("sender", "next")]
+
+
+def test_too_long_line_then_next_line_in_the_same_piece(server: RunningServer) -> None:
+    """A too long line's bytes are discarded up to the next \\n only."""
+    jeff = server.member("jeff")
+    sender = server.member("sender")
+    sender.send(long_send(5000) + b"\nSEND next\n" + long_send(MAX_LINE + 1) + b"\r\nSEND last\n")
+    assert sender.sync() == [LINE_TOO_LONG, LINE_TOO_LONG]
+    assert jeff.sync() == [receive("sender", "next"), receive("sender", "last")]
+
+
+def test_one_megabyte_line(server: RunningServer) -> None:
+    """A 1 MiB line is answered once with Line too long; the next line is processed."""
+    jeff = server.member("jeff")
+    sender = server.member("sender")
+    line = long_send(1 << 20)
+    for start in range(0, len(line), 50_000):
+        sender.send(line[start : start + 50_000])
+    sender.send(b"\nSEND after\n")
+    assert sender.sync() == [LINE_TOO_LONG]
+    assert jeff.sync() == [receive("sender", "after")]
+
+
+def test_ten_megabyte_line_is_refused_once_in_bounded_memory() -> None:
+    """A 10 MiB line: one Line too long, in bounded memory."""
+    with launch() as server:
+        client = server.client()
+        assert client.sync() == []
+        # VmHWM is the peak: a buffer that grew and was freed still shows.
+        peak_before = server.status_kib("VmHWM")
+        rss_before = server.status_kib("VmRSS")
+        piece = b"x" * 65536
+        for _ in range(160):  # 10 MiB, no "\n"
+            client.send(piece)
+        client.send(b"\n")
+        assert client.sync() == [LINE_TOO_LONG]
+        peak_growth = server.status_kib("VmHWM") - peak_before
+        rss_growth = server.status_kib("VmRSS") - rss_before
+        assert peak_growth < 4096, f"peak memory grew by {peak_growth} KiB"
+        assert rss_growth < 4096, f"memory grew by {rss_growth} KiB"
+        # The line after it is a line like any other.
+        client.register("after")
+        server.finish()
+
+
+# --- An empty line is ignored ------------------------------------------------
+
+
+def test_blank_lines_get_no_reply(server: RunningServer) -> None:
+    """An empty line (\\n or \\r\\n) is ignored: no reply, named or not."""
+    jeff = server.member("jeff")
+    unnamed = server.client()
+    named = server.member("named")
+    for client in (unnamed, named):
+        client.send(b"\n\r\n\n\r\n")
+        client.send(b"\r")
+        client.send(b"\n")  # "\r\n" split across two sends
+        assert client.sync() == []
+    assert jeff.sync() == []
+
+
+def test_megabytes_of_blank_lines_cost_linear_time() -> None:
+    """Empty lines are ignored: 4 Mi of them, in linear time."""
+    with launch() as server:
+        client = server.client()
+        assert client.sync() == []
+        cpu_before = server.cpu_seconds()
+        start = time.monotonic()
+        client.send(b"\n" * (4 << 20))
+        assert client.sync() == []  # no reply to any blank line
+        elapsed = time.monotonic() - start
+        cpu = server.cpu_seconds() - cpu_before
+        # Both take ~0.8 s on an idle 2-core machine; anything quadratic in
+        # 4 Mi lines would take hours. The server's CPU time is the sharp
+        # measure: other processes on the machine barely change it, whereas
+        # the wall time reached 4.1 s with two busy loops and two other runs
+        # of this file beside it.
+        assert cpu < 3.0, f"4 Mi blank lines took {cpu:.2f}s of the server's CPU"
+        assert elapsed < 10.0, f"4 Mi blank lines took {elapsed:.2f}s"
+        server.finish()
+
+
+# --- Telnet (v2) -------------------------------------------------------------
+# (tests to come)
+
+
+# ============================================================================
+# Commands
+# ============================================================================
+
+
+# --- USERNAME <name> ---------------------------------------------------------
+# The v2 rows (names that show nothing, confusable names): tests to come.
+
 
 # (the USERNAME line without "\n", the reply to a connection without a name)
 USERNAME_ROWS: Final[list[tuple[bytes, bytes]]] = [
@@ -269,6 +707,7 @@ USERNAME_ROWS: Final[list[tuple[bytes, bytes]]] = [
     ("line", "reply"), USERNAME_ROWS, ids=[repr(line[9:])[:40] for line, _ in USERNAME_ROWS]
 )
 def test_username_refused(server: RunningServer, line: bytes, reply: bytes) -> None:
+    """USERNAME: every refusing row of the table, in its order, and no name after it."""
     client = server.client()
     client.send(line + b"\n")
     assert client.sync() == [reply]
@@ -295,7 +734,8 @@ def test_username_refused(server: RunningServer, line: bytes, reply: bytes) -> N
     ids=lambda name: ascii(name)[:24],
 )
 def test_username_accepted_silently_and_shown_as_typed(server: RunningServer, name: str) -> None:
-    watcher = member(server, "watcher")
+    """USERNAME otherwise: no reply; the displayed name is kept as typed."""
+    watcher = server.member("watcher")
     client = server.client()
     client.send(username(name))
     assert client.sync() == []
@@ -320,22 +760,24 @@ def test_username_accepted_silently_and_shown_as_typed(server: RunningServer, na
     ids=lambda name: ascii(name)[:24],
 )
 def test_username_taken(server: RunningServer, holder: str, attempt: str) -> None:
-    first = member(server, holder)
+    """USERNAME held by another connection (NFKC + casefold): Username already in use."""
+    first = server.member(holder)
     second = server.client()
     second.send(username(attempt))
     assert second.sync() == [NAME_TAKEN]
     # The holder keeps it, and the second connection has no name.
     second.send(b"SEND hi\n")
     assert second.sync() == [NAME_REQUIRED]
-    observer = member(server, "observer")
+    observer = server.member("observer")
     first.send(b"SEND still mine\n")
     assert first.sync() == []
     assert observer.sync() == [receive(holder, "still mine")]
 
 
 def test_sending_own_name_again_is_silent(server: RunningServer) -> None:
-    teixe = member(server, "teixe")
-    jeff = member(server, "jeff")
+    """USERNAME: setting the name it already has is fine (no reply)."""
+    teixe = server.member("teixe")
+    jeff = server.member("jeff")
     teixe.send(b"USERNAME teixe\nUSERNAME teixe\n")
     assert teixe.sync() == []
     teixe.send(b"SEND hi\n")
@@ -348,8 +790,9 @@ def test_own_name_in_another_case_is_not_taken_and_is_shown_as_typed(
 ) -> None:
     # "held by another connection" is the taken row: the holder itself may
     # respell its name, and the new spelling is what others see.
-    teixe = member(server, "teixe")
-    jeff = member(server, "jeff")
+    """USERNAME: the holder may respell its own name; others see the new spelling."""
+    teixe = server.member("teixe")
+    jeff = server.member("jeff")
     teixe.send(username("TEIXE"))
     assert teixe.sync() == []
     teixe.send(b"SEND hi\n")
@@ -358,8 +801,9 @@ def test_own_name_in_another_case_is_not_taken_and_is_shown_as_typed(
 
 
 def test_rename_frees_old_name_at_once(server: RunningServer) -> None:
-    teixe = member(server, "teixe")
-    watcher = member(server, "watcher")
+    """USERNAME again: a valid new name replaces the old one, which is free at once."""
+    teixe = server.member("teixe")
+    watcher = server.member("watcher")
     teixe.send(username("bob"))
     assert teixe.sync() == []
     # No waiting: the next connection to ask gets the old name.
@@ -388,8 +832,9 @@ def test_rename_frees_old_name_at_once(server: RunningServer) -> None:
 def test_rejected_username_keeps_the_old_name(
     server: RunningServer, line: bytes, reply: bytes
 ) -> None:
-    teixe = member(server, "teixe")
-    jeff = member(server, "jeff")
+    """A rejected USERNAME leaves the current name unchanged."""
+    teixe = server.member("teixe")
+    jeff = server.member("jeff")
     teixe.send(line + b"\n")
     assert teixe.sync() == [reply]
     teixe.send(b"SEND still teixe\n")
@@ -401,7 +846,7 @@ def test_rejected_username_keeps_the_old_name(
     assert other.sync() == [NAME_TAKEN]
 
 
-# --- 2. SEND, row by row ---------------------------------------------------
+# --- SEND <message> ----------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -411,7 +856,8 @@ def test_rejected_username_keeps_the_old_name(
 )
 def test_send_before_a_name(server: RunningServer, line: bytes) -> None:
     # The missing name is reported first, whatever the message.
-    bystander = member(server, "bystander")
+    """SEND without a username yet: You must set a username first, whatever it holds."""
+    bystander = server.member("bystander")
     client = server.client()
     client.send(line + b"\n")
     assert client.sync() == [NAME_REQUIRED]
@@ -456,8 +902,9 @@ REFUSED_SENDS: Final[list[tuple[bytes, bytes]]] = [
     ("line", "reply"), REFUSED_SENDS, ids=[repr(line[4:])[:30] for line, _ in REFUSED_SENDS]
 )
 def test_send_refused(server: RunningServer, line: bytes, reply: bytes) -> None:
-    sender = member(server, "sender")
-    other = member(server, "other")
+    """SEND: the empty and invalid-characters rows, nothing relayed."""
+    sender = server.member("sender")
+    other = server.member("other")
     sender.send(line + b"\n")
     assert sender.sync() == [reply]
     assert other.sync() == []
@@ -468,8 +915,9 @@ def test_send_of_only_whitespace_controls_is_refused(server: RunningServer, mess
     # Both the "empty" row (str.isspace() is true) and the "control
     # character" row apply; PROTOCOL.md does not say which comes first for
     # SEND, so either reply is accepted, but nothing may be relayed.
-    sender = member(server, "sender")
-    other = member(server, "other")
+    """SEND of controls that are whitespace: refused (empty or invalid), not relayed."""
+    sender = server.member("sender")
+    other = server.member("other")
     sender.send(send_line(message))
     assert sender.sync() in ([MESSAGE_EMPTY], [MESSAGE_INVALID])
     assert other.sync() == []
@@ -495,11 +943,15 @@ RELAYED_MESSAGES: Final[list[bytes]] = [
 
 @pytest.mark.parametrize("message", RELAYED_MESSAGES, ids=lambda m: repr(m)[:30])
 def test_send_relayed_byte_for_byte(server: RunningServer, message: bytes) -> None:
-    sender = member(server, "sender")
-    other = member(server, "other")
+    """SEND otherwise: no reply; others get RECEIVE <name> <message>, byte for byte."""
+    sender = server.member("sender")
+    other = server.member("other")
     sender.send(send_line(message))
     assert sender.sync() == []
     expect_exactly(other, b"RECEIVE sender " + message + b"\n")
+
+
+# --- Anything else -----------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -526,34 +978,39 @@ def test_send_relayed_byte_for_byte(server: RunningServer, message: bytes) -> No
     ids=lambda line: repr(line)[:30],
 )
 def test_unknown_commands(server: RunningServer, line: bytes) -> None:
-    bystander = member(server, "bystander")
+    """Anything else: Unrecognised command (send hi, SENDhi, random bytes...)."""
+    bystander = server.member("bystander")
     client = server.client()
     client.send(line + b"\n")
-    assert sync_unrecognised(client) == [UNRECOGNISED]
+    assert client.sync_unrecognised() == [UNRECOGNISED]
     # Nothing was set or relayed by it.
     client.send(b"SEND hi\n")
     assert client.sync() == [NAME_REQUIRED]
     # The same from a connection with a name.
     client.register("named")
     client.send(line + b"\n")
-    assert sync_unrecognised(client) == [UNRECOGNISED]
+    assert client.sync_unrecognised() == [UNRECOGNISED]
     assert bystander.sync() == []
 
 
-# --- 3. Delivery -----------------------------------------------------------
+# ============================================================================
+# Delivery guarantees
+# ============================================================================
 
 
 def test_sender_never_receives_its_own_messages(server: RunningServer) -> None:
-    alice = member(server, "alice")
-    bob = member(server, "bob")
+    """The sender never receives its own message."""
+    alice = server.member("alice")
+    bob = server.member("bob")
     alice.send(b"".join(send_line(f"m{i}") for i in range(50)))
     assert alice.sync() == []
     assert bob.sync() == [receive("alice", f"m{i}") for i in range(50)]
 
 
 def test_connections_without_a_name_receive_nothing(server: RunningServer) -> None:
-    alice = member(server, "alice")
-    bob = member(server, "bob")
+    """Connections without a username receive no RECEIVE lines."""
+    alice = server.member("alice")
+    bob = server.member("bob")
     silent = server.client()
     refused = server.client()
     refused.send(b"USERNAME not valid\n")
@@ -572,9 +1029,10 @@ def test_connections_without_a_name_receive_nothing(server: RunningServer) -> No
 
 
 def test_every_recipient_sees_one_global_order(server: RunningServer) -> None:
+    """All recipients see one global order; each connection's lines in its order."""
     sender_count, listener_count, per_sender = 6, 10, 150
-    senders = [member(server, f"s{i}") for i in range(sender_count)]
-    listeners = [member(server, f"l{i}") for i in range(listener_count)]
+    senders = [server.member(f"s{i}") for i in range(sender_count)]
+    listeners = [server.member(f"l{i}") for i in range(listener_count)]
     # What each sender read before its own sync replies: RECEIVEs from the
     # other senders, which send at the same time.
     early: dict[int, list[bytes]] = {i: [] for i in range(sender_count)}
@@ -615,304 +1073,47 @@ def test_every_recipient_sees_one_global_order(server: RunningServer) -> None:
         ]
 
 
-# --- 4. Framing --------------------------------------------------------------
+def test_thousand_registered_clients_all_receive_a_broadcast() -> None:
+    """A message accepted while a recipient is connected reaches it: 1,000 members."""
+    count = 1000
+    raise_fd_limit(count + 200)  # the sockets here; the server inherits it too
+    with launch() as server:
+        clients = [server.client() for _ in range(count)]
+        # Pipelined: every client's name and sync are sent before any reply
+        # is read.
+        for index, client in enumerate(clients):
+            client.send(f"USERNAME user{index}\n".encode() + SYNC)
+        for client in clients:
+            assert client.until(SYNC_REPLY) == []
+        clients[0].send(b"SEND hello, everyone\n")
+        assert clients[0].sync() == []
+        for client in clients[1:]:
+            assert client.line() == b"RECEIVE user0 hello, everyone"
+        for client in clients:
+            client.send(SYNC)
+        for client in clients:
+            assert client.until(SYNC_REPLY) == []
+        server.finish()
 
 
-def test_seed_sessions_one_byte_per_send(server: RunningServer) -> None:
-    one_byte = [1]
-    pace = 0.001  # spaces the bytes out so the server sees them one by one
-    teixe = server.client()
-    send_in_pieces(teixe, SEED_ONE_INPUT + b"NOT_A_COMMAND test\n", one_byte, pace)
-    expect_exactly(teixe, SEED_ONE_REPLY + UNRECOGNISED + b"\n")
-    jeff = server.client()
-    send_in_pieces(jeff, b"USERNAME jeff\n", one_byte, pace)
-    assert jeff.sync() == []
-    send_in_pieces(teixe, b"SEND hi\n", one_byte, pace)
-    assert teixe.sync() == []
-    expect_exactly(jeff, b"RECEIVE teixe hi\n")
-    send_in_pieces(jeff, b"SEND bye\r\n", one_byte, pace)
-    assert jeff.sync() == []
-    expect_exactly(teixe, b"RECEIVE jeff bye\n")
+# ============================================================================
+# Limits and failures
+# ============================================================================
 
 
-# One connection's input, and what it and a watching member must get,
-# whatever pieces the input arrives in.
-CHUNKING_SCRIPT: Final = b"".join(
-    [
-        b"SEND early\n",
-        b"USERNAME te ixe\n",
-        b"USERNAME teixe\r\n",
-        b"\n\r\n",
-        b"SEND Hello, world!\n",
-        b"SEND a\tb " + ZWJ_EMOJI.encode() + b"\r\n",
-        b"USERNAME jeff\n",
-        b"SEND \x1b[2J\n",
-        b"send hi\n",
-        b"SEND " + b"x" * (MAX_LINE - 4) + b"\r\n",  # 4097 bytes
-        b"SEND " + b"y" * (MAX_LINE - 5) + b"\r\n",  # 4096 bytes
-        b"SEND bye\n",
-    ]
-)
-CHUNKING_REPLIES: Final = [
-    NAME_REQUIRED,
-    NAME_HAS_SPACES,
-    NAME_TAKEN,
-    MESSAGE_INVALID,
-    UNRECOGNISED,
-    LINE_TOO_LONG,
-]
-CHUNKING_RELAYED: Final = [
-    receive("teixe", "Hello, world!"),
-    receive("teixe", "a\tb " + ZWJ_EMOJI),
-    receive("teixe", b"y" * (MAX_LINE - 5)),
-    receive("teixe", "bye"),
-]
-
-
-def cuts_after(data: bytes, byte: bytes) -> list[int]:
-    """Piece sizes that cut `data` right after every occurrence of `byte`."""
-    ends = [i + 1 for i in range(len(data)) if data[i : i + 1] == byte] + [len(data)]
-    starts = [0, *ends[:-1]]
-    return [end - start for start, end in zip(starts, ends, strict=True) if end > start]
-
-
-@pytest.mark.parametrize(
-    "sizes",
-    [
-        [len(CHUNKING_SCRIPT)],
-        [1],
-        random.Random(7).choices(range(1, 9), k=500),
-        random.Random(8).choices(range(1, 3000), k=50),
-        cuts_after(CHUNKING_SCRIPT, b"\r"),
-        cuts_after(CHUNKING_SCRIPT, b" "),
-    ],
-    ids=["whole", "bytes", "small", "large", "after-cr", "after-space"],
-)
-def test_same_result_whatever_the_pieces(server: RunningServer, sizes: list[int]) -> None:
-    jeff = member(server, "jeff")
-    client = server.client()
-    send_in_pieces(client, CHUNKING_SCRIPT, sizes)
-    assert sync_unrecognised(client) == CHUNKING_REPLIES
-    assert jeff.sync() == CHUNKING_RELAYED
-
-
-def test_many_lines_in_one_send(server: RunningServer) -> None:
-    jeff = member(server, "jeff")
-    teixe = server.client()
-    lines = [username("teixe")] + [send_line(f"n{i}") for i in range(1000)] + [b"BAD\n"]
-    teixe.send(b"".join(lines))
-    assert sync_unrecognised(teixe) == [UNRECOGNISED]
-    assert jeff.sync() == [receive("teixe", f"n{i}") for i in range(1000)]
-
-
-def test_crlf_line_endings(server: RunningServer) -> None:
-    jeff = member(server, "jeff")
-    teixe = server.client()
-    teixe.send(b"USERNAME teixe\r\nSEND hi\r\n")
-    assert teixe.sync() == []
-    # No "\r" in what is relayed: the name is "teixe", the message "hi".
-    expect_exactly(jeff, b"RECEIVE teixe hi\n")
-    jeff.send(b"USERNAME teixe\r\n")
-    assert jeff.sync() == [NAME_TAKEN]
-
-
-@pytest.mark.parametrize(
-    ("data", "replies"),
-    [
-        (b"SEND hi\r\r\n", [MESSAGE_INVALID]),  # only one "\r" is dropped
-        (b"USERNAME teixe\r\r\n", [NAME_HAS_SPACES]),  # "\r".isspace()
-        (b"\r\r\n", [UNRECOGNISED]),  # a line holding one "\r" is not blank
-        (b"SEND a\rb\r\n", [MESSAGE_INVALID]),
-        (b"SEND \r\n", [MESSAGE_EMPTY]),
-    ],
-    ids=repr,
-)
-def test_only_one_cr_before_lf_is_dropped(
-    server: RunningServer, data: bytes, replies: list[bytes]
-) -> None:
-    jeff = member(server, "jeff")
-    client = member(server, "client")
-    client.send(data)
-    assert sync_unrecognised(client) == replies
-    assert jeff.sync() == []
-
-
-def test_blank_lines_get_no_reply(server: RunningServer) -> None:
-    jeff = member(server, "jeff")
-    unnamed = server.client()
-    named = member(server, "named")
-    for client in (unnamed, named):
-        client.send(b"\n\r\n\n\r\n")
-        client.send(b"\r")
-        client.send(b"\n")  # "\r\n" split across two sends
-        assert client.sync() == []
-    assert jeff.sync() == []
-
-
-def long_send(total: int) -> bytes:
-    """A SEND line of exactly `total` bytes, without its terminator."""
-    return b"SEND " + b"x" * (total - 5)
-
-
-@pytest.mark.parametrize(
-    ("pieces", "relayed"),
-    [
-        ([long_send(MAX_LINE) + b"\n"], True),
-        ([long_send(MAX_LINE) + b"\r\n"], True),
-        ([long_send(MAX_LINE) + b"\r", b"\n"], True),
-        ([long_send(MAX_LINE), b"\r", b"\n"], True),
-        ([long_send(MAX_LINE)[:1000], long_send(MAX_LINE)[1000:], b"\n"], True),
-        ([long_send(MAX_LINE + 1) + b"\n"], False),
-        ([long_send(MAX_LINE + 1) + b"\r\n"], False),
-        ([long_send(MAX_LINE + 1) + b"\r", b"\n"], False),
-        ([long_send(MAX_LINE), b"x", b"\n"], False),
-        ([long_send(MAX_LINE) + b"\r", b"\r\n"], False),  # 4096 bytes + "\r"
-        ([long_send(3 * MAX_LINE) + b"\n"], False),
-    ],
-    ids=[
-        "4096",
-        "4096-crlf",
-        "4096-cr|lf",
-        "4096|cr|lf",
-        "4096-in-pieces",
-        "4097",
-        "4097-crlf",
-        "4097-cr|lf",
-        "4096|x|lf",
-        "4096-cr|crlf",
-        "12288",
-    ],
-)
-def test_line_length_limit(server: RunningServer, pieces: list[bytes], relayed: bool) -> None:
-    jeff = member(server, "jeff")
-    sender = member(server, "sender")
-    for piece in pieces:
-        sender.send(piece)
-    if relayed:
-        assert sender.sync() == []
-        expect_exactly(jeff, b"RECEIVE sender " + long_send(MAX_LINE)[5:] + b"\n")
-    else:
-        # Exactly one reply, however long the line; the connection carries on.
-        assert sender.sync() == [LINE_TOO_LONG]
-        assert jeff.sync() == []
-    sender.send(b"SEND next\n")
-    assert sender.sync() == []
-    assert jeff.sync() == [receive("sender", "next")]
-
-
-def test_too_long_line_then_next_line_in_the_same_piece(server: RunningServer) -> None:
-    jeff = member(server, "jeff")
-    sender = member(server, "sender")
-    sender.send(long_send(5000) + b"\nSEND next\n" + long_send(MAX_LINE + 1) + b"\r\nSEND last\n")
-    assert sender.sync() == [LINE_TOO_LONG, LINE_TOO_LONG]
-    assert jeff.sync() == [receive("sender", "next"), receive("sender", "last")]
-
-
-def test_one_megabyte_line(server: RunningServer) -> None:
-    jeff = member(server, "jeff")
-    sender = member(server, "sender")
-    line = long_send(1 << 20)
-    for start in range(0, len(line), 50_000):
-        sender.send(line[start : start + 50_000])
-    sender.send(b"\nSEND after\n")
-    assert sender.sync() == [LINE_TOO_LONG]
-    assert jeff.sync() == [receive("sender", "after")]
-
-
-# --- 5. Failures -------------------------------------------------------------
-
-
-def test_reset_client_does_not_disturb_others_and_frees_its_name(
-    server: RunningServer, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger="chat")
-    alice = member(server, "alice")
-    bob = member(server, "bob")
-    doomed = member(server, "doomed")
-    # Unread input on the doomed side when it resets.
-    alice.send(b"SEND unread\n")
-    assert alice.sync() == []
-    doomed.reset()
-    alice.send(b"SEND after the reset\n")
-    assert alice.sync() == []
-    assert bob.sync() == [receive("alice", "unread"), receive("alice", "after the reset")]
-    take_name_within(server.client(), "doomed", TIMEOUT)
-    assert any("disconnected" in record.getMessage() for record in caplog.records)
-
-
-def test_half_close_processes_everything_then_closes(server: RunningServer) -> None:
-    alice = member(server, "alice")
-    bob = member(server, "bob")
-    # A final line without "\n" is a line too.
-    alice.send(b"SEND one\nNOPE\nSEND \x1b[2J\nSEND bye")
-    # The replies come before the end of the stream, and nothing else.
-    assert half_close(alice) == UNRECOGNISED + b"\n" + MESSAGE_INVALID + b"\n"
-    assert bob.sync() == [receive("alice", "one"), receive("alice", "bye")]
-    # The server frees the name before it closes, and the EOF has arrived.
-    member(server, "alice")
-
-
-@pytest.mark.parametrize(
-    ("data", "reply"),
-    [
-        (b"USERNAME", NAME_EMPTY + b"\n"),
-        (b"SEND hi", NAME_REQUIRED + b"\n"),
-        (b"PING\nPING", 2 * (UNRECOGNISED + b"\n")),
-        (b"", b""),
-        (b"\r\n", b""),
-        (long_send(MAX_LINE + 1), LINE_TOO_LONG + b"\n"),
-    ],
-    ids=repr,
-)
-def test_half_close_answers_the_final_line(
-    server: RunningServer, data: bytes, reply: bytes
-) -> None:
-    client = server.client()
-    client.send(data)
-    assert half_close(client) == reply
-
-
-def test_half_close_with_many_replies_pending(server: RunningServer) -> None:
-    # Best effort, but a client that keeps reading loses nothing.
-    client = server.client()
-    client.send(SYNC * 5000)
-    assert half_close(client) == (SYNC_REPLY + b"\n") * 5000
-
-
-def test_server_full() -> None:
-    running = start_server(max_clients=2)
-    try:
-        first = member(running, "first")
-        second = member(running, "second")
-        third = running.client()
-        # Exactly this, then the end of the stream.
-        assert third.read_to_eof() == SERVER_FULL + b"\n"
-        # The refused connection took no place and disturbed nobody.
-        first.send(b"SEND hi\n")
-        assert first.sync() == []
-        assert second.sync() == [receive("first", "hi")]
-        # Once `first` is gone (its EOF proves the server closed it), a new
-        # connection gets its place.
-        assert half_close(first) == b""
-        fourth = member(running, "fourth")
-        fourth.send(b"SEND welcome\n")
-        assert fourth.sync() == []
-        assert second.sync() == [receive("fourth", "welcome")]
-        assert running.client().read_to_eof() == SERVER_FULL + b"\n"
-    finally:
-        running.stop()
+# --- Slow consumers ----------------------------------------------------------
 
 
 def test_slow_consumer_is_disconnected_others_unaffected(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Slow consumers: past the output limit, closed, name freed, logged."""
     running = start_server(output_limit=64 * 1024)
     try:
-        slow = SmallBufferClient(running.address, receive_buffer=4096)
-        running.clients.append(slow)
+        slow = running.small_window_client()
         slow.register("slow")  # and from now on it never reads
-        sender = member(running, "sender")
-        fast = member(running, "fast")
+        sender = running.member("sender")
+        fast = running.member("fast")
         claimant = running.client()
         sent: list[bytes] = []
         deadline = time.monotonic() + 30
@@ -938,41 +1139,853 @@ def test_slow_consumer_is_disconnected_others_unaffected(
         running.stop()
 
 
-# --- 6. The program ----------------------------------------------------------
+def timed_sync(client: Client) -> tuple[list[bytes], float]:
+    start = time.monotonic()
+    lines = client.sync()
+    return lines, time.monotonic() - start
 
 
-@pytest.fixture
-def spawned() -> Iterator[Callable[..., ServerProcess]]:
-    """spawn_server, with every process killed at the end of the test."""
-    started: list[ServerProcess] = []
+def test_slow_consumer_is_dropped_without_slowing_the_others() -> None:
+    """Slow consumers: at the default 1 MiB, closed without slowing anybody else."""
+    with launch() as server:  # the default output limit, 1 MiB
+        slow = server.small_window_client()
+        slow.register("slow")
+        alice = server.client()
+        alice.register("alice")
+        bob = server.client()
+        bob.register("bob")
+        prober = server.client()
 
-    def spawn(*args: str) -> ServerProcess:
-        started.append(spawn_server(*args))
-        return started[-1]
+        filler = b"x" * 4000
+        stream: list[bytes] = []  # every RECEIVE line the slow client was owed
+        sync_times: list[float] = []
+        # The kernel holds a few MB for a client that does not read (the
+        # server's send buffer grows to ~2.8 MB on loopback) before the
+        # server's own 1 MiB limit even starts to fill: 256 KiB a round, up
+        # to 64 rounds.
+        for turn in range(64):
+            messages = [f"{turn}-{index} ".encode() + filler for index in range(64)]
+            alice.send(sends(messages))
+            lines, elapsed = timed_sync(alice)
+            assert lines == []
+            sync_times.append(elapsed)
+            lines, elapsed = timed_sync(bob)
+            assert lines == receives("alice", messages)
+            sync_times.append(elapsed)
+            stream += lines
+            prober.send(b"USERNAME slow\n")
+            reply = prober.sync()
+            if reply == []:
+                break  # the prober holds the slow client's name now
+            assert reply == [NAME_TAKEN]
+        else:
+            pytest.fail("the slow client was never disconnected")
+        assert max(sync_times) < 2.0, f"slowest sync {max(sync_times):.2f}s"
 
-    yield spawn
-    for running in started:
-        if running.process.poll() is None:
-            running.process.kill()
-            running.process.communicate()
+        # The prober took the name, so it is a member and gets messages.
+        alice.send(b"SEND after\n")
+        assert alice.sync() == []
+        assert bob.sync() == [b"RECEIVE alice after"]
+        assert prober.sync() == [b"RECEIVE alice after"]
+
+        # What the slow client gets before the end is a prefix of what it
+        # was owed, cut where the server gave up on it.
+        received = slow.read_to_eof()
+        owed = b"".join(line + b"\n" for line in stream)
+        assert owed.startswith(received)
+        assert len(received) < len(owed)
+
+        assert "slow consumer" in server.finish()
 
 
-def ready_member(address: tuple[str, int], name: str) -> Client:
-    """A member of a chat.py process. Its sync reply also proves the server
-    loop is running, so the signal handlers are installed."""
-    client = Client(address)
-    client.register(name)
-    return client
+def test_many_slow_consumers_and_several_senders_keep_one_order() -> None:
+    """Slow consumers: ten dropped while four senders keep one global order for the rest."""
+    output_limit = 256 * 1024
+    with launch("--output-limit", str(output_limit)) as server:
+        slow = [server.small_window_client() for _ in range(10)]
+        for index, client in enumerate(slow):
+            client.register(f"slow{index}")
+        healthy = [server.client() for _ in range(40)]
+        for index, client in enumerate(healthy):
+            client.register(f"h{index}")
+        senders = 4
+        filler = b"y" * 2000
+        per_burst = 32
+        seen: list[list[bytes]] = [[] for _ in healthy]
+
+        def burst(sender: int, turn: int) -> None:
+            messages = [f"{sender}-{turn}-{index} ".encode() + filler for index in range(per_burst)]
+            healthy[sender].send(sends(messages))
+            seen[sender] += healthy[sender].sync()
+
+        # Rounds of 256 KiB, from all senders at once. A healthy client's
+        # kernel buffers take a whole round, so reading once a round keeps
+        # it far from the limit; a slow one passes ~2.8 MB of kernel buffer
+        # plus the limit after a dozen rounds. The rounds go on until a
+        # prober can take every slow client's name: a free name it takes,
+        # one it already holds (it renames itself through the free ones) is
+        # no error either. It is a member once it holds one, so its sync
+        # returns RECEIVE lines too.
+        prober = server.client()
+        probe = b"".join(f"USERNAME slow{index}\n".encode() for index in range(len(slow)))
+        rounds = 0
+        with ThreadPoolExecutor(senders) as pool:
+            while True:
+                assert rounds < 40, "the slow clients were never all disconnected"
+                futures = [pool.submit(burst, sender, rounds) for sender in range(senders)]
+                for future in futures:
+                    future.result(timeout=30)
+                for index in range(senders, len(healthy)):
+                    seen[index] += healthy[index].sync()
+                rounds += 1
+                prober.send(probe)
+                refused = [line for line in prober.sync() if line.startswith(b"ERROR")]
+                if not refused:
+                    break
+                assert set(refused) == {NAME_TAKEN}
+        for index, client in enumerate(healthy):
+            seen[index] += client.sync()
+
+        order = seen[senders]  # a member that sent nothing saw everything
+        assert len(order) == rounds * senders * per_burst
+        for index in range(senders, len(healthy)):
+            assert seen[index] == order, f"h{index} saw another order"
+        for sender in range(senders):
+            own = f"RECEIVE h{sender} ".encode()
+            assert seen[sender] == [line for line in order if not line.startswith(own)]
+            # ...and each sender's messages kept the order it sent them in.
+            assert [line for line in order if line.startswith(own)] == [
+                own + f"{sender}-{turn}-{index} ".encode() + filler
+                for turn in range(rounds)
+                for index in range(per_burst)
+            ]
+
+        owed = b"".join(line + b"\n" for line in order)
+        for client in slow:
+            received = client.read_to_eof()
+            assert owed.startswith(received)
+            assert len(received) < len(owed)
+        assert "slow consumer" in server.log.text()
+        server.finish()
 
 
-def run_chat(*args: str) -> subprocess.CompletedProcess[bytes]:
-    """chat.py run to completion, for command lines that must not serve."""
-    return subprocess.run(
-        [sys.executable, str(HERE / "chat.py"), *args],
-        capture_output=True,
-        timeout=3 * TIMEOUT,
-        check=False,
-    )
+# --- Fairness ----------------------------------------------------------------
+
+
+class Reader(threading.Thread):
+    """Reads one connection until `stop`, handing `on_match` the first group
+    of every line that matches `pattern` and discarding the rest (all of it
+    when `pattern` is None)."""
+
+    def __init__(
+        self,
+        client: Client,
+        pattern: bytes | None,
+        on_match: Callable[[bytes], None],
+        stop: threading.Event,
+    ) -> None:
+        super().__init__(daemon=True)
+        self.client = client
+        self.pattern = None if pattern is None else re.compile(pattern, re.MULTILINE)
+        self.on_match = on_match
+        self.stop = stop
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            # Short, so the thread sees `stop` soon; sends on this socket
+            # are small and are not affected in practice.
+            self.client.sock.settimeout(0.2)
+            tail = b""
+            while not self.stop.is_set():
+                try:
+                    chunk = self.client.sock.recv(65536)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    raise EOFError("the server closed the connection")
+                if self.pattern is None:
+                    continue
+                data = tail + chunk
+                end = data.rfind(b"\n") + 1
+                tail = data[end:]
+                for match in self.pattern.finditer(data, 0, end):
+                    self.on_match(match.group(1))
+        except BaseException as error:
+            self.error = error
+
+
+class Flooder(threading.Thread):
+    """Sends `block` again and again until `stop` or `limit` seconds."""
+
+    def __init__(self, client: Client, block: bytes, stop: threading.Event, limit: float) -> None:
+        super().__init__(daemon=True)
+        self.client = client
+        self.block = block
+        self.stop = stop
+        self.deadline = time.monotonic() + limit
+        self.sent = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set() and time.monotonic() < self.deadline:
+                self.client.sock.sendall(self.block)
+                self.sent += len(self.block)
+        except BaseException as error:
+            self.error = error
+
+
+@pytest.mark.parametrize("flood", ["unknown-commands", "valid-sends"])
+def test_flooder_does_not_starve_a_conversation(flood: str) -> None:
+    """Fairness: one client flooding the server cannot starve the others."""
+    with launch() as server:
+        alice = server.client()
+        alice.register("alice")
+        bob = server.client()
+        bob.register("bob")
+        flooder = server.client()
+        if flood == "valid-sends":
+            # Alice and Bob get the whole flood and must read it all.
+            flooder.register("flooder")
+            line = b"SEND " + b"f" * 100 + b"\n"
+        else:
+            # Only the flooder gets answers: one error a line.
+            line = b"FLOOD " + b"f" * 100 + b"\n"
+
+        stop = threading.Event()
+        pongs: list[int] = []
+        pong_arrived = threading.Condition()
+
+        def on_ping(number: bytes) -> None:
+            bob.send(b"SEND pong " + number + b"\n")
+
+        def on_pong(number: bytes) -> None:
+            with pong_arrived:
+                pongs.append(int(number))
+                pong_arrived.notify()
+
+        threads: list[Reader | Flooder] = [
+            Reader(alice, rb"^RECEIVE bob pong (\d+)$", on_pong, stop),
+            Reader(bob, rb"^RECEIVE alice ping (\d+)$", on_ping, stop),
+            Reader(flooder, None, lambda _: None, stop),
+        ]
+        flood_thread = Flooder(flooder, line * 2048, stop, limit=20)
+        threads.append(flood_thread)
+        try:
+            for thread in threads:
+                thread.start()
+            poll("the flood to start", lambda: flood_thread.sent >= 1 << 20)
+            flooded_before = flood_thread.sent
+            round_trips: list[float] = []
+            for number in range(20):
+                start = time.monotonic()
+                alice.send(f"SEND ping {number}\n".encode())
+                with pong_arrived:
+                    arrived = pong_arrived.wait_for(
+                        partial(operator.contains, pongs, number), TIMEOUT
+                    )
+                assert arrived, f"no pong {number}; errors: {[t.error for t in threads]}"
+                round_trips.append(time.monotonic() - start)
+                time.sleep(0.05)  # a conversation, not a benchmark
+            flooded = flood_thread.sent - flooded_before
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(TIMEOUT)
+        assert [thread.error for thread in threads] == [None] * len(threads)
+        assert pongs == list(range(20))
+        # The flood really ran alongside the whole conversation.
+        assert flooded >= 1 << 20, f"only {flooded} bytes flooded"
+        assert max(round_trips) < 1.5, f"round trips {sorted(round_trips)[-3:]}"
+        server.finish()
+
+
+# --- Too many connections; running out of file descriptors -------------------
+
+
+def test_server_full() -> None:
+    """Too many connections: Server is full. and closed; a freed place is reused."""
+    running = start_server(max_clients=2)
+    try:
+        first = running.member("first")
+        second = running.member("second")
+        third = running.client()
+        # Exactly this, then the end of the stream.
+        assert third.read_to_eof() == SERVER_FULL + b"\n"
+        # The refused connection took no place and disturbed nobody.
+        first.send(b"SEND hi\n")
+        assert first.sync() == []
+        assert second.sync() == [receive("first", "hi")]
+        # Once `first` is gone (its EOF proves the server closed it), a new
+        # connection gets its place.
+        assert first.half_close() == b""
+        fourth = running.member("fourth")
+        fourth.send(b"SEND welcome\n")
+        assert fourth.sync() == []
+        assert second.sync() == [receive("fourth", "welcome")]
+        assert running.client().read_to_eof() == SERVER_FULL + b"\n"
+    finally:
+        running.stop()
+
+
+# Low enough that 100 extra connections exhaust it, high enough for Python.
+FD_LIMIT = 64
+
+
+def limit_fds() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, hard))
+
+
+def test_fd_exhaustion_does_not_spin_and_service_continues() -> None:
+    """Running out of file descriptors never makes the server spin or crash."""
+    with launch(preexec=limit_fds) as server:
+        alice = server.client()
+        alice.register("alice")
+        bob = server.client()
+        bob.register("bob")
+        extra: list[socket.socket] = []
+        try:
+            # The kernel completes these handshakes whether or not the server
+            # can accept them; the ones past its limit wait in the backlog.
+            for _ in range(100):
+                extra.append(socket.create_connection(server.address, timeout=TIMEOUT))
+            poll("the server to run out", lambda: "Too many open files" in server.log.text())
+
+            for turn in range(3):
+                alice.send(f"SEND while out of descriptors {turn}\n".encode())
+                assert alice.sync() == []
+                assert bob.sync() == [f"RECEIVE alice while out of descriptors {turn}".encode()]
+                bob.send(f"SEND still here {turn}\n".encode())
+                assert bob.sync() == []
+                assert alice.sync() == [f"RECEIVE bob still here {turn}".encode()]
+
+            # The listener stays readable while the backlog is not empty: a
+            # server that retried accept() at once would burn a whole core.
+            cpu_before = server.cpu_seconds()
+            wall_before = time.monotonic()
+            time.sleep(1.0)  # the quiet second being measured, not a wait
+            cpu = server.cpu_seconds() - cpu_before
+            wall = time.monotonic() - wall_before
+            assert cpu < 0.2, f"the server used {cpu:.2f}s of CPU in {wall:.2f}s while idle"
+        finally:
+            for sock in extra:
+                sock.close()
+
+        # The server must notice the closes, free the descriptors and accept
+        # again by itself.
+        deadline = time.monotonic() + 10
+        while True:
+            carol = server.client()
+            try:
+                carol.register("carol")
+                break
+            except (OSError, EOFError):
+                carol.close()
+                if time.monotonic() > deadline:
+                    raise
+        carol.send(b"SEND back to normal\n")
+        assert carol.sync() == []
+        assert alice.sync() == [b"RECEIVE carol back to normal"]
+        assert bob.sync() == [b"RECEIVE carol back to normal"]
+        alice.send(b"SEND welcome\n")
+        assert alice.sync() == []
+        assert carol.sync() == [b"RECEIVE alice welcome"]
+        assert bob.sync() == [b"RECEIVE alice welcome"]
+
+        log = server.finish()
+        assert "cannot accept connections: Too many open files" in log
+
+
+class FailingListener:
+    """The listening socket, whose accept() fails with EMFILE while `failing`."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+        self.failing = True
+        self.accepts = 0
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        self.accepts += 1
+        if self.failing:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.real.accept()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_accept_pauses_for_exactly_accept_pause_after_emfile() -> None:
+    """Limits and failures: running out of descriptors pauses accepting for
+    ACCEPT_PAUSE on the reactor's clock (no spin), then resumes."""
+    clock = FakeClock()
+    server = chat.ChatServer("127.0.0.1", 0, clock=clock)
+    try:
+        listener = FailingListener(server._door._listeners[0].sock)
+        server._door._listeners[0].sock = listener  # type: ignore[assignment]
+        with socket.create_connection(server.address, timeout=TIMEOUT) as client:
+            server.run_once(max_wait=TIMEOUT)  # readable listener: EMFILE
+            assert listener.accepts == 1
+            # The loop would sleep until the pause ends, not spin.
+            assert server._select_timeout(None) == pytest.approx(chat.ACCEPT_PAUSE)
+            for _ in range(5):
+                server.run_once(max_wait=0)
+            assert listener.accepts == 1  # not watched meanwhile
+            clock.advance(chat.ACCEPT_PAUSE / 2)
+            server.run_once(max_wait=0)
+            assert listener.accepts == 1
+            listener.failing = False
+            clock.advance(chat.ACCEPT_PAUSE / 2 + 1e-6)
+            server.run_once(max_wait=0)  # the timer re-arms the listener
+            server.run_once(max_wait=TIMEOUT)  # and the client is accepted
+            assert listener.accepts >= 2
+            client.sendall(b"PING\n")
+            for _ in range(10):
+                server.run_once(max_wait=0.1)
+            assert client.recv(100) == b"ERROR Unrecognised command.\n"
+    finally:
+        server.close()
+
+
+# --- End of input from a client ----------------------------------------------
+
+
+def test_half_close_processes_everything_then_closes(server: RunningServer) -> None:
+    """End of input: lines processed, a final line without \\n too, then closed, name freed."""
+    alice = server.member("alice")
+    bob = server.member("bob")
+    # A final line without "\n" is a line too.
+    alice.send(b"SEND one\nNOPE\nSEND \x1b[2J\nSEND bye")
+    # The replies come before the end of the stream, and nothing else.
+    assert alice.half_close() == UNRECOGNISED + b"\n" + MESSAGE_INVALID + b"\n"
+    assert bob.sync() == [receive("alice", "one"), receive("alice", "bye")]
+    # The server frees the name before it closes, and the EOF has arrived.
+    server.member("alice")
+
+
+@pytest.mark.parametrize(
+    ("data", "reply"),
+    [
+        (b"USERNAME", NAME_EMPTY + b"\n"),
+        (b"SEND hi", NAME_REQUIRED + b"\n"),
+        (b"PING\nPING", 2 * (UNRECOGNISED + b"\n")),
+        (b"", b""),
+        (b"\r\n", b""),
+        (long_send(MAX_LINE + 1), LINE_TOO_LONG + b"\n"),
+    ],
+    ids=repr,
+)
+def test_half_close_answers_the_final_line(
+    server: RunningServer, data: bytes, reply: bytes
+) -> None:
+    """End of input: the final line without \\n is processed as a line."""
+    client = server.client()
+    client.send(data)
+    assert client.half_close() == reply
+
+
+def test_half_close_with_many_replies_pending(server: RunningServer) -> None:
+    # Best effort, but a client that keeps reading loses nothing.
+    """End of input: pending output to that client is sent before the close."""
+    client = server.client()
+    client.send(SYNC * 5000)
+    assert client.half_close() == (SYNC_REPLY + b"\n") * 5000
+
+
+# --- A reset or broken connection --------------------------------------------
+
+
+def test_reset_client_does_not_disturb_others_and_frees_its_name(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reset connection drops that client only, silently (logged); its name is freed."""
+    caplog.set_level(logging.INFO, logger="chat")
+    alice = server.member("alice")
+    bob = server.member("bob")
+    doomed = server.member("doomed")
+    # Unread input on the doomed side when it resets.
+    alice.send(b"SEND unread\n")
+    assert alice.sync() == []
+    doomed.reset()
+    alice.send(b"SEND after the reset\n")
+    assert alice.sync() == []
+    assert bob.sync() == [receive("alice", "unread"), receive("alice", "after the reset")]
+    take_name_within(server.client(), "doomed", TIMEOUT)
+    assert any("disconnected" in record.getMessage() for record in caplog.records)
+
+
+def test_resets_in_the_middle_of_a_broadcast_spare_the_others() -> None:
+    # A limit no survivor can reach: they are read only after the burst.
+    """Resets in the middle of a broadcast drop those clients only."""
+    with launch("--output-limit", str(16 << 20)) as server:
+        sender = server.client()
+        sender.register("sender")
+        members = [server.client() for _ in range(60)]
+        for index, client in enumerate(members):
+            client.register(f"m{index}")
+        victims = members[::3]
+        survivors = [client for client in members if client not in victims]
+        messages = [f"{index} ".encode() + b"w" * 200 for index in range(4000)]
+        chunk = len(messages) // len(victims)
+        # Each victim resets, with output unread, while the server is still
+        # working through the burst and sending to it.
+        for number, victim in enumerate(victims):
+            sender.send(sends(messages[number * chunk : (number + 1) * chunk]))
+            victim.reset()
+        assert sender.sync() == []
+        expected = receives("sender", messages)
+        for client in survivors:
+            assert client.sync() == expected
+        # Still serving: a newcomer takes a victim's name and talks.
+        newcomer = server.client()
+        newcomer.register("m0")
+        newcomer.send(b"SEND still up\n")
+        assert newcomer.sync() == []
+        assert sender.sync() == [b"RECEIVE m0 still up"]
+        for client in survivors:
+            assert client.sync() == [b"RECEIVE m0 still up"]
+        server.finish()
+
+
+def test_connect_reset_cycles_leak_no_descriptors() -> None:
+    """Resets and closes, hundreds of them, drop those clients only and leak nothing."""
+    with launch() as server:
+        watcher = server.client()
+        watcher.register("watcher")
+        baseline = server.fd_count()
+        names: list[str] = []
+
+        def cycle(index: int, kind: str) -> None:
+            client = Client(server.address)
+            try:
+                if kind.startswith("register"):
+                    names.append(f"cycle{index}")
+                    client.send(f"USERNAME cycle{index}\n".encode())
+                    # A member now: earlier cycles' messages may reach it.
+                    assert all(line.startswith(b"RECEIVE cycle") for line in client.sync())
+                elif kind.startswith("pipeline"):
+                    # A name, a message to the watcher and an unterminated
+                    # line, likely still unprocessed when the connection goes.
+                    names.append(f"cycle{index}")
+                    lines = f"USERNAME cycle{index}\nSEND bye {index}\n".encode()
+                    # A reply left unread would turn close() into an RST, so
+                    # only the reset variant asks for one.
+                    if kind.endswith("reset"):
+                        lines += SYNC
+                    client.send(lines + b"SEND par")
+                if kind.endswith("reset"):
+                    client.reset()
+            finally:
+                client.close()
+
+        kinds = ["reset", "register-reset", "pipeline-reset", "pipeline-close", "close"]
+        cycles = 335  # 201 resets, 134 closes
+        for index in range(cycles):
+            cycle(index, kinds[index % len(kinds)])
+
+        received: list[bytes] = []
+
+        def settled() -> bool:
+            received.extend(watcher.sync())
+            return server.fd_count() == baseline
+
+        poll(f"the server to get back to {baseline} descriptors", settled, 10)
+        received.extend(watcher.sync())  # what came with the last close
+        # A closed connection's final line without "\n" is still a line; a
+        # reset one's lines may or may not have been read before the RST,
+        # but its unterminated line never is one.
+        for index, kind in enumerate(kinds[i % len(kinds)] for i in range(cycles)):
+            bye = f"RECEIVE cycle{index} bye {index}".encode()
+            final = f"RECEIVE cycle{index} par".encode()
+            if kind == "pipeline-close":
+                assert received.count(bye) == received.count(final) == 1
+                assert received.index(bye) < received.index(final)
+            else:
+                assert final not in received
+        assert all(re.fullmatch(rb"RECEIVE cycle\d+ (bye \d+|par)", line) for line in received)
+
+        # Every name used is free again: taking each in turn renames one
+        # connection through all of them.
+        checker = server.client()
+        checker.send(b"".join(f"USERNAME {name}\n".encode() for name in names))
+        assert checker.sync() == []
+        server.finish()
+
+
+# --- No input can crash the server -------------------------------------------
+# See "Model-based and fuzz tests" at the end of this file.
+
+
+# --- Real networks (v2) ------------------------------------------------------
+# (tests to come: dead peers, unregistered connections, per address, total memory)
+
+
+# --- TLS (v2) ----------------------------------------------------------------
+# (tests to come)
+
+
+# --- Monitoring (v2) ---------------------------------------------------------
+# (tests to come)
+
+
+# ============================================================================
+# The program
+# ============================================================================
+
+
+# --- Usage, --help, --log-level ----------------------------------------------
+
+
+def test_help_explains_every_option() -> None:
+    """`python chat.py --help` explains each option."""
+    result = run_chat("--help")
+    assert result.returncode == 0
+    text = result.stdout.decode()
+    for option in ("PORT", "--host", "--max-clients", "--log-level", "--output-limit"):
+        assert option in text
+    assert result.stderr == b""
+
+
+@pytest.mark.parametrize("level", ["debug", "Info", "DEBUG"])
+def test_log_level_in_any_case(level: str) -> None:
+    """LEVEL is DEBUG, INFO (the default), WARNING or ERROR, in any case."""
+    with launch("--log-level", level) as running:
+        running.member("alice")
+        running.process.terminate()
+        text = running.stderr_text()
+        assert running.process.returncode == 0
+        assert "listening on" in text
+        assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("level", ["WARNING", "error"])
+def test_log_level_above_info_hides_connections(level: str) -> None:
+    """A LEVEL above INFO hides the connection and name logs."""
+    with launch("--log-level", level) as running:
+        alice = running.member("alice")
+        running.member("bob")
+        alice.send(b"SEND hi\n")
+        assert alice.sync() == []
+        assert alice.half_close() == b""
+        running.process.terminate()
+        text = running.stderr_text()
+        assert running.process.returncode == 0
+        assert "INFO" not in text
+        assert "connected" not in text
+        assert "alice" not in text
+
+
+def test_cluster_options_without_redis_are_ignored_with_a_warning() -> None:
+    """Without --redis nothing changes: cluster options are ignored, with a warning."""
+    with launch("--room", "elsewhere") as running:
+        running.member("alice").close()
+        running.process.send_signal(signal.SIGTERM)
+        text = running.stderr_text()
+    assert "--room only matters with --redis" in text
+    assert "--lease-ms" not in text
+    assert running.process.returncode == 0
+
+
+# --- One thread, one selectors loop (ChatServer, embedded) -------------------
+
+
+def test_closing_a_server_twice_is_harmless() -> None:
+    """ChatServer.close is idempotent: an embedding program may call it again."""
+    # close() runs when serve_forever ends, and an embedding program may
+    # call it again.
+    server = chat.ChatServer("127.0.0.1", 0)
+    port = server.address[1]
+    server.close()
+    server.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+
+
+# --- Timers: one heap, one clock (a fake one here) ---------------------------
+
+
+def test_timers_run_in_deadline_order_once_due() -> None:
+    """Timers: callbacks run once their deadline is reached, earliest first,
+    equal deadlines in the order they were set."""
+    clock = FakeClock()
+    timers = chat.Timers(clock)
+    ran: list[str] = []
+    timers.call_at(clock.now + 2, lambda: ran.append("b"))
+    timers.call_at(clock.now + 1, lambda: ran.append("a1"))
+    timers.call_at(clock.now + 1, lambda: ran.append("a2"))
+    assert timers.next_due() == clock.now + 1
+    timers.run_due()
+    assert ran == []
+    clock.advance(1)
+    timers.run_due()
+    assert ran == ["a1", "a2"]
+    assert timers.next_due() == clock.now + 1
+    clock.advance(5)
+    timers.run_due()
+    assert ran == ["a1", "a2", "b"]
+    assert timers.next_due() is None
+
+
+def test_a_cancelled_timer_never_runs() -> None:
+    """Timers: cancel() before the deadline keeps the callback from running
+    and the deadline from waking the loop."""
+    clock = FakeClock()
+    timers = chat.Timers(clock)
+    ran: list[int] = []
+    first = timers.call_at(clock.now + 1, lambda: ran.append(1))
+    timers.call_at(clock.now + 2, lambda: ran.append(2))
+    first.cancel()
+    assert timers.next_due() == clock.now + 2
+    clock.advance(3)
+    timers.run_due()
+    assert ran == [2]
+
+
+def test_a_timer_set_by_a_callback_for_now_runs_next_turn() -> None:
+    """Timers: a callback that sets a timer already due does not make one
+    run_due loop for ever."""
+    clock = FakeClock()
+    timers = chat.Timers(clock)
+    ran: list[int] = []
+
+    def again() -> None:
+        ran.append(len(ran))
+        timers.call_at(clock.now, again)
+
+    timers.call_at(clock.now, again)
+    timers.run_due()
+    timers.run_due()
+    assert ran == [0, 1]
+
+
+def test_many_cancelled_timers_do_not_pile_up() -> None:
+    """Timers: cancelled ones are dropped once they are most of the heap, so
+    a timer per connection costs nothing after it is cancelled."""
+    clock = FakeClock()
+    timers = chat.Timers(clock)
+    for _ in range(10):
+        for timer in [timers.call_at(clock.now + 60, lambda: None) for _ in range(1000)]:
+            timer.cancel()
+    assert len(timers._heap) < 200
+    assert timers.next_due() is None
+
+
+# --- Logs go to stderr; message text is never logged -------------------------
+
+
+@pytest.mark.parametrize("args", [[], ["--log-level", "debug"]], ids=["default", "debug"])
+def test_logs_show_events_but_never_message_text(args: list[str]) -> None:
+    """Logs: connections, disconnections and name changes at INFO; never message text."""
+    with launch(*args) as running:
+        marker = f"marker-{os.getpid()}-{time.monotonic_ns()}"
+        alice = running.member("alice")
+        bob = running.member("bob")
+        alice_port = alice.sock.getsockname()[1]
+        # Relayed, refused for a control character, refused as invalid UTF-8.
+        alice.send(
+            send_line(marker) + send_line("\x1b" + marker) + send_line(marker.encode() + b"\xff")
+        )
+        assert alice.sync() == [MESSAGE_INVALID, MESSAGE_INVALID]
+        assert bob.sync() == [receive("alice", marker)]
+        alice.send(username("carol"))
+        assert alice.sync() == []
+        assert alice.half_close() == b""  # the server has logged the disconnection
+        running.process.terminate()
+        text = running.stderr_text()
+        assert running.process.returncode == 0
+        assert marker not in text
+        lines = text.splitlines()
+        # Every line about alice's connection or names is at INFO: her connection
+        # (named by its address), her name, her rename, her disconnection.
+        about_alice = [
+            line
+            for line in lines
+            if f"127.0.0.1:{alice_port}" in line or "alice" in line or "carol" in line
+        ]
+        assert all("INFO" in line for line in about_alice), about_alice
+        by_address = [line for line in about_alice if f"127.0.0.1:{alice_port}" in line]
+        assert any("disconnected" not in line and "connected" in line for line in by_address)
+        assert any("disconnected" in line for line in by_address)
+        assert any("alice" in line and "carol" not in line for line in about_alice)
+        assert any("alice" in line and "carol" in line for line in about_alice)
+
+
+# --- Ctrl-C or SIGTERM -------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_signal_stops_the_server_within_a_second(signum: signal.Signals) -> None:
+    """Ctrl-C or SIGTERM: closes every connection, exits 0 within a second."""
+    with launch() as running:
+        alice = running.member("alice")
+        bob = running.member("bob")
+        alice.send(b"SEND hi\n")
+        assert alice.sync() == []
+        unnamed = running.client()
+        assert unnamed.sync() == []
+        started = time.monotonic()
+        running.process.send_signal(signum)
+        running.process.wait(TIMEOUT)
+        elapsed = time.monotonic() - started
+        assert running.process.returncode == 0
+        assert elapsed < 1.0
+        # Every connection was closed, with nothing more sent to it.
+        assert bob.read_to_eof() == b"RECEIVE alice hi\n"
+        assert alice.read_to_eof() == b""
+        assert unnamed.read_to_eof() == b""
+        assert "Traceback" not in running.stderr_text()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_at_once_with_output_queued(signum: signal.Signals) -> None:
+    # 8 MiB so that the non-readers, owed 5 MB each, stay connected with
+    # output queued in the server (the kernel takes ~2.8 MB of it).
+    """Ctrl-C or SIGTERM with output queued: exits 0 within a second, port free."""
+    with launch("--output-limit", str(8 << 20)) as server:
+        stuck = [server.small_window_client() for _ in range(5)]
+        for index, client in enumerate(stuck):
+            client.register(f"stuck{index}")
+        sender = server.client()
+        sender.register("sender")
+        idle = [server.client() for _ in range(44)]  # 50 connections in all
+        messages = [f"{index} ".encode() + b"z" * 4000 for index in range(1250)]
+        sender.send(sends(messages))
+        assert sender.sync() == []
+        for client in idle:
+            assert client.sync() == []
+
+        start = time.monotonic()
+        server.process.send_signal(signum)
+        returncode = server.process.wait(TIMEOUT)
+        elapsed = time.monotonic() - start
+        assert returncode == 0
+        assert elapsed < 1.0, f"exited {elapsed:.2f}s after the signal"
+
+        # The port is free at once, with the old connections still draining:
+        # bound as the server binds it (SO_REUSEADDR).
+        with socket.socket() as again:
+            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            again.bind(server.address)
+            again.listen()
+
+        owed = b"".join(line + b"\n" for line in receives("sender", messages))
+        for client in stuck:
+            assert owed.startswith(client.read_to_eof())
+        for client in [sender, *idle]:
+            assert client.read_to_eof() == b""
+
+        server.log.join()
+        log = server.log.text()
+        assert "Traceback" not in log, log
+        # They were still connected, output queued, when the signal came.
+        assert "slow consumer" not in log
+
+
+# --- A port already in use, a bad port number or a bad option ----------------
 
 
 def assert_one_clear_line(stderr: bytes, *mentions: str) -> None:
@@ -985,95 +1998,9 @@ def assert_one_clear_line(stderr: bytes, *mentions: str) -> None:
         assert mention in lines[0]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
-def test_signal_stops_the_server_within_a_second(
-    spawned: Callable[..., ServerProcess], signum: signal.Signals
-) -> None:
-    running = spawned()
-    alice = ready_member(running.address, "alice")
-    bob = ready_member(running.address, "bob")
-    alice.send(b"SEND hi\n")
-    assert alice.sync() == []
-    unnamed = Client(running.address)
-    assert unnamed.sync() == []
-    started = time.monotonic()
-    running.process.send_signal(signum)
-    running.process.wait(TIMEOUT)
-    elapsed = time.monotonic() - started
-    assert running.process.returncode == 0
-    assert elapsed < 1.0
-    # Every connection was closed, with nothing more sent to it.
-    assert bob.read_to_eof() == b"RECEIVE alice hi\n"
-    assert alice.read_to_eof() == b""
-    assert unnamed.read_to_eof() == b""
-    assert "Traceback" not in running.stderr_text()
-    for client in (alice, bob, unnamed):
-        client.close()
-
-
-def read_stderr_until(
-    process: subprocess.Popen[bytes], pattern: re.Pattern[str]
-) -> tuple[re.Match[str], str]:
-    """Read the process's stderr (unbuffered, so `communicate` can read the
-    rest later) until a line matches `pattern`; bounded by TIMEOUT."""
-    assert process.stderr is not None
-    fd = process.stderr.fileno()
-    text = ""
-    deadline = time.monotonic() + TIMEOUT
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while True:
-            for line in text.splitlines():
-                if found := pattern.search(line):
-                    return found, text
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no line matching {pattern.pattern!r} in {text!r}"
-            if selector.select(remaining):
-                chunk = os.read(fd, 65536)
-                assert chunk, f"stderr closed; it said {text!r}"
-                text += chunk.decode("utf-8", "replace")
-
-
-@contextlib.contextmanager
-def chat_process(*args: str) -> Iterator[subprocess.Popen[bytes]]:
-    """chat.py with the given arguments; killed at the end if still running."""
-    process = subprocess.Popen(
-        [sys.executable, str(HERE / "chat.py"), *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate(timeout=TIMEOUT)
-
-
-LISTENING: Final = re.compile(r"listening on \[?([^\]\s]*)\]?:(\d+)\s*$")
-
-
-def test_port_zero_logs_the_real_port() -> None:
-    with chat_process("0", "--host", "127.0.0.1") as process:
-        found, _ = read_stderr_until(process, LISTENING)
-        assert found.group(1) == "127.0.0.1"
-        port = int(found.group(2))
-        assert port != 0
-        alice = ready_member(("127.0.0.1", port), "alice")
-        bob = ready_member(("127.0.0.1", port), "bob")
-        alice.send(b"SEND hi\n")
-        assert alice.sync() == []
-        assert bob.sync() == [receive("alice", "hi")]
-        process.terminate()
-        _, rest = process.communicate(timeout=TIMEOUT)
-        assert process.returncode == 0
-        assert b"Traceback" not in rest
-        alice.close()
-        bob.close()
-
-
 @pytest.mark.parametrize("default_host", [False, True], ids=["host", "all-interfaces"])
 def test_port_already_in_use(default_host: bool) -> None:
+    """A port already in use: one clear line on stderr and a non-zero exit code."""
     with socket.create_server(("127.0.0.1", 0)) as blocker:
         port = blocker.getsockname()[1]
         host_args = [] if default_host else ["--host", "127.0.0.1"]
@@ -1084,6 +2011,7 @@ def test_port_already_in_use(default_host: bool) -> None:
 
 def test_host_that_cannot_be_bound() -> None:
     # 192.0.2.1 is TEST-NET-1 (RFC 5737): never an address of this machine.
+    """A host that cannot be bound: one clear line on stderr and a non-zero exit code."""
     result = run_chat("0", "--host", "192.0.2.1")
     assert result.returncode != 0
     assert_one_clear_line(result.stderr, "192.0.2.1")
@@ -1106,262 +2034,20 @@ def test_host_that_cannot_be_bound() -> None:
     ids=" ".join,
 )
 def test_bad_command_line(args: list[str], mention: str) -> None:
+    """A bad port number or a bad option: one clear line on stderr, non-zero exit."""
     result = run_chat(*args)
     assert result.returncode != 0
     assert_one_clear_line(result.stderr, mention)
 
 
-def test_help_explains_every_option() -> None:
-    result = run_chat("--help")
-    assert result.returncode == 0
-    text = result.stdout.decode()
-    for option in ("PORT", "--host", "--max-clients", "--log-level", "--output-limit"):
-        assert option in text
-    assert result.stderr == b""
+# ============================================================================
+# Cluster mode: in test_cluster.py
+# ============================================================================
 
 
-@pytest.mark.parametrize("level", ["debug", "Info", "DEBUG"])
-def test_log_level_in_any_case(spawned: Callable[..., ServerProcess], level: str) -> None:
-    running = spawned("--log-level", level)
-    client = ready_member(running.address, "alice")
-    running.process.terminate()
-    text = running.stderr_text()
-    assert running.process.returncode == 0
-    assert "listening on" in text
-    assert "Traceback" not in text
-    client.close()
-
-
-@pytest.mark.parametrize("level", ["WARNING", "error"])
-def test_log_level_above_info_hides_connections(
-    spawned: Callable[..., ServerProcess], level: str
-) -> None:
-    running = spawned("--log-level", level)
-    alice = ready_member(running.address, "alice")
-    bob = ready_member(running.address, "bob")
-    alice.send(b"SEND hi\n")
-    assert alice.sync() == []
-    assert half_close(alice) == b""
-    running.process.terminate()
-    text = running.stderr_text()
-    assert running.process.returncode == 0
-    assert "INFO" not in text
-    assert "connected" not in text
-    assert "alice" not in text
-    bob.close()
-
-
-@pytest.mark.parametrize("args", [[], ["--log-level", "debug"]], ids=["default", "debug"])
-def test_logs_show_events_but_never_message_text(
-    spawned: Callable[..., ServerProcess], args: list[str]
-) -> None:
-    running = spawned(*args)
-    marker = f"marker-{os.getpid()}-{time.monotonic_ns()}"
-    alice = ready_member(running.address, "alice")
-    bob = ready_member(running.address, "bob")
-    alice_port = alice.sock.getsockname()[1]
-    # Relayed, refused for a control character, refused as invalid UTF-8.
-    alice.send(
-        send_line(marker) + send_line("\x1b" + marker) + send_line(marker.encode() + b"\xff")
-    )
-    assert alice.sync() == [MESSAGE_INVALID, MESSAGE_INVALID]
-    assert bob.sync() == [receive("alice", marker)]
-    alice.send(username("carol"))
-    assert alice.sync() == []
-    assert half_close(alice) == b""  # the server has logged the disconnection
-    running.process.terminate()
-    text = running.stderr_text()
-    assert running.process.returncode == 0
-    assert marker not in text
-    lines = text.splitlines()
-    # Every line about alice's connection or names is at INFO: her connection
-    # (named by its address), her name, her rename, her disconnection.
-    about_alice = [
-        line
-        for line in lines
-        if f"127.0.0.1:{alice_port}" in line or "alice" in line or "carol" in line
-    ]
-    assert all("INFO" in line for line in about_alice), about_alice
-    by_address = [line for line in about_alice if f"127.0.0.1:{alice_port}" in line]
-    assert any("disconnected" not in line and "connected" in line for line in by_address)
-    assert any("disconnected" in line for line in by_address)
-    assert any("alice" in line and "carol" not in line for line in about_alice)
-    assert any("alice" in line and "carol" in line for line in about_alice)
-    bob.close()
-
-
-def test_module_port_is_the_default() -> None:
-    assert chat.PORT == 8080
-    assert chat.parse_args([]).port == chat.PORT
-    assert chat.parse_args(["9000"]).port == 9000
-
-
-# --- 7. The real nc client ---------------------------------------------------
-
-
-def nc_path() -> str:
-    path = shutil.which("nc")
-    assert path is not None, "nc (netcat-openbsd) is required: apt-get install netcat-openbsd"
-    return path
-
-
-class Netcat:
-    """`nc -N 127.0.0.1 PORT`, typed into through a pipe; its stdout is read
-    by a thread, and every wait for it has a deadline."""
-
-    def __init__(self, port: int) -> None:
-        self.process = subprocess.Popen(
-            [nc_path(), "-N", "127.0.0.1", str(port)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        self.output = b""
-        self.seen = 0  # how much of `output` sync has consumed
-        self.closed = False
-        self.changed = threading.Condition()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        fd = self.process.stdout.fileno()
-        while chunk := os.read(fd, 65536):
-            with self.changed:
-                self.output += chunk
-                self.changed.notify_all()
-        with self.changed:
-            self.closed = True
-            self.changed.notify_all()
-
-    def type(self, data: bytes) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(data)
-        self.process.stdin.flush()
-
-    def sync(self) -> list[bytes]:
-        """Type PING; the lines nc printed before the reply."""
-        self.type(SYNC)
-        marker = SYNC_REPLY + b"\n"
-        with self.changed:
-            found = self.changed.wait_for(
-                lambda: marker in self.output[self.seen :] or self.closed, TIMEOUT
-            )
-            assert found and marker in self.output[self.seen :], self.output
-            end = self.output.index(marker, self.seen)
-            lines = self.output[self.seen : end].split(b"\n")[:-1]
-            self.seen = end + len(marker)
-        return lines
-
-    def finish(self) -> bytes:
-        """Close nc's stdin (-N sends end of input); all it printed."""
-        assert self.process.stdin is not None
-        self.process.stdin.close()
-        self.process.wait(TIMEOUT)
-        self.reader.join(TIMEOUT)
-        assert self.closed
-        assert self.process.returncode == 0
-        return self.output
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(TIMEOUT)
-        for pipe in (self.process.stdin, self.process.stdout, self.process.stderr):
-            if pipe is not None:
-                pipe.close()
-
-
-def test_nc_seed_session_two(server: RunningServer) -> None:
-    port = server.address[1]
-    teixe = Netcat(port)
-    jeff = Netcat(port)
-    try:
-        teixe.type(b"USERNAME teixe\n")
-        assert teixe.sync() == []
-        jeff.type(b"USERNAME jeff\n")
-        assert jeff.sync() == []
-        teixe.type(b"SEND hi\n")
-        assert teixe.sync() == []
-        assert jeff.sync() == [b"RECEIVE teixe hi"]
-        jeff.type(b"SEND bye\n")
-        assert jeff.sync() == []
-        assert teixe.sync() == [b"RECEIVE jeff bye"]
-        sync = SYNC_REPLY + b"\n"
-        assert teixe.finish() == 2 * sync + b"RECEIVE jeff bye\n" + sync
-        assert jeff.finish() == sync + b"RECEIVE teixe hi\n" + 2 * sync
-    finally:
-        teixe.kill()
-        jeff.kill()
-
-
-@pytest.mark.parametrize("crlf", [False, True], ids=["lf", "crlf"])
-def test_nc_seed_session_one(server: RunningServer, crlf: bool) -> None:
-    # -N: shut the socket down for writing at the end of stdin, then print
-    # until the server closes. -C: send "\r\n" like telnet.
-    flags = ["-N", "-C"] if crlf else ["-N"]
-    result = subprocess.run(
-        [nc_path(), *flags, "127.0.0.1", str(server.address[1])],
-        input=SEED_ONE_INPUT + b"NOT_A_COMMAND test\n",
-        capture_output=True,
-        timeout=3 * TIMEOUT,
-        check=False,
-    )
-    assert result.stdout == SEED_ONE_REPLY + UNRECOGNISED + b"\n"
-    assert result.returncode == 0
-
-
-# --- 8. Dual stack -------------------------------------------------------------
-
-needs_dualstack = pytest.mark.skipif(
-    not socket.has_dualstack_ipv6(), reason="no dual-stack IPv6 on this system"
-)
-
-
-@needs_dualstack
-def test_default_host_serves_ipv4_and_ipv6_together() -> None:
-    server = ChatServer(None, 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    port = server.address[1]
-    try:
-        with Client(("127.0.0.1", port)) as v4, Client(("::1", port)) as v6:
-            v4.register("four")
-            v6.register("six")
-            v4.send(b"SEND over IPv4\n")
-            assert v4.sync() == []
-            assert v6.sync() == [receive("four", "over IPv4")]
-            v6.send(b"SEND over IPv6\n")
-            assert v6.sync() == []
-            assert v4.sync() == [receive("six", "over IPv6")]
-            v6.send(username("FOUR"))
-            assert v6.sync() == [NAME_TAKEN]
-    finally:
-        server.stop()
-        thread.join(TIMEOUT)
-    assert not thread.is_alive()
-
-
-@needs_dualstack
-def test_program_without_host_serves_ipv4_and_ipv6() -> None:
-    with chat_process("0") as process:
-        found, _ = read_stderr_until(process, LISTENING)
-        port = int(found.group(2))
-        assert port != 0
-        with (
-            ready_member(("127.0.0.1", port), "four") as v4,
-            ready_member(("::1", port), "six") as v6,
-        ):
-            v6.send(b"SEND hi\n")
-            assert v6.sync() == []
-            assert v4.sync() == [receive("six", "hi")]
-        process.terminate()
-        process.wait(TIMEOUT)
-        assert process.returncode == 0
-
-
-# --- A model of the room, and byte-level fuzzing ---
-#
+# ============================================================================
+# Model-based and fuzz tests
+# ============================================================================
 # Model-based and byte-fuzz tests of the real server, over real sockets.
 #
 # A plain Python model of the room, written from PROTOCOL.md alone (it never
@@ -1375,39 +2061,7 @@ def test_program_without_host_serves_ipv4_and_ipv6() -> None:
 # every RECEIVE it caused has been handed to its recipients.
 
 
-class Wire:
-    """The contract's lines (the constants at the top of this file), as the
-    model and the fuzzer use them."""
-
-    LINE_TOO_LONG: Final = LINE_TOO_LONG
-    NAME_EMPTY: Final = NAME_EMPTY
-    NAME_INVALID: Final = NAME_INVALID
-    NAME_HAS_SPACES: Final = NAME_HAS_SPACES
-    NAME_TOO_LONG: Final = NAME_TOO_LONG
-    NAME_TAKEN: Final = NAME_TAKEN
-    NAME_REQUIRED: Final = NAME_REQUIRED
-    MESSAGE_EMPTY: Final = MESSAGE_EMPTY
-    MESSAGE_INVALID: Final = MESSAGE_INVALID
-    UNRECOGNISED: Final = UNRECOGNISED
-    # Not in this set: "Server is full.", which these tests never provoke.
-    ERRORS: Final = frozenset(
-        {
-            LINE_TOO_LONG,
-            NAME_EMPTY,
-            NAME_INVALID,
-            NAME_HAS_SPACES,
-            NAME_TOO_LONG,
-            NAME_TAKEN,
-            NAME_REQUIRED,
-            MESSAGE_EMPTY,
-            MESSAGE_INVALID,
-            UNRECOGNISED,
-        }
-    )
-
-
-MODEL_MAX_LINE: Final = MAX_LINE
-MODEL_MAX_NAME: Final = 32  # code points
+# --- The model ---------------------------------------------------------------
 
 
 def model_key(name: str) -> str:
@@ -1419,32 +2073,32 @@ def model_name_error(raw: bytes) -> bytes | None:
     """The reply to `USERNAME <raw>` from the first failing row of the table
     that does not depend on the room; None if the name is well-formed."""
     if not raw:
-        return Wire.NAME_EMPTY
+        return NAME_EMPTY
     try:
         name = raw.decode("utf-8")
     except UnicodeDecodeError:
-        return Wire.NAME_INVALID
+        return NAME_INVALID
     if any(char.isspace() for char in name):
-        return Wire.NAME_HAS_SPACES
+        return NAME_HAS_SPACES
     if any(unicodedata.category(char) in ("Cc", "Cf") for char in name):
-        return Wire.NAME_INVALID
-    if len(name) > MODEL_MAX_NAME:
-        return Wire.NAME_TOO_LONG
+        return NAME_INVALID
+    if len(name) > MAX_NAME:
+        return NAME_TOO_LONG
     return None
 
 
 def model_message_error(raw: bytes) -> bytes | None:
     """The reply to `SEND <raw>` from a named connection; None if relayed."""
     if not raw:
-        return Wire.MESSAGE_EMPTY
+        return MESSAGE_EMPTY
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        return Wire.MESSAGE_INVALID
+        return MESSAGE_INVALID
     if text.isspace():
-        return Wire.MESSAGE_EMPTY
+        return MESSAGE_EMPTY
     if any(unicodedata.category(char) == "Cc" and char != "\t" for char in text):
-        return Wire.MESSAGE_INVALID
+        return MESSAGE_INVALID
     return None
 
 
@@ -1458,6 +2112,11 @@ def model_lines(stream: bytes, *, at_eof: bool) -> list[bytes]:
     if at_eof and rest:
         lines.append(rest)
     return lines
+
+
+# The lines the model and the fuzzer may see: "Server is full." and "Service
+# unavailable." are never provoked here.
+MODEL_ERRORS: Final = ERRORS - {SERVER_FULL, SERVICE_UNAVAILABLE}
 
 
 Output = tuple[int, bytes]  # (connection, line it must receive, without "\n")
@@ -1480,8 +2139,8 @@ class RoomModel:
         """What one line from `who` makes the server send, in order."""
         if not line:
             return []
-        if len(line) > MODEL_MAX_LINE:
-            return [(who, Wire.LINE_TOO_LONG)]
+        if len(line) > MAX_LINE:
+            return [(who, LINE_TOO_LONG)]
         verb, _, argument = line.partition(b" ")
         if verb == b"USERNAME":
             error = model_name_error(argument)
@@ -1490,19 +2149,19 @@ class RoomModel:
             name = argument.decode("utf-8")
             holder = self.holder(name)
             if holder is not None and holder != who:
-                return [(who, Wire.NAME_TAKEN)]
+                return [(who, NAME_TAKEN)]
             self.names[who] = name
             return []
         if verb == b"SEND":
             sender = self.names.get(who)
             if sender is None:
-                return [(who, Wire.NAME_REQUIRED)]
+                return [(who, NAME_REQUIRED)]
             error = model_message_error(argument)
             if error is not None:
                 return [(who, error)]
             line = b"RECEIVE " + sender.encode("utf-8") + b" " + argument
             return [(other, line) for other in self.names if other != who]
-        return [(who, Wire.UNRECOGNISED)]
+        return [(who, UNRECOGNISED)]
 
     def feed_stream(self, who: int, stream: bytes, *, at_eof: bool) -> list[Output]:
         outputs: list[Output] = []
@@ -1527,13 +2186,13 @@ def assert_contract_line(line: bytes) -> None:
         assert model_message_error(message) is None, line
         allowed = "\t"
     else:
-        assert line in Wire.ERRORS, line
+        assert line in MODEL_ERRORS, line
         allowed = ""
     controls = [char for char in text if unicodedata.category(char) == "Cc"]
     assert all(char in allowed for char in controls), line
 
 
-# --- Socket helpers -------------------------------------------------------
+# --- Socket helpers ----------------------------------------------------------
 
 
 def cut_points(size: int) -> st.SearchStrategy[list[int]]:
@@ -1562,12 +2221,12 @@ def read_through_sync(conn: Client, expected: Sequence[bytes]) -> list[bytes]:
     are `expected`. Any unknown command gets the same reply as SYNC, so this
     reads until it has seen one more of those than `expected` holds. Linear
     in what it reads (Client.line re-copies its buffer for every line)."""
-    wanted = list(expected).count(Wire.UNRECOGNISED) + 1
+    wanted = list(expected).count(UNRECOGNISED) + 1
     lines: list[bytes] = []
     while True:
         *complete, conn.buffer = conn.buffer.split(b"\n")
         for index, line in enumerate(complete):
-            if line == Wire.UNRECOGNISED:
+            if line == UNRECOGNISED:
                 wanted -= 1
                 if wanted == 0:
                     rest = complete[index + 1 :]
@@ -1580,31 +2239,38 @@ def read_through_sync(conn: Client, expected: Sequence[bytes]) -> list[bytes]:
         conn.buffer += chunk
 
 
-def half_close_and_read(conn: Client) -> bytes:
-    """Send end of input, then everything the server sends until it closes."""
-    conn.sock.shutdown(socket.SHUT_WR)
-    return conn.read_to_eof()
+# --- Strategies --------------------------------------------------------------
 
-
-# --- Strategies -----------------------------------------------------------
 
 line_endings = st.sampled_from([b"\n", b"\r\n"])
+
 
 # Name characters chosen for how they compare: "ß"/"ẞ"/"ss", the long s,
 # the Kelvin and Ohm signs (NFKC makes them K and Ω), dotted I, a ligature,
 # a combining accent (so "é" has two spellings), 4-byte emoji.
 NAME_ALPHABET: Final = "abksxyzABKSXYZ019_-.éÉßẞſΩ\u2126\u212aİıﬁжЖあ日🙂\u0301"
+
+
 # Whitespace by str.isspace(), including the C0 separators \x1c-\x1f and
 # NEL, which are also control characters: the whitespace row comes first.
 SPACES: Final = (" ", "\t", "\u00a0", "\u3000", "\u2028", "\u1680", "\x0b", "\x1c", "\x1f", "\x85")
+
+
 # Control (Cc) and format (Cf) characters that are not whitespace.
 CONTROLS: Final = ("\x1b", "\x00", "\x07", "\x7f", "\x9b")
+
+
 FORMATS: Final = ("\u200b", "\u200d", "\ufeff", "\u202e", "\u00ad", "\u2066")
+
+
 # Invalid UTF-8 wherever it is put (see test_protocol.py), plus a truncated
 # two-byte sequence, which is invalid unless a continuation byte follows.
 INVALID_UTF8: Final = (b"\xff", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\x80", b"\xc3")
 
+
 fresh_names = st.text(NAME_ALPHABET, min_size=1, max_size=10)
+
+
 # Around the 32-code-point limit, in characters of 1 to 4 bytes.
 boundary_names = st.one_of(
     st.text(NAME_ALPHABET, min_size=31, max_size=34),
@@ -1639,8 +2305,9 @@ def name_variants(name: str) -> st.SearchStrategy[str]:
     )
 
 
-def username_line(name: str) -> bytes:
-    return b"USERNAME " + name.encode("utf-8")
+def name_line(name: str) -> bytes:
+    """`USERNAME <name>` without an end: the strategies add one."""
+    return username(name, end=b"")
 
 
 def insert(base: bytes, extra: bytes, position: int) -> bytes:
@@ -1664,8 +2331,9 @@ bad_name_lines = st.one_of(
     ),
     # An argument starting with the second of two spaces holds a space.
     fresh_names.map(lambda name: b"USERNAME  " + name.encode()),
-    boundary_names.map(username_line),
+    boundary_names.map(name_line),
 )
+
 
 MESSAGE_TOKENS: Final = (
     "hi",
@@ -1688,6 +2356,8 @@ MESSAGE_TOKENS: Final = (
     "RECEIVE a b",
     "ERROR",
 )
+
+
 good_messages = (
     st.builds(
         lambda lead, tokens: lead + "".join(tokens),
@@ -1697,7 +2367,10 @@ good_messages = (
     .map(str.encode)
     .filter(lambda message: model_message_error(message) is None)
 )
+
+
 send_lines = good_messages.map(lambda message: b"SEND " + message)
+
 
 bad_send_lines = st.one_of(
     st.sampled_from([b"SEND", b"SEND "]),
@@ -1723,6 +2396,7 @@ bad_send_lines = st.one_of(
         st.integers(0, 60),
     ),
 )
+
 
 unknown_lines = st.one_of(
     st.sampled_from(
@@ -1757,7 +2431,8 @@ def lines_near_limit(draw: st.DrawFn) -> bytes:
     return body + b"x" * (length - len(body))
 
 
-# --- The state machine ----------------------------------------------------
+# --- The state machine -------------------------------------------------------
+
 
 MAX_PEERS: Final = 6
 
@@ -1859,17 +2534,18 @@ class ChatMachine(RuleBasedStateMachine):
         then gives it back by half-closing and reading to EOF. Nobody sends
         meanwhile, so the probe receives nothing but its replies."""
         probe = self.running.client()
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            probe.send(username_line(name) + b"\n" + SYNC)
+
+        def taken() -> bool:
+            probe.send(username(name) + SYNC)
             reply = read_through_sync(probe, [])
             if reply == []:
-                break
-            assert reply == [Wire.NAME_TAKEN], reply
+                return True
+            assert reply == [NAME_TAKEN], reply
             assert may_wait, f"{name!r} is still taken after its holder got EOF"
-            assert time.monotonic() < deadline, f"{name!r} was never freed"
-            time.sleep(0.005)
-        assert half_close_and_read(probe) == b""
+            return False
+
+        poll(f"{name!r} to be freed", taken)
+        assert probe.half_close() == b""
 
     # --- rules --------------------------------------------------------------
 
@@ -1895,7 +2571,7 @@ class ChatMachine(RuleBasedStateMachine):
         peers = [self.new_peer() for _ in names]
         for peer, name in zip(peers, names, strict=True):
             if name is not None:
-                self.act(peer, username_line(name) + data.draw(line_endings), data)
+                self.act(peer, username(name, data.draw(line_endings)), data)
         return multiple(*peers)
 
     @precondition(lambda self: len(self.live) < MAX_PEERS)
@@ -1907,16 +2583,16 @@ class ChatMachine(RuleBasedStateMachine):
     @rule(target=peers, name=fresh_names, data=st.data())
     def connect_and_take_a_name(self, name: str, data: st.DataObject) -> Peer:
         peer = self.new_peer()
-        self.act(peer, username_line(name) + data.draw(line_endings), data)
+        self.act(peer, username(name, data.draw(line_endings)), data)
         return peer
 
     def name_lines(self) -> st.SearchStrategy[bytes]:
         """Valid names, fresh or spelled like one seen before (taken or not)."""
         fresh = st.one_of(fresh_names, fresh_names, boundary_names)
         if not self.seen_names:
-            return fresh.map(username_line)
+            return fresh.map(name_line)
         seen = st.sampled_from(self.seen_names).flatmap(name_variants)
-        return st.one_of(fresh, seen, seen).map(username_line)
+        return st.one_of(fresh, seen, seen).map(name_line)
 
     def any_line(self) -> st.SearchStrategy[bytes]:
         return st.one_of(
@@ -2027,7 +2703,7 @@ class ChatMachine(RuleBasedStateMachine):
         want = b"".join(line + b"\n" for line in self.pending[peer.ident])
         self.forget(peer)
         send_randomly_cut(data, peer.conn, payload)
-        got = half_close_and_read(peer.conn)
+        got = peer.conn.half_close()
         assert got == want, f"{peer}: got {got!r} before EOF, expected {want!r}"
         if name is not None:
             self.prove_name_free(name, may_wait=False)
@@ -2048,10 +2724,12 @@ def machine_settings() -> settings:
 
 
 def test_state_machine_matches_the_room_model() -> None:
+    """Every line each client receives is what the room model predicts, step by step."""
     run_state_machine_as_test(ChatMachine, settings=machine_settings())
 
 
-# --- Byte-level fuzzing ---------------------------------------------------
+# --- Byte-level fuzzing ------------------------------------------------------
+
 
 FUZZ_ATOMS: Final = (
     b"\r",
@@ -2083,6 +2761,8 @@ FUZZ_ATOMS: Final = (
     b"Bob",
     b"fuzz",
 )
+
+
 # Arguments that matter: the pair's names in other spellings, names with a
 # space or too long, valid messages, and anything at all.
 FUZZ_ARGUMENTS: Final = (
@@ -2099,6 +2779,8 @@ FUZZ_ARGUMENTS: Final = (
     b"\x1b[2J",
     "🙂".encode() * 33,
 )
+
+
 fuzz_commands = st.builds(
     lambda start, verb, argument, end: start + verb + argument + end,
     st.sampled_from([b"\n", b"\n", b"\n", b""]),  # mostly on a line of its own
@@ -2111,14 +2793,18 @@ fuzz_commands = st.builds(
     ),
     st.sampled_from([b"\n", b"\r\n", b"", b"\r"]),
 )
+
+
 # Well-formed lines, so that the fuzzer also renames, collides with the
 # pair's names and really sends.
 fuzz_good_lines = st.one_of(
     send_lines,
     st.sampled_from(["alice", "ALICE", "ａｌｉｃｅ", "bob", "fuzz", "Fuzz2", "ＦＵＺＺ"]).map(
-        username_line
+        name_line
     ),
 ).map(lambda line: b"\n" + line + b"\n")
+
+
 fuzz_pieces = st.one_of(
     st.sampled_from(FUZZ_ATOMS),
     st.binary(max_size=16),
@@ -2126,6 +2812,8 @@ fuzz_pieces = st.one_of(
     fuzz_commands,
     fuzz_good_lines,
 )
+
+
 # A line near or over the limit, starting on a fresh line so its length is
 # exactly the one drawn, ended in every way (or not yet).
 fuzz_long_lines = st.builds(
@@ -2148,6 +2836,8 @@ def fuzz_streams(draw: st.DrawFn) -> bytes:
 
 
 FUZZER, ALICE, BOB = 0, 1, 2
+
+
 PAIR_NAMES: Final = {ALICE: "alice", BOB: "Bob"}
 
 
@@ -2168,7 +2858,7 @@ def run_fuzz_round(running: RunningServer, stream: bytes, named: bool, data: st.
 
     joins = list(PAIR_NAMES.items()) + ([(FUZZER, "fuzz")] if named else [])
     for who, name in joins:
-        payload = username_line(name) + b"\n"
+        payload = username(name)
         assert room.feed_stream(who, payload, at_eof=False) == []
         sync_exactly(who, payload, [])
 
@@ -2267,766 +2957,12 @@ def run_fuzz_round(running: RunningServer, stream: bytes, named: bool, data: st.
 
 @given(stream=fuzz_streams(), named=st.booleans(), data=st.data())
 def test_fuzzer_beside_a_chatting_pair(stream: bytes, named: bool, data: st.DataObject) -> None:
-    """Random bytes in random pieces from one client never crash the
-    server, never put anything outside the contract on any wire, are
-    answered exactly as the model predicts, and leave the others alone."""
+    """No input can crash the server or make it send anything outside this protocol."""
+    # Random bytes in random pieces from one client never crash the
+    # server, never put anything outside the contract on any wire, are
+    # answered exactly as the model predicts, and leave the others alone.
     running = start_server()
     try:
         run_fuzz_round(running, stream, named, data)
     finally:
         running.stop()
-
-
-# --- Faults: descriptors, slow consumers, signals, churn, floods ---
-#
-# Fault tests of the real server: running out of file descriptors, slow
-# consumers, signals with output queued, connection churn, huge lines, floods,
-# a thousand members, resets in the middle of a broadcast.
-#
-# Most run chat.py as a child process, so that its CPU time, memory and file
-# descriptors can be read from /proc and its stderr checked for tracebacks.
-# Every read has a timeout; where the server must notice something on its own,
-# the test polls with a deadline.
-
-# --- helpers for the fault tests -------------------------------------------
-
-_LINE_TOO_LONG = b"ERROR Line too long."
-_NAME_TAKEN = b"ERROR Username already in use."
-
-
-@dataclass
-class _Served:
-    """chat.py as a child process, its drained stderr, and the clients a
-    test opened (closed when the test ends, whatever happens)."""
-
-    proc: ServerProcess
-    log: StderrReader
-    clients: list[Client] = field(default_factory=list)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.process.pid
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self.proc.address
-
-    def client(self) -> Client:
-        client = Client(self.address)
-        self.clients.append(client)
-        return client
-
-    def small_window_client(self) -> Client:
-        client = _SmallWindowClient(self.address)
-        self.clients.append(client)
-        return client
-
-    def finish(self, signum: int = signal.SIGTERM) -> str:
-        """Stop the server as an operator would and return its stderr, after
-        checking that it exited 0 without a traceback."""
-        self.proc.process.send_signal(signum)
-        returncode = self.proc.process.wait(TIMEOUT)
-        self.log.join(TIMEOUT)
-        text = self.log.text()
-        assert returncode == 0, text
-        assert "Traceback" not in text, text
-        return text
-
-
-_LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
-
-
-@contextlib.contextmanager
-def _serve(*args: str, preexec: Callable[[], None] | None = None) -> Iterator[_Served]:
-    """chat.py on port 0, its real port read from its startup log line.
-
-    Not conftest.spawn_server: a port picked free and then bound by the
-    child can be taken in between (tests here open thousands of connections,
-    and other test runs share the machine), and its connect probe would then
-    reach whatever holds the port. Port 0 cannot race, and the log line
-    comes after the signal handlers are installed."""
-    process = subprocess.Popen(
-        [sys.executable, str(HERE / "chat.py"), "0", "--host", "127.0.0.1", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        preexec_fn=preexec,
-    )
-    assert process.stderr is not None
-    log = StderrReader(process.stderr)
-    served: _Served | None = None
-    failed = False
-    try:
-        _poll(
-            lambda: _LISTENING.search(log.text()) is not None or process.poll() is not None,
-            TIMEOUT,
-            "the server to start",
-        )
-        found = _LISTENING.search(log.text())
-        assert found is not None, f"chat.py did not start: {log.text()}"
-        served = _Served(ServerProcess(process, int(found[1]), log), log)
-        yield served
-    except BaseException:
-        failed = True
-        raise
-    finally:
-        for client in [] if served is None else served.clients:
-            client.close()
-        if process.poll() is None:
-            process.kill()
-        process.wait(TIMEOUT)
-        log.join(TIMEOUT)
-        if failed:  # pytest shows this with the failure
-            print("--- the server's stderr (last 20,000 characters) ---")
-            print(log.text()[-20_000:])
-
-
-class _SmallWindowClient(Client):
-    """A client with a 4 KiB receive buffer, so that what it does not read
-    piles up on the server's side, not in its own kernel buffer. The option
-    must be set before connecting (it fixes the window scale), so this does
-    not call Client.__init__, which connects at once."""
-
-    def __init__(self, address: tuple[str, int], receive_buffer: int = 4096) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-            sock.settimeout(TIMEOUT)
-            sock.connect(address)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-        self.buffer = b""
-
-
-def _reset(client: Client) -> None:
-    """Close with an RST: SO_LINGER on with a zero timeout. (struct linger is
-    two ints, l_onoff and l_linger; a non-zero l_linger would be an ordinary
-    close that waits, with a FIN.)"""
-    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    client.sock.close()
-
-
-def _poll(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Wait until `condition()` holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid`, from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as stat:
-        # The command name (field 2) may hold spaces; it ends at the last ")".
-        fields = stat.read().rpartition(")")[2].split()
-    # fields[0] is field 3 (state), so utime (14) and stime (15) are 11 and 12.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _status_kib(pid: int, key: str) -> int:
-    """A "kB" line of /proc/<pid>/status, such as VmRSS or VmHWM."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            name, _, value = line.partition(":")
-            if name == key:
-                return int(value.split()[0])
-    raise KeyError(key)
-
-
-def _fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def _raise_fd_limit(needed: int) -> None:
-    """Let this process hold `needed` descriptors (children inherit it)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        if hard != resource.RLIM_INFINITY and hard < needed:
-            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {needed}")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-
-
-def _sends(messages: list[bytes]) -> bytes:
-    return b"".join(b"SEND " + message + b"\n" for message in messages)
-
-
-def _receives(name: str, messages: list[bytes]) -> list[bytes]:
-    prefix = b"RECEIVE " + name.encode() + b" "
-    return [prefix + message for message in messages]
-
-
-def _timed_sync(client: Client) -> tuple[list[bytes], float]:
-    start = time.monotonic()
-    lines = client.sync()
-    return lines, time.monotonic() - start
-
-
-# --- running out of file descriptors ---------------------------------------
-
-# Low enough that 100 extra connections exhaust it, high enough for Python.
-_FD_LIMIT = 64
-
-
-def _limit_fds() -> None:
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (_FD_LIMIT, hard))
-
-
-def test_fd_exhaustion_does_not_spin_and_service_continues() -> None:
-    with _serve(preexec=_limit_fds) as server:
-        alice = server.client()
-        alice.register("alice")
-        bob = server.client()
-        bob.register("bob")
-        extra: list[socket.socket] = []
-        try:
-            # The kernel completes these handshakes whether or not the server
-            # can accept them; the ones past its limit wait in the backlog.
-            for _ in range(100):
-                extra.append(socket.create_connection(server.address, timeout=TIMEOUT))
-            server.log.wait_for("Too many open files")
-
-            for turn in range(3):
-                alice.send(f"SEND while out of descriptors {turn}\n".encode())
-                assert alice.sync() == []
-                assert bob.sync() == [f"RECEIVE alice while out of descriptors {turn}".encode()]
-                bob.send(f"SEND still here {turn}\n".encode())
-                assert bob.sync() == []
-                assert alice.sync() == [f"RECEIVE bob still here {turn}".encode()]
-
-            # The listener stays readable while the backlog is not empty: a
-            # server that retried accept() at once would burn a whole core.
-            cpu_before = _cpu_seconds(server.pid)
-            wall_before = time.monotonic()
-            time.sleep(1.0)  # the quiet second being measured, not a wait
-            cpu = _cpu_seconds(server.pid) - cpu_before
-            wall = time.monotonic() - wall_before
-            assert cpu < 0.2, f"the server used {cpu:.2f}s of CPU in {wall:.2f}s while idle"
-        finally:
-            for sock in extra:
-                sock.close()
-
-        # The server must notice the closes, free the descriptors and accept
-        # again by itself.
-        deadline = time.monotonic() + 10
-        while True:
-            carol = server.client()
-            try:
-                carol.register("carol")
-                break
-            except (OSError, EOFError):
-                carol.close()
-                if time.monotonic() > deadline:
-                    raise
-        carol.send(b"SEND back to normal\n")
-        assert carol.sync() == []
-        assert alice.sync() == [b"RECEIVE carol back to normal"]
-        assert bob.sync() == [b"RECEIVE carol back to normal"]
-        alice.send(b"SEND welcome\n")
-        assert alice.sync() == []
-        assert carol.sync() == [b"RECEIVE alice welcome"]
-        assert bob.sync() == [b"RECEIVE alice welcome"]
-
-        log = server.finish()
-        assert "cannot accept connections: Too many open files" in log
-
-
-# --- slow consumers ---------------------------------------------------------
-
-
-def test_slow_consumer_is_dropped_without_slowing_the_others() -> None:
-    with _serve() as server:  # the default output limit, 1 MiB
-        slow = server.small_window_client()
-        slow.register("slow")
-        alice = server.client()
-        alice.register("alice")
-        bob = server.client()
-        bob.register("bob")
-        prober = server.client()
-
-        filler = b"x" * 4000
-        stream: list[bytes] = []  # every RECEIVE line the slow client was owed
-        sync_times: list[float] = []
-        # The kernel holds a few MB for a client that does not read (the
-        # server's send buffer grows to ~2.8 MB on loopback) before the
-        # server's own 1 MiB limit even starts to fill: 256 KiB a round, up
-        # to 64 rounds.
-        for turn in range(64):
-            messages = [f"{turn}-{index} ".encode() + filler for index in range(64)]
-            alice.send(_sends(messages))
-            lines, elapsed = _timed_sync(alice)
-            assert lines == []
-            sync_times.append(elapsed)
-            lines, elapsed = _timed_sync(bob)
-            assert lines == _receives("alice", messages)
-            sync_times.append(elapsed)
-            stream += lines
-            prober.send(b"USERNAME slow\n")
-            reply = prober.sync()
-            if reply == []:
-                break  # the prober holds the slow client's name now
-            assert reply == [_NAME_TAKEN]
-        else:
-            pytest.fail("the slow client was never disconnected")
-        assert max(sync_times) < 2.0, f"slowest sync {max(sync_times):.2f}s"
-
-        # The prober took the name, so it is a member and gets messages.
-        alice.send(b"SEND after\n")
-        assert alice.sync() == []
-        assert bob.sync() == [b"RECEIVE alice after"]
-        assert prober.sync() == [b"RECEIVE alice after"]
-
-        # What the slow client gets before the end is a prefix of what it
-        # was owed, cut where the server gave up on it.
-        received = slow.read_to_eof()
-        owed = b"".join(line + b"\n" for line in stream)
-        assert owed.startswith(received)
-        assert len(received) < len(owed)
-
-        assert "slow consumer" in server.finish()
-
-
-def test_many_slow_consumers_and_several_senders_keep_one_order() -> None:
-    output_limit = 256 * 1024
-    with _serve("--output-limit", str(output_limit)) as server:
-        slow = [server.small_window_client() for _ in range(10)]
-        for index, client in enumerate(slow):
-            client.register(f"slow{index}")
-        healthy = [server.client() for _ in range(40)]
-        for index, client in enumerate(healthy):
-            client.register(f"h{index}")
-        senders = 4
-        filler = b"y" * 2000
-        per_burst = 32
-        seen: list[list[bytes]] = [[] for _ in healthy]
-
-        def burst(sender: int, turn: int) -> None:
-            messages = [f"{sender}-{turn}-{index} ".encode() + filler for index in range(per_burst)]
-            healthy[sender].send(_sends(messages))
-            seen[sender] += healthy[sender].sync()
-
-        # Rounds of 256 KiB, from all senders at once. A healthy client's
-        # kernel buffers take a whole round, so reading once a round keeps
-        # it far from the limit; a slow one passes ~2.8 MB of kernel buffer
-        # plus the limit after a dozen rounds. The rounds go on until a
-        # prober can take every slow client's name: a free name it takes,
-        # one it already holds (it renames itself through the free ones) is
-        # no error either. It is a member once it holds one, so its sync
-        # returns RECEIVE lines too.
-        prober = server.client()
-        probe = b"".join(f"USERNAME slow{index}\n".encode() for index in range(len(slow)))
-        rounds = 0
-        with ThreadPoolExecutor(senders) as pool:
-            while True:
-                assert rounds < 40, "the slow clients were never all disconnected"
-                futures = [pool.submit(burst, sender, rounds) for sender in range(senders)]
-                for future in futures:
-                    future.result(timeout=30)
-                for index in range(senders, len(healthy)):
-                    seen[index] += healthy[index].sync()
-                rounds += 1
-                prober.send(probe)
-                refused = [line for line in prober.sync() if line.startswith(b"ERROR")]
-                if not refused:
-                    break
-                assert set(refused) == {_NAME_TAKEN}
-        for index, client in enumerate(healthy):
-            seen[index] += client.sync()
-
-        order = seen[senders]  # a member that sent nothing saw everything
-        assert len(order) == rounds * senders * per_burst
-        for index in range(senders, len(healthy)):
-            assert seen[index] == order, f"h{index} saw another order"
-        for sender in range(senders):
-            own = f"RECEIVE h{sender} ".encode()
-            assert seen[sender] == [line for line in order if not line.startswith(own)]
-            # ...and each sender's messages kept the order it sent them in.
-            assert [line for line in order if line.startswith(own)] == [
-                own + f"{sender}-{turn}-{index} ".encode() + filler
-                for turn in range(rounds)
-                for index in range(per_burst)
-            ]
-
-        owed = b"".join(line + b"\n" for line in order)
-        for client in slow:
-            received = client.read_to_eof()
-            assert owed.startswith(received)
-            assert len(received) < len(owed)
-        assert "slow consumer" in server.log.text()
-        server.finish()
-
-
-# --- signals ----------------------------------------------------------------
-
-
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_stops_at_once_with_output_queued(signum: signal.Signals) -> None:
-    # 8 MiB so that the non-readers, owed 5 MB each, stay connected with
-    # output queued in the server (the kernel takes ~2.8 MB of it).
-    with _serve("--output-limit", str(8 << 20)) as server:
-        stuck = [server.small_window_client() for _ in range(5)]
-        for index, client in enumerate(stuck):
-            client.register(f"stuck{index}")
-        sender = server.client()
-        sender.register("sender")
-        idle = [server.client() for _ in range(44)]  # 50 connections in all
-        messages = [f"{index} ".encode() + b"z" * 4000 for index in range(1250)]
-        sender.send(_sends(messages))
-        assert sender.sync() == []
-        for client in idle:
-            assert client.sync() == []
-
-        start = time.monotonic()
-        server.proc.process.send_signal(signum)
-        returncode = server.proc.process.wait(TIMEOUT)
-        elapsed = time.monotonic() - start
-        assert returncode == 0
-        assert elapsed < 1.0, f"exited {elapsed:.2f}s after the signal"
-
-        # The port is free at once, with the old connections still draining:
-        # bound as the server binds it (SO_REUSEADDR).
-        with socket.socket() as again:
-            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            again.bind(server.address)
-            again.listen()
-
-        owed = b"".join(line + b"\n" for line in _receives("sender", messages))
-        for client in stuck:
-            assert owed.startswith(client.read_to_eof())
-        for client in [sender, *idle]:
-            assert client.read_to_eof() == b""
-
-        server.log.join()
-        log = server.log.text()
-        assert "Traceback" not in log, log
-        # They were still connected, output queued, when the signal came.
-        assert "slow consumer" not in log
-
-
-# --- connection churn -------------------------------------------------------
-
-
-def test_connect_reset_cycles_leak_no_descriptors() -> None:
-    with _serve() as server:
-        watcher = server.client()
-        watcher.register("watcher")
-        baseline = _fd_count(server.pid)
-        names: list[str] = []
-
-        def cycle(index: int, kind: str) -> None:
-            client = Client(server.address)
-            try:
-                if kind.startswith("register"):
-                    names.append(f"cycle{index}")
-                    client.send(f"USERNAME cycle{index}\n".encode())
-                    # A member now: earlier cycles' messages may reach it.
-                    assert all(line.startswith(b"RECEIVE cycle") for line in client.sync())
-                elif kind.startswith("pipeline"):
-                    # A name, a message to the watcher and an unterminated
-                    # line, likely still unprocessed when the connection goes.
-                    names.append(f"cycle{index}")
-                    lines = f"USERNAME cycle{index}\nSEND bye {index}\n".encode()
-                    # A reply left unread would turn close() into an RST, so
-                    # only the reset variant asks for one.
-                    if kind.endswith("reset"):
-                        lines += SYNC
-                    client.send(lines + b"SEND par")
-                if kind.endswith("reset"):
-                    _reset(client)
-            finally:
-                client.close()
-
-        kinds = ["reset", "register-reset", "pipeline-reset", "pipeline-close", "close"]
-        cycles = 335  # 201 resets, 134 closes
-        for index in range(cycles):
-            cycle(index, kinds[index % len(kinds)])
-
-        received: list[bytes] = []
-
-        def settled() -> bool:
-            received.extend(watcher.sync())
-            return _fd_count(server.pid) == baseline
-
-        _poll(settled, 10, f"the server to get back to {baseline} descriptors")
-        received.extend(watcher.sync())  # what came with the last close
-        # A closed connection's final line without "\n" is still a line; a
-        # reset one's lines may or may not have been read before the RST,
-        # but its unterminated line never is one.
-        for index, kind in enumerate(kinds[i % len(kinds)] for i in range(cycles)):
-            bye = f"RECEIVE cycle{index} bye {index}".encode()
-            final = f"RECEIVE cycle{index} par".encode()
-            if kind == "pipeline-close":
-                assert received.count(bye) == received.count(final) == 1
-                assert received.index(bye) < received.index(final)
-            else:
-                assert final not in received
-        assert all(re.fullmatch(rb"RECEIVE cycle\d+ (bye \d+|par)", line) for line in received)
-
-        # Every name used is free again: taking each in turn renames one
-        # connection through all of them.
-        checker = server.client()
-        checker.send(b"".join(f"USERNAME {name}\n".encode() for name in names))
-        assert checker.sync() == []
-        server.finish()
-
-
-# --- huge lines ---------------------------------------------------------------
-
-
-def test_ten_megabyte_line_is_refused_once_in_bounded_memory() -> None:
-    with _serve() as server:
-        client = server.client()
-        assert client.sync() == []
-        # VmHWM is the peak: a buffer that grew and was freed still shows.
-        peak_before = _status_kib(server.pid, "VmHWM")
-        rss_before = _status_kib(server.pid, "VmRSS")
-        piece = b"x" * 65536
-        for _ in range(160):  # 10 MiB, no "\n"
-            client.send(piece)
-        client.send(b"\n")
-        assert client.sync() == [_LINE_TOO_LONG]
-        peak_growth = _status_kib(server.pid, "VmHWM") - peak_before
-        rss_growth = _status_kib(server.pid, "VmRSS") - rss_before
-        assert peak_growth < 4096, f"peak memory grew by {peak_growth} KiB"
-        assert rss_growth < 4096, f"memory grew by {rss_growth} KiB"
-        # The line after it is a line like any other.
-        client.register("after")
-        server.finish()
-
-
-def test_megabytes_of_blank_lines_cost_linear_time() -> None:
-    with _serve() as server:
-        client = server.client()
-        assert client.sync() == []
-        cpu_before = _cpu_seconds(server.pid)
-        start = time.monotonic()
-        client.send(b"\n" * (4 << 20))
-        assert client.sync() == []  # no reply to any blank line
-        elapsed = time.monotonic() - start
-        cpu = _cpu_seconds(server.pid) - cpu_before
-        # Both take ~0.8 s on an idle 2-core machine; anything quadratic in
-        # 4 Mi lines would take hours. The server's CPU time is the sharp
-        # measure: other processes on the machine barely change it, whereas
-        # the wall time reached 4.1 s with two busy loops and two other runs
-        # of this file beside it.
-        assert cpu < 3.0, f"4 Mi blank lines took {cpu:.2f}s of the server's CPU"
-        assert elapsed < 10.0, f"4 Mi blank lines took {elapsed:.2f}s"
-        server.finish()
-
-
-# --- floods -------------------------------------------------------------------
-
-
-class _Reader(threading.Thread):
-    """Reads one connection until `stop`, handing `on_match` the first group
-    of every line that matches `pattern` and discarding the rest (all of it
-    when `pattern` is None)."""
-
-    def __init__(
-        self,
-        client: Client,
-        pattern: bytes | None,
-        on_match: Callable[[bytes], None],
-        stop: threading.Event,
-    ) -> None:
-        super().__init__(daemon=True)
-        self.client = client
-        self.pattern = None if pattern is None else re.compile(pattern, re.MULTILINE)
-        self.on_match = on_match
-        self.stop = stop
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            # Short, so the thread sees `stop` soon; sends on this socket
-            # are small and are not affected in practice.
-            self.client.sock.settimeout(0.2)
-            tail = b""
-            while not self.stop.is_set():
-                try:
-                    chunk = self.client.sock.recv(65536)
-                except TimeoutError:
-                    continue
-                if not chunk:
-                    raise EOFError("the server closed the connection")
-                if self.pattern is None:
-                    continue
-                data = tail + chunk
-                end = data.rfind(b"\n") + 1
-                tail = data[end:]
-                for match in self.pattern.finditer(data, 0, end):
-                    self.on_match(match.group(1))
-        except BaseException as error:
-            self.error = error
-
-
-class _Flooder(threading.Thread):
-    """Sends `block` again and again until `stop` or `limit` seconds."""
-
-    def __init__(self, client: Client, block: bytes, stop: threading.Event, limit: float) -> None:
-        super().__init__(daemon=True)
-        self.client = client
-        self.block = block
-        self.stop = stop
-        self.deadline = time.monotonic() + limit
-        self.sent = 0
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            while not self.stop.is_set() and time.monotonic() < self.deadline:
-                self.client.sock.sendall(self.block)
-                self.sent += len(self.block)
-        except BaseException as error:
-            self.error = error
-
-
-@pytest.mark.parametrize("flood", ["unknown-commands", "valid-sends"])
-def test_flooder_does_not_starve_a_conversation(flood: str) -> None:
-    with _serve() as server:
-        alice = server.client()
-        alice.register("alice")
-        bob = server.client()
-        bob.register("bob")
-        flooder = server.client()
-        if flood == "valid-sends":
-            # Alice and Bob get the whole flood and must read it all.
-            flooder.register("flooder")
-            line = b"SEND " + b"f" * 100 + b"\n"
-        else:
-            # Only the flooder gets answers: one error a line.
-            line = b"FLOOD " + b"f" * 100 + b"\n"
-
-        stop = threading.Event()
-        pongs: list[int] = []
-        pong_arrived = threading.Condition()
-
-        def on_ping(number: bytes) -> None:
-            bob.send(b"SEND pong " + number + b"\n")
-
-        def on_pong(number: bytes) -> None:
-            with pong_arrived:
-                pongs.append(int(number))
-                pong_arrived.notify()
-
-        threads: list[_Reader | _Flooder] = [
-            _Reader(alice, rb"^RECEIVE bob pong (\d+)$", on_pong, stop),
-            _Reader(bob, rb"^RECEIVE alice ping (\d+)$", on_ping, stop),
-            _Reader(flooder, None, lambda _: None, stop),
-        ]
-        flood_thread = _Flooder(flooder, line * 2048, stop, limit=20)
-        threads.append(flood_thread)
-        try:
-            for thread in threads:
-                thread.start()
-            _poll(lambda: flood_thread.sent >= 1 << 20, TIMEOUT, "the flood to start")
-            flooded_before = flood_thread.sent
-            round_trips: list[float] = []
-            for number in range(20):
-                start = time.monotonic()
-                alice.send(f"SEND ping {number}\n".encode())
-                with pong_arrived:
-                    arrived = pong_arrived.wait_for(
-                        partial(operator.contains, pongs, number), TIMEOUT
-                    )
-                assert arrived, f"no pong {number}; errors: {[t.error for t in threads]}"
-                round_trips.append(time.monotonic() - start)
-                time.sleep(0.05)  # a conversation, not a benchmark
-            flooded = flood_thread.sent - flooded_before
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join(TIMEOUT)
-        assert [thread.error for thread in threads] == [None] * len(threads)
-        assert pongs == list(range(20))
-        # The flood really ran alongside the whole conversation.
-        assert flooded >= 1 << 20, f"only {flooded} bytes flooded"
-        assert max(round_trips) < 1.5, f"round trips {sorted(round_trips)[-3:]}"
-        server.finish()
-
-
-# --- many clients ---------------------------------------------------------------
-
-
-def test_thousand_registered_clients_all_receive_a_broadcast() -> None:
-    count = 1000
-    _raise_fd_limit(count + 200)  # the sockets here; the server inherits it too
-    with _serve() as server:
-        clients = [server.client() for _ in range(count)]
-        # Pipelined: every client's name and sync are sent before any reply
-        # is read.
-        for index, client in enumerate(clients):
-            client.send(f"USERNAME user{index}\n".encode() + SYNC)
-        for client in clients:
-            assert client.until(SYNC_REPLY) == []
-        clients[0].send(b"SEND hello, everyone\n")
-        assert clients[0].sync() == []
-        for client in clients[1:]:
-            assert client.line() == b"RECEIVE user0 hello, everyone"
-        for client in clients:
-            client.send(SYNC)
-        for client in clients:
-            assert client.until(SYNC_REPLY) == []
-        server.finish()
-
-
-def test_resets_in_the_middle_of_a_broadcast_spare_the_others() -> None:
-    # A limit no survivor can reach: they are read only after the burst.
-    with _serve("--output-limit", str(16 << 20)) as server:
-        sender = server.client()
-        sender.register("sender")
-        members = [server.client() for _ in range(60)]
-        for index, client in enumerate(members):
-            client.register(f"m{index}")
-        victims = members[::3]
-        survivors = [client for client in members if client not in victims]
-        messages = [f"{index} ".encode() + b"w" * 200 for index in range(4000)]
-        chunk = len(messages) // len(victims)
-        # Each victim resets, with output unread, while the server is still
-        # working through the burst and sending to it.
-        for number, victim in enumerate(victims):
-            sender.send(_sends(messages[number * chunk : (number + 1) * chunk]))
-            _reset(victim)
-        assert sender.sync() == []
-        expected = _receives("sender", messages)
-        for client in survivors:
-            assert client.sync() == expected
-        # Still serving: a newcomer takes a victim's name and talks.
-        newcomer = server.client()
-        newcomer.register("m0")
-        newcomer.send(b"SEND still up\n")
-        assert newcomer.sync() == []
-        assert sender.sync() == [b"RECEIVE m0 still up"]
-        for client in survivors:
-            assert client.sync() == [b"RECEIVE m0 still up"]
-        server.finish()
-
-
-# --- Odds and ends ---
-
-
-def test_closing_a_server_twice_is_harmless() -> None:
-    """close() runs when serve_forever ends, and an embedding program may
-    call it again."""
-    server = ChatServer("127.0.0.1", 0)
-    port = server.address[1]
-    server.close()
-    server.close()
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-
-
-def test_cluster_options_without_redis_are_ignored_with_a_warning() -> None:
-    running = spawn_server("--room", "elsewhere")
-    try:
-        client = ready_member(running.address, "alice")
-        client.close()
-        running.process.send_signal(signal.SIGTERM)
-        text = running.stderr_text()
-    finally:
-        running.process.kill()
-    assert "--room only matters with --redis" in text
-    assert "--lease-ms" not in text
-    assert running.process.returncode == 0
