@@ -83,6 +83,7 @@ Room and batch, no sockets      test_room.py
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import operator
@@ -90,13 +91,14 @@ import os
 import random
 import re
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import threading
 import time
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from itertools import pairwise
@@ -119,6 +121,7 @@ from hypothesis.stateful import (
 )
 
 import chat
+import metrics
 from conftest import (
     ERRORS,
     LINE_TOO_LONG,
@@ -142,6 +145,7 @@ from conftest import (
     Client,
     Netcat,
     RunningServer,
+    ServerProcess,
     launch,
     nc_path,
     poll,
@@ -337,9 +341,18 @@ def test_program_without_host_serves_ipv4_and_ipv6() -> None:
             v6.send(b"SEND hi\n")
             assert v6.sync() == []
             assert v4.sync() == [receive("six", "hi")]
+        assert "(every address, IPv6 and IPv4)" in running.log.text()
         running.process.terminate()
         running.process.wait(TIMEOUT)
         assert running.process.returncode == 0
+
+
+def test_host_ipv6_any_is_logged_as_ipv6_only() -> None:
+    """--host narrows it: `--host ::` listens on IPv6 only, and says so."""
+    with launch(host="::") as running:
+        with Client(("::1", running.port)) as v6:
+            v6.register("six")
+        assert f"listening on [::]:{running.port} (IPv6 only)" in running.log.text()
 
 
 # --- Port: PORT = 8080 by default; port 0 and the startup log line -----------
@@ -1729,7 +1742,193 @@ def test_connect_reset_cycles_leak_no_descriptors() -> None:
 
 
 # --- Monitoring (v2) ---------------------------------------------------------
-# (tests to come)
+
+
+def scrape(address: tuple[str, int], request: bytes = b"GET /metrics HTTP/1.1\r\n\r\n") -> bytes:
+    """One HTTP request to the metrics port; the whole answer."""
+    with socket.create_connection(address, timeout=TIMEOUT) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+METRIC_LINE: Final = re.compile(r'^([a-z_]+)(?:\{reason="([a-z_]+)"\})? (\d+(?:\.\d+)?)$')
+
+
+def parse_metrics(answer: bytes) -> dict[str, float]:
+    """The samples of a Prometheus text answer, by `name` or `name{reason}`;
+    fails unless every metric has HELP and TYPE lines before its samples."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"Content-Type: text/plain; version=0.0.4" in head
+    samples: dict[str, float] = {}
+    described: dict[str, set[str]] = {}
+    for line in body.decode().splitlines():
+        if line.startswith("# "):
+            kind, name, _ = line[2:].split(" ", 2)
+            described.setdefault(name, set()).add(kind)
+            continue
+        found = METRIC_LINE.match(line)
+        assert found, f"not a sample line: {line!r}"
+        name, reason, value = found.groups()
+        assert described.get(name) == {"HELP", "TYPE"}, f"{name} has no HELP and TYPE"
+        samples[f"{name}{{{reason}}}" if reason else name] = float(value)
+    return samples
+
+
+CONTRACT_METRICS: Final = (
+    "chat_connections_open",
+    "chat_members",
+    "chat_connections_accepted_total",
+    "chat_messages_total",
+    "chat_deliveries_total",
+    "chat_bytes_sent_total",
+    "chat_unsent_bytes",
+)
+DISCONNECTION_REASONS: Final = (
+    "client_closed",
+    "reset",
+    "slow_consumer",
+    "memory_budget",
+    "timed_out",
+    "registration_timeout",
+    "per_address",
+    "server_full",
+    "tls_handshake",
+    "server_shutdown",
+    "internal_error",
+)
+
+
+@pytest.fixture
+def monitored() -> Iterator[RunningServer]:
+    running = start_server(metrics_address=("127.0.0.1", 0), max_clients=3)
+    yield running
+    running.stop()
+
+
+def metrics_of(running: RunningServer) -> dict[str, float]:
+    assert running.server.metrics is not None
+    return parse_metrics(scrape(running.server.metrics.address))
+
+
+def test_metrics_has_every_metric_of_the_contract(monitored: RunningServer) -> None:
+    """Monitoring: GET /metrics lists every metric, with # HELP and # TYPE."""
+    samples = metrics_of(monitored)
+    for name in CONTRACT_METRICS:
+        assert name in samples
+    for reason in ("server_full", "per_address"):
+        assert samples[f"chat_connections_refused_total{{{reason}}}"] == 0
+    for reason in DISCONNECTION_REASONS:
+        assert samples[f"chat_disconnections_total{{{reason}}}"] == 0
+    assert "chat_redis_up" not in samples  # cluster mode only
+
+
+def test_metrics_count_what_happens(monitored: RunningServer) -> None:
+    """Monitoring: connections, members, messages, deliveries, bytes and
+    disconnections are counted where they happen."""
+    alice, bob = monitored.member("alice"), monitored.member("bob")
+    anonymous = monitored.client()
+    alice.send(send_line("one") + send_line("two"))
+    assert alice.sync() == []
+    assert bob.sync() == [receive("alice", "one"), receive("alice", "two")]
+    refused = monitored.client()  # the fourth: over max_clients
+    assert refused.read_to_eof() == SERVER_FULL + b"\n"
+    anonymous.close()
+    poll(
+        "the closed connection to be counted",
+        lambda: metrics_of(monitored)["chat_connections_open"] == 2,
+    )
+    samples = metrics_of(monitored)
+    assert samples["chat_members"] == 2
+    assert samples["chat_connections_accepted_total"] == 3
+    assert samples["chat_messages_total"] == 2
+    assert samples["chat_deliveries_total"] == 2  # each to bob only
+    assert samples["chat_bytes_sent_total"] >= 2 * len(receive("alice", "one"))
+    assert samples["chat_unsent_bytes"] == 0
+    assert samples["chat_connections_refused_total{server_full}"] == 1
+    assert samples["chat_disconnections_total{server_full}"] == 1
+    assert samples["chat_disconnections_total{client_closed}"] == 1
+
+
+def test_metrics_other_requests_get_404(monitored: RunningServer) -> None:
+    """Monitoring: any other request gets a 404; a bad one does not touch the chat."""
+    assert monitored.server.metrics is not None
+    address = monitored.server.metrics.address
+    alice = monitored.member("alice")
+    for request in (
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"POST /metrics HTTP/1.1\r\n\r\n",
+        b"\xff\xfe garbage\n\n",
+        b"GET /metrics" + b"x" * 10_000,  # no end of head within the bound
+    ):
+        assert scrape(address, request).startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert alice.sync() == []
+
+
+def test_a_slow_metrics_client_is_dropped_at_its_deadline_and_never_blocks_the_chat() -> None:
+    """Monitoring: a slow HTTP client never affects the chat; it is closed
+    at its deadline (on the reactor's clock)."""
+    clock = FakeClock()
+    server = chat.ChatServer("127.0.0.1", 0, clock=clock, metrics_address=("127.0.0.1", 0))
+    try:
+        assert server.metrics is not None
+        with (
+            socket.create_connection(server.metrics.address, timeout=TIMEOUT) as slow,
+            socket.create_connection(server.address, timeout=TIMEOUT) as client,
+        ):
+            slow.sendall(b"GET /metr")  # and nothing more
+            client.sendall(b"PING\n")
+            answer = b""
+            for _ in range(100):
+                server.run_once(max_wait=0.01)
+                client.settimeout(0.001)
+                with contextlib.suppress(TimeoutError):
+                    answer += client.recv(100)
+                if answer:
+                    break
+            assert answer == UNRECOGNISED + b"\n"  # the chat went on meanwhile
+            clock.advance(metrics.REQUEST_DEADLINE)
+            server.run_once(max_wait=0)
+            slow.settimeout(TIMEOUT)
+            assert slow.recv(100) == b""  # closed, unanswered
+    finally:
+        server.close()
+
+
+def test_metrics_with_curl_as_in_the_readme() -> None:
+    """Monitoring: `--metrics-port` on 127.0.0.1 by default, read with curl."""
+    curl = shutil.which("curl")
+    if curl is None:
+        if os.environ.get("CI"):
+            pytest.fail("curl is missing")
+        pytest.skip("curl is not installed")
+    with launch("--metrics-port", "0") as running:
+        running.member("alice")
+        found = poll_log(running, re.compile(r"metrics at http://127\.0\.0\.1:(\d+)/metrics"))
+        result = subprocess.run(
+            [curl, "-s", "-i", f"http://127.0.0.1:{found.group(1)}/metrics"],
+            capture_output=True,
+            timeout=TIMEOUT,
+        )
+    samples = parse_metrics(result.stdout)
+    assert samples["chat_members"] == 1
+
+
+def poll_log(running: ServerProcess, pattern: re.Pattern[str]) -> re.Match[str]:
+    """Wait for a line matching `pattern` in the server's log."""
+    found: list[re.Match[str]] = []
+
+    def seen() -> bool:
+        match = pattern.search(running.log.text())
+        if match:
+            found.append(match)
+        return match is not None
+
+    poll(f"{pattern.pattern!r} in the log", seen)
+    return found[0]
 
 
 # ============================================================================
@@ -1877,6 +2076,25 @@ def test_many_cancelled_timers_do_not_pile_up() -> None:
 # --- Logs go to stderr; message text is never logged -------------------------
 
 
+def test_log_name_starts_every_line() -> None:
+    """Logs: --log-name NAME tells servers apart; without it, lines are as before."""
+    with launch("--log-name", "east") as named, launch() as plain:
+        named.member("alice").close()
+        plain.member("bob").close()
+        named_text, plain_text = named.finish(), plain.finish()
+    lines = [line for line in named_text.splitlines() if line]
+    assert lines and all(" [east] " in line for line in lines)
+    assert re.search(r"^\S+ \S+ INFO listening on 127\.0\.0\.1:\d+$", plain_text, re.MULTILINE)
+
+
+def test_a_bad_redis_port_is_one_plain_line() -> None:
+    """A bad option: one clear line in our words (not Python's parser's), exit 2."""
+    result = run_chat("0", "--redis", "redis://127.0.0.1:99999/0")
+    assert result.returncode == 2
+    assert_one_clear_line(result.stderr, "port")
+    assert b"out of range" not in result.stderr
+
+
 @pytest.mark.parametrize("args", [[], ["--log-level", "debug"]], ids=["default", "debug"])
 def test_logs_show_events_but_never_message_text(args: list[str]) -> None:
     """Logs: connections, disconnections and name changes at INFO; never message text."""
@@ -2006,7 +2224,8 @@ def test_port_already_in_use(default_host: bool) -> None:
         host_args = [] if default_host else ["--host", "127.0.0.1"]
         result = run_chat(str(port), *host_args)
     assert result.returncode != 0
-    assert_one_clear_line(result.stderr, str(port))
+    assert_one_clear_line(result.stderr, str(port), "Address already in use")
+    assert b"while attempting" not in result.stderr  # Python's words, not ours
 
 
 def test_host_that_cannot_be_bound() -> None:
