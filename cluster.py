@@ -409,7 +409,13 @@ class _Link:
 
     def _check_deadline(self) -> None:
         self._deadline = None
-        if self.closed or not self.waiting:
+        if self.connected and self.waiting and self.waiting[0][0] <= self._host.now():
+            # Read what has arrived first: after a pause of this process
+            # (SIGSTOP), select may report nothing although the answer is
+            # there (CPython's epoll, interrupted past its timeout, returns
+            # no events), and timers then run before the sockets are read.
+            self.on_event(EVENT_READ)
+        if self.closed or not self.waiting or self._deadline is not None:
             return
         due = self.waiting[0][0]
         if due <= self._host.now():
@@ -986,7 +992,9 @@ class RedisRoom:
         cmd.request(self._got_head, encode_command(b"GET", self._head), timeout)
 
         def reader_ready(reply: Any) -> None:
-            if reply is not LOST:
+            if isinstance(reply, hiredis.ReplyError):  # LOADING, after a restart
+                self._fail(f"PING refused: {reply}", False)
+            elif reply is not LOST:
                 self._reader_ready = True
                 self._up()
 
