@@ -906,6 +906,7 @@ class RedisRoom:
         """The entries after `last` were trimmed away before this server read
         them: its members would miss them, so they are closed instead."""
         members = list(self._local.members)
+        self._own.clear()  # trimmed too, if not read yet: never read back
         log.error(
             "this server fell behind the room: the messages after %s are no longer in "
             "Redis (it keeps the last %d turns); closing its %d members' connections",

@@ -513,11 +513,14 @@ def test_servers_share_one_port_with_reuse_port(cluster: Cluster) -> None:
 def test_command_line(redis: Redis) -> None:
     """The cluster options: --help, a bad --redis URL, no extra import without --redis."""
     usage = run_chat("--help").stdout.decode()
-    for option in ("--redis URL", "--room NAME", "--reuse-port", "--lease-ms MS"):
+    options = ("--redis URL", "--room NAME", "--reuse-port", "--lease-ms MS")
+    for option in (*options, "--redis-timeout SECONDS"):
         assert option in usage
     bad = run_chat("0", "--redis", "http://localhost:6379")
     assert bad.returncode == 2
     assert bad.stderr.decode().count("\n") == 1 and "redis://" in bad.stderr.decode()
+    bad = run_chat("0", "--redis", redis.url, "--redis-timeout", "0")
+    assert bad.returncode == 2 and "--redis-timeout" in bad.stderr.decode()
     # Single-server mode imports neither cluster.py nor hiredis.
     probe = (
         "import sys, chat; chat.ChatServer('127.0.0.1', 0).close(); "
