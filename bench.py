@@ -392,21 +392,28 @@ def spawn_cluster(args: argparse.Namespace) -> Iterator[Target]:
 
 
 def wait_until_subscribed(redis_port: int, count: int) -> None:
-    """Until `count` chat servers listen to the room (each binds first)."""
+    """Until `count` chat servers read the room (each binds first): each
+    waits for the room's messages in XREAD BLOCK, which CLIENT LIST shows."""
     deadline = time.monotonic() + 10
-    query = b"*3\r\n$6\r\nPUBSUB\r\n$6\r\nNUMSUB\r\n$9\r\nchat:chat\r\n"
+    query = b"*2\r\n$6\r\nCLIENT\r\n$4\r\nLIST\r\n"
     while time.monotonic() < deadline:
         with socket.create_connection(("127.0.0.1", redis_port), timeout=5) as sock:
             sock.sendall(query)
             reply = b""
-            while reply.count(b"\r\n") < 4:
-                reply += sock.recv(4096)
-        if reply.split(b"\r\n")[3] == b":%d" % count:
-            # Subscribed; the command connection answers its PING next.
+            while not (b"\r\n" in reply and reply.endswith(b"\r\n") and _bulk_done(reply)):
+                reply += sock.recv(65536)
+        if sum(b" cmd=xread " in b" %s " % line for line in reply.split(b"\n")) >= count:
+            # Reading; the command connection is ready by then too.
             time.sleep(0.2)
             return
         time.sleep(0.05)
     sys.exit("bench.py: the chat servers did not reach Redis within 10 s")
+
+
+def _bulk_done(reply: bytes) -> bool:
+    """Whether `reply` holds a whole RESP bulk string ("$<n>\r\n<n bytes>\r\n")."""
+    header, _, body = reply.partition(b"\r\n")
+    return header.startswith(b"$") and len(body) >= int(header[1:]) + 2
 
 
 def raise_fd_limit() -> None:

@@ -72,10 +72,17 @@ class Host(Protocol):
 
     def hold(self, member: Member) -> None:
         """Stop processing `member`'s lines (its USERNAME waits for an
-        answer) until `resume`."""
+        answer; in cluster mode, its SENDs too) until `resume`. Lines after
+        SENDs held this way are still processed if they are SENDs too."""
         ...
 
     def resume(self, member: Member) -> None: ...
+
+    def disconnect(self, member: Member, detail: str) -> None:
+        """Close `member` at the end of the turn, once its output is flushed,
+        as a slow consumer (cluster mode: its server fell behind); `detail`
+        says why in the log."""
+        ...
 
     def watch(self, sock: object, events: int, handler: Callable[[int], None]) -> None:
         """Watch a socket of the room's own (Redis) for `events`;

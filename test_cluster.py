@@ -12,11 +12,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +31,8 @@ from conftest import (
     NAME_REQUIRED,
     NAME_TAKEN,
     SERVICE_UNAVAILABLE,
+    SYNC,
+    SYNC_REPLY,
     TIMEOUT,
     Client,
     ServerProcess,
@@ -35,6 +40,7 @@ from conftest import (
     launch,
     poll,
     run_chat,
+    sends,
     username,
 )
 
@@ -56,10 +62,12 @@ LEASE_MS = 1500
 
 
 class Redis:
-    """A redis-server child process on a fixed port, restartable."""
+    """A redis-server child process on a fixed port, restartable; `options`
+    replace NO_PERSISTENCE (persistence on, a password)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *options: str) -> None:
         self.port = free_port()
+        self.options = options or NO_PERSISTENCE
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -69,7 +77,7 @@ class Redis:
     def start(self) -> None:
         assert REDIS_SERVER is not None
         self.process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", *NO_PERSISTENCE],
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", *self.options],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -79,7 +87,7 @@ class Redis:
             if self.process.poll() is not None:
                 pytest.fail(f"redis-server exited with {self.process.returncode}")
             try:
-                return bool(self.command(b"PING") == b"PONG")
+                return bool(self.command(b"PING") == b"PONG")  # not LOADING
             except OSError:
                 return False
 
@@ -92,16 +100,26 @@ class Redis:
         self.process = None
 
     def command(self, *args: bytes) -> Any:
-        """One command on a fresh connection; its reply."""
+        """One command on a fresh connection (after AUTH, if the options set
+        a password); its reply."""
+        options = list(self.options)
+        hello = b""
+        if "--requirepass" in options:
+            password = options[options.index("--requirepass") + 1].encode()
+            hello = cluster_module.encode_command(b"AUTH", password)
         with socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT) as sock:
-            sock.sendall(cluster_module.encode_command(*args))
+            sock.sendall(hello + cluster_module.encode_command(*args))
             reader = hiredis.Reader()
-            while (reply := reader.gets()) is False:
+            replies: list[Any] = []
+            while len(replies) < (2 if hello else 1):
+                if (reply := reader.gets()) is not False:
+                    replies.append(reply)
+                    continue
                 data = sock.recv(65536)
                 if not data:
                     raise ConnectionError("redis closed the connection")
                 reader.feed(data)
-            return reply
+            return replies[-1]
 
 
 @pytest.fixture
@@ -120,9 +138,13 @@ class Cluster:
         self.servers = contextlib.ExitStack()
         self.probes = 0
 
-    def spawn(self, *args: str, port: int = 0, ready: bool = True) -> ServerProcess:
+    def spawn(
+        self, *args: str, port: int = 0, ready: bool = True, url: str | None = None
+    ) -> ServerProcess:
+        """A server of the cluster; `url` (a proxy's) instead of Redis's own."""
+        redis_url = self.redis.url if url is None else url
         server = self.servers.enter_context(
-            launch("--redis", self.redis.url, "--lease-ms", str(LEASE_MS), *args, port=port)
+            launch("--redis", redis_url, "--lease-ms", str(LEASE_MS), *args, port=port)
         )
         if ready:
             self.wait_ready(server)
@@ -147,6 +169,11 @@ class Cluster:
         if name is not None:
             client.register(name)
         return client
+
+    def readers(self) -> int:
+        """How many servers read the room's stream now (blocked in XREAD)."""
+        clients = self.redis.command(b"CLIENT", b"LIST").decode()
+        return sum(" cmd=xread " in f" {line} " for line in clients.splitlines())
 
     def close(self) -> None:
         """Close every client and kill every server."""
@@ -417,7 +444,8 @@ def test_a_name_given_away_during_an_outage_is_lost(cluster: Cluster) -> None:
     assert cluster.redis.command(b"DEL", b"chat:chat:name:alice") == 1
     assert take(bob, "alice") == []
     # Both servers lose their link; on return each claims its names again.
-    assert cluster.redis.command(b"CLIENT", b"KILL", b"TYPE", b"pubsub") >= 2
+    # Two links per server; the test's own connection is spared (SKIPME).
+    assert cluster.redis.command(b"CLIENT", b"KILL", b"TYPE", b"normal") >= 4
     assert alice.line() == NAME_TAKEN  # told, unprompted
     alice.send(b"SEND still me?\n")
     assert alice.sync() == [NAME_REQUIRED]
@@ -464,13 +492,9 @@ def test_servers_share_one_port_with_reuse_port(cluster: Cluster) -> None:
     """--reuse-port lets several servers on one machine share one port."""
     first = cluster.spawn("--reuse-port")
     second = cluster.spawn("--reuse-port", port=first.port, ready=False)
-    # The second binds before it subscribes: once Redis counts two
-    # subscribers, both servers listen.
-    poll(
-        "the second server to subscribe",
-        lambda: cluster.redis.command(b"PUBSUB", b"NUMSUB", b"chat:chat")[1] == 2,
-        DEADLINE,
-    )
+    # The second binds before it reads the room: once two readers wait in
+    # XREAD, both servers listen.
+    poll("the second server to read the room", lambda: cluster.readers() == 2, DEADLINE)
     assert second.process.poll() is None
     clients = [cluster.client(first) for _ in range(16)]  # either server
     for i, client in enumerate(clients):
@@ -489,11 +513,14 @@ def test_servers_share_one_port_with_reuse_port(cluster: Cluster) -> None:
 def test_command_line(redis: Redis) -> None:
     """The cluster options: --help, a bad --redis URL, no extra import without --redis."""
     usage = run_chat("--help").stdout.decode()
-    for option in ("--redis URL", "--room NAME", "--reuse-port", "--lease-ms MS"):
+    options = ("--redis URL", "--room NAME", "--reuse-port", "--lease-ms MS")
+    for option in (*options, "--redis-timeout SECONDS"):
         assert option in usage
     bad = run_chat("0", "--redis", "http://localhost:6379")
     assert bad.returncode == 2
     assert bad.stderr.decode().count("\n") == 1 and "redis://" in bad.stderr.decode()
+    bad = run_chat("0", "--redis", redis.url, "--redis-timeout", "0")
+    assert bad.returncode == 2 and "--redis-timeout" in bad.stderr.decode()
     # Single-server mode imports neither cluster.py nor hiredis.
     probe = (
         "import sys, chat; chat.ChatServer('127.0.0.1', 0).close(); "
@@ -503,6 +530,412 @@ def test_command_line(redis: Redis) -> None:
         [sys.executable, "-c", probe], cwd=HERE, capture_output=True, text=True, timeout=TIMEOUT
     )
     assert imported.stdout.strip() == "[]", imported.stderr
+
+
+# --- faults, with a history checker ------------------------------------------
+#
+# PROTOCOL.md, "What 'accepted' means in cluster mode". Senders send
+# numbered messages, each followed by SYNC, so that every SEND's fate is
+# known: no reply (accepted) or an ERROR in its place. Listeners only read.
+# Afterwards `check_history`: one global order, nothing accepted lost for
+# those connected throughout, nothing twice, each sender's own order.
+
+# Short deadlines, so that each fault is an outage quickly. The lease
+# (LEASE_MS) is three times the timeout.
+REDIS_TIMEOUT = "0.5"
+FAULT_ARGS = ("--redis-timeout", REDIS_TIMEOUT)
+# A sender's pause between messages: some hundreds a second, all together,
+# on a 2-core machine that also runs Redis and the servers.
+PACE = 0.004
+
+
+class Sender(threading.Thread):
+    """Sends `<name>-<k>` for k = 0, 1, ..., each with SYNC, until stopped;
+    records each SEND's answer and every RECEIVE in between."""
+
+    def __init__(self, client: Client, name: str) -> None:
+        super().__init__(name=f"sender-{name}", daemon=True)
+        self.client = client
+        self.name = name
+        self.results: list[tuple[bytes, bytes | None]] = []  # message, its ERROR
+        self.received: list[bytes] = []
+        self.lost_name = False
+        self.failure: BaseException | None = None
+        self.stopping = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        try:
+            k = 0
+            while not self.stopping.is_set():
+                message = f"{self.name}-{k}".encode()
+                self.client.send(b"SEND " + message + b"\n" + SYNC)
+                errors: list[bytes] = []
+                for line in self.client.until(SYNC_REPLY):
+                    (self.received if line.startswith(b"RECEIVE ") else errors).append(line)
+                assert errors in ([], [SERVICE_UNAVAILABLE]), errors
+                self.results.append((message, errors[0] if errors else None))
+                k += 1
+                self.stopping.wait(PACE)
+        except BaseException as error:  # reported by the test's thread
+            self.failure = error
+
+    def accepted(self) -> list[bytes]:
+        return [message for message, error in self.results if error is None]
+
+    def refused(self) -> list[bytes]:
+        return [message for message, error in self.results if error is not None]
+
+    def count(self, refused: bool = False) -> int:
+        return len(self.refused() if refused else self.accepted())
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(DEADLINE)
+        assert not self.is_alive() and self.failure is None, self.failure
+
+
+class Listener(threading.Thread):
+    """Reads every line, until stopped."""
+
+    def __init__(self, client: Client) -> None:
+        super().__init__(name="listener", daemon=True)
+        self.client = client
+        self.lines: list[bytes] = []
+        self.closed = False
+        self.stopping = threading.Event()
+        client.sock.settimeout(0.1)
+        self.start()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.lines.append(self.client.line())
+            except TimeoutError:
+                continue
+            except (EOFError, OSError):
+                self.closed = True
+                return
+
+    def messages(self) -> set[bytes]:
+        return {line.split(b" ", 2)[2] for line in list(self.lines)}
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(DEADLINE)
+
+
+def run_senders(senders: list[Sender], at_least: int) -> None:
+    """Until every sender has had `at_least` more messages accepted."""
+    targets = [sender.count() + at_least for sender in senders]
+    poll(
+        f"{at_least} more messages accepted from each sender",
+        lambda: all(s.count() >= t or s.failure for s, t in zip(senders, targets, strict=True)),
+        DEADLINE,
+    )
+
+
+def check_history(senders: list[Sender], listeners: list[Listener]) -> list[bytes]:
+    """Stop the senders, wait until every listener has every accepted
+    message, and check the history; the global order, as RECEIVE lines."""
+    for sender in senders:
+        sender.stop()
+    accepted = {message for sender in senders for message in sender.accepted()}
+    poll(
+        "every accepted message to reach every listener",
+        lambda: all(accepted <= listener.messages() for listener in listeners),
+        DEADLINE,
+    )
+    for listener in listeners:
+        listener.client.send(SYNC)  # nothing else is on its way: all arrived
+        poll("the listener's sync", lambda: SYNC_REPLY in listener.lines, DEADLINE)  # noqa: B023
+        listener.stop()
+        assert not listener.closed
+    order = [line for line in listeners[0].lines if line != SYNC_REPLY]
+    assert all(line.startswith(b"RECEIVE ") for line in order), order
+    assert len(set(order)) == len(order), "a message delivered twice"
+    for listener in listeners[1:]:  # one global order
+        assert [line for line in listener.lines if line != SYNC_REPLY] == order
+    for sender in senders:
+        prefix = f"RECEIVE {sender.name} {sender.name}-".encode()
+        mine = [int(line[len(prefix) :]) for line in order if line.startswith(prefix)]
+        assert mine == sorted(mine), f"{sender.name}'s order"
+        # The sender saw everyone else's, in the same order: all of them,
+        # once it has read the rest.
+        others = [line for line in order if not line.startswith(prefix)]
+        seen = sender.received + sender.client.sync()
+        assert seen == others[: len(seen)]
+        # A SEND answered ERROR was not stored, unless Redis stored it just
+        # as the link broke: at most one per sender per fault.
+        delivered = {line.split(b" ", 2)[2] for line in order}
+        assert len(set(sender.refused()) & delivered) <= 1
+    return order
+
+
+def fault_cluster(
+    cluster: Cluster, servers: int = 2, url: str | None = None
+) -> tuple[list[ServerProcess], list[Sender], list[Listener]]:
+    """`servers` servers (the first through `url`, if given), each with a
+    sender and a listener."""
+    spawned = [cluster.spawn(*FAULT_ARGS, url=url if i == 0 else None) for i in range(servers)]
+    # Everyone registered before anyone sends.
+    clients = [cluster.client(server, f"s{i}") for i, server in enumerate(spawned)]
+    listeners = [Listener(cluster.client(server, f"l{i}")) for i, server in enumerate(spawned)]
+    senders = [Sender(client, f"s{i}") for i, client in enumerate(clients)]
+    run_senders(senders, 20)
+    return spawned, senders, listeners
+
+
+def test_redis_killed_and_restarted_with_persistence_loses_nothing(tmp_path: Path) -> None:
+    """With Redis persistence on, nothing accepted is lost across a Redis restart."""
+    redis = Redis("--save", "", "--appendonly", "yes", "--dir", str(tmp_path))
+    redis.start()
+    cluster = Cluster(redis)
+    try:
+        servers, senders, listeners = fault_cluster(cluster)
+        for _ in range(2):
+            assert redis.process is not None
+            redis.process.send_signal(signal.SIGKILL)
+            redis.process.wait(TIMEOUT)
+            redis.start()  # loads its append-only file
+            run_senders(senders, 20)
+        order = check_history(senders, listeners)
+        assert len(order) >= 2 * 60
+        for server in servers:
+            assert "Redis lost" not in server.log.text()
+    finally:
+        cluster.close()
+        redis.stop()
+
+
+def test_redis_restarted_without_persistence_logs_what_was_lost(cluster: Cluster) -> None:
+    """With Redis persistence off, what Redis lost is logged by every server."""
+    servers, senders, listeners = fault_cluster(cluster)
+    cluster.redis.stop()  # SIGKILL
+    cluster.redis.start()  # empty
+    run_senders(senders, 20)
+    check_history(senders, listeners)
+    for server in servers:
+        poll("the loss to be logged", lambda: "Redis lost" in server.log.text())  # noqa: B023
+
+
+def test_a_paused_redis_is_an_outage_within_the_deadline(cluster: Cluster) -> None:
+    """A Redis that stops answering is an outage once a deadline passes; nothing accepted lost."""
+    servers, senders, listeners = fault_cluster(cluster)
+    assert cluster.redis.process is not None
+    refused = [sender.count(refused=True) for sender in senders]
+    cluster.redis.process.send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        # A SEND waits at most the timeout; a heartbeat notices a quiet link
+        # within half of it more. Generous for a busy machine, still far
+        # below a lease renewal's 30 s.
+        poll(
+            "every sender to be refused",
+            lambda: all(s.count(refused=True) > r for s, r in zip(senders, refused, strict=True)),
+            DEADLINE,
+        )
+        assert time.monotonic() - stopped < 3 * float(REDIS_TIMEOUT) + 1.0
+        poll(
+            "the outage to be logged",
+            lambda: all("cannot reach Redis" in server.log.text() for server in servers),
+        )
+        time.sleep(1.0)  # longer than the lease: Redis's clock moves on while it is stopped
+    finally:
+        cluster.redis.process.send_signal(signal.SIGCONT)
+    run_senders(senders, 20)
+    check_history(senders, listeners)
+
+
+def test_a_server_paused_past_its_lease_cannot_send_on_a_name_given_away(cluster: Cluster) -> None:
+    """Names are fenced: no two connections send under one name; the one that lost it is told."""
+    one, two = cluster.spawn(*FAULT_ARGS), cluster.spawn(*FAULT_ARGS)
+    alice = cluster.client(one, "alice")
+    listener = cluster.client(two, "listener")
+    os.kill(one.pid, signal.SIGSTOP)
+    try:
+        # Queued in the kernel while her server is stopped.
+        alice.send(b"".join(b"SEND old-%d\n" % k for k in range(50)))
+        newcomer = cluster.client(two)
+        wait_until_free(newcomer, "alice")  # her lease ran out
+        newcomer.send(b"SEND new-1\n")
+        assert listener.line() == b"RECEIVE alice new-1"
+    finally:
+        os.kill(one.pid, signal.SIGCONT)
+    # The renewal and the queued SENDs both find the name taken: told once,
+    # every SEND refused, none stored.
+    lines = alice.sync()
+    assert lines in (
+        [NAME_TAKEN] + [NAME_REQUIRED] * 49,
+        [NAME_TAKEN] + [NAME_REQUIRED] * 50,
+    ), lines
+    newcomer.send(b"SEND new-2\n")
+    assert listener.line() == b"RECEIVE alice new-2"
+    assert listener.sync() == []
+    assert take(alice, "alice") == [NAME_TAKEN]
+
+
+class Proxy:
+    """A TCP proxy to Redis in the test process, on 127.0.0.1: `stall` stops
+    forwarding, both ways and for new connections too, as a network cut
+    does; `heal` forwards again what was held."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="proxy", daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=TIMEOUT)
+            except OSError:
+                return
+            upstream.settimeout(None)
+            self.sockets += (client, upstream)
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                self.flowing.wait()
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def stall(self) -> None:
+        self.flowing.clear()
+
+    def heal(self) -> None:
+        self.flowing.set()
+
+    def close(self) -> None:
+        self.flowing.set()
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+def test_a_server_cut_from_redis_delivers_what_it_missed(cluster: Cluster) -> None:
+    """A server cut from Redis: unavailable within the deadline, then all it missed, in order."""
+    proxy = Proxy(cluster.redis.port)
+    try:
+        servers, senders, listeners = fault_cluster(cluster, servers=2, url=proxy.url)
+        cut, connected = senders
+        refused = cut.count(refused=True)
+        proxy.stall()
+        stalled = time.monotonic()
+        poll("the cut server to refuse", lambda: cut.count(refused=True) > refused, DEADLINE)
+        assert time.monotonic() - stalled < 3 * float(REDIS_TIMEOUT) + 1.0
+        # The other server's users carry on meanwhile, past the lease.
+        run_senders([connected], 200)
+        proxy.heal()  # what the cut server sent before it gave up arrives late
+        run_senders(senders, 20)
+        order = check_history(senders, listeners)
+        during = [line for line in order if line.startswith(b"RECEIVE s1 ")]
+        assert len(during) >= 220
+        log = servers[0].log.text()
+        assert log.count("cannot reach Redis") == 1 and "is back after" in log
+    finally:
+        proxy.close()
+
+
+def test_a_server_that_fell_behind_delivers_everything_in_order(cluster: Cluster) -> None:
+    """A server that fell behind delivers all it missed in order; a slow reader: all, or closed."""
+    one = cluster.spawn(*FAULT_ARGS)
+    two = cluster.spawn(*FAULT_ARGS, "--output-limit", str(64 << 20))
+    sender = cluster.client(one, "sender")
+    reader = cluster.client(two, "reader")
+    slow = two.small_window_client()  # reads nothing until the end
+    slow.register("slow")
+    count, size = 3000, 2000  # 6 MB: as a pub/sub subscriber, far past Redis's 8 MB/60 s soft limit
+    lines = [b"SEND %05d-%s" % (k, b"x" * (size - 6)) for k in range(count)]
+    expected = [b"RECEIVE sender " + line[5:] for line in lines]
+    os.kill(two.pid, signal.SIGSTOP)  # falls behind, shorter than its lease
+    try:
+        sender.send(b"\n".join(lines) + b"\n")
+        assert sender.sync() == []  # all stored
+    finally:
+        os.kill(two.pid, signal.SIGCONT)
+    assert reader.lines(count) == expected
+    assert reader.sync() == []
+    # The slow reader got a prefix, in order, then was closed; or everything.
+    received: list[bytes] = []
+    with contextlib.suppress(EOFError, ConnectionResetError):
+        while len(received) < count:
+            received.append(slow.line())
+    assert received == expected[: len(received)]
+    if len(received) < count:
+        poll("the slow reader's close to be logged", lambda: "slow consumer" in two.log.text())
+
+
+def test_a_server_behind_the_kept_history_closes_its_members(cluster: Cluster) -> None:
+    """A server further behind than Redis keeps closes its members' connections (logged)."""
+    one, two = cluster.spawn(*FAULT_ARGS), cluster.spawn(*FAULT_ARGS)
+    sender = cluster.client(one, "sender")
+    reader = cluster.client(two, "reader")
+    lurker = cluster.client(two)  # no name: not a member, stays
+    os.kill(two.pid, signal.SIGSTOP)
+    try:
+        # A read the stopped server had waiting in Redis may be answered
+        # with this one (it is then in its socket already); not with more.
+        sender.send(b"SEND first\n")
+        assert sender.sync() == []
+        sender.send(sends([b"m%d" % k for k in range(10)]))
+        assert sender.sync() == []
+        # As if far more had come since than Redis keeps.
+        assert cluster.redis.command(b"XTRIM", b"chat:chat:messages", b"MAXLEN", b"0") >= 1
+        sender.send(b"SEND after the gap\n")
+        assert sender.sync() == []
+    finally:
+        os.kill(two.pid, signal.SIGCONT)
+    # Closed, having seen nothing after the gap.
+    assert reader.read_to_eof() in (b"", b"RECEIVE sender first\n")
+    poll("the close to be logged", lambda: "fell behind" in two.log.text())
+    assert lurker.sync() == []
+    assert take(lurker, "reader") == []  # its name was freed
+
+
+def test_a_wrong_password_or_database_exits_at_start() -> None:
+    """A Redis that refuses the configuration: the server exits at start, one clear line."""
+    redis = Redis(*NO_PERSISTENCE, "--requirepass", "secret")
+    redis.start()
+    plain = Redis()  # no password at all
+    plain.start()
+    try:
+        base = f"127.0.0.1:{redis.port}"
+        for url, words in (
+            (f"redis://:wrong@{base}/0", "WRONGPASS"),
+            (f"redis://{base}/0", "NOAUTH"),
+            (f"redis://:secret@{base}/99", "SELECT"),
+            (f"redis://:secret@127.0.0.1:{plain.port}/0", "AUTH"),
+        ):
+            result = run_chat("0", "--redis", url)
+            stderr = result.stderr.decode()
+            assert result.returncode == 2, stderr
+            assert stderr.count("\n") == 1 and words in stderr, stderr
+        with launch() as chat:  # not a Redis at all
+            result = run_chat("0", "--redis", f"redis://127.0.0.1:{chat.port}/0")
+            stderr = result.stderr.decode()
+            assert result.returncode == 2 and stderr.count("\n") == 1, stderr
+            assert "does not answer like a Redis" in stderr
+    finally:
+        redis.stop()
+        plain.stop()
 
 
 # --- Timers on the reactor's clock (a fake one) -----------------------------
@@ -521,29 +954,35 @@ class FakeClock:
         self.now += seconds
 
 
-def test_redis_back_off_doubles_up_to_its_cap() -> None:
+def test_redis_back_off_doubles_up_to_its_cap_with_jitter() -> None:
     """Cluster mode: reconnecting to an unreachable Redis backs off from
-    BACKOFF_FIRST, doubling to BACKOFF_MAX, on the reactor's clock."""
+    BACKOFF_FIRST, doubling to BACKOFF_MAX, each wait drawn from its upper
+    half (jitter), on the reactor's clock."""
     clock = FakeClock()
     url = f"redis://127.0.0.1:{free_port()}/0"  # nobody listens there
-    room = cluster_module.room_factory(url, room="chat", lease_ms=3000)
+    timeout = 5.0  # a request's deadline, told apart from the waits below
+    room = cluster_module.room_factory(url, room="chat", lease_ms=3000, timeout=timeout)
     server = ChatServer("127.0.0.1", 0, clock=clock, room=room)
     try:
         waits = []
-        for _ in range(8):
+        for _ in range(10):
             # The refused connect shows as an event; its _fail sets the retry.
             for _ in range(50):
                 server.run_once(max_wait=0.1)
                 due = server._timers.next_due()
-                if due is not None and due - clock.now != cluster_module.CONNECT_TIMEOUT:
+                if due is not None and due - clock.now != timeout:
                     break
             due = server._timers.next_due()
             assert due is not None
-            waits.append(round(due - clock.now, 6))
+            waits.append(due - clock.now)
             clock.advance(due - clock.now)
-        expected = [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
-        assert [cluster_module.BACKOFF_FIRST * 2**i for i in range(6)] == expected[:6]
-        assert waits == expected
+        caps = [
+            min(cluster_module.BACKOFF_FIRST * 2**i, cluster_module.BACKOFF_MAX) for i in range(10)
+        ]
+        assert caps[:7] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0]
+        for wait, cap in zip(waits, caps, strict=True):
+            assert cap / 2 <= wait <= cap
+        assert len({round(wait / cap, 6) for wait, cap in zip(waits, caps, strict=True)}) > 1
     finally:
         server.close()
 
@@ -552,7 +991,8 @@ def test_leases_are_renewed_every_third_of_the_lease(redis: Redis) -> None:
     """Cluster mode: names are leases renewed every third of --lease-ms,
     on the reactor's clock; a renewal extends the lease in Redis."""
     clock = FakeClock()
-    room = cluster_module.room_factory(redis.url, room="chat", lease_ms=3000)
+    # The timeout puts the heartbeat (half of it) after the renewals.
+    room = cluster_module.room_factory(redis.url, room="chat", lease_ms=3000, timeout=5.0)
     server = ChatServer("127.0.0.1", 0, clock=clock, room=room)
     try:
         with socket.create_connection(server.address, timeout=TIMEOUT) as client:
@@ -576,5 +1016,118 @@ def test_leases_are_renewed_every_third_of_the_lease(redis: Redis) -> None:
                 server.run_once(max_wait=0.05)
             assert 0 < redis.command(b"PTTL", key) <= 3000  # renewed to the lease
             assert server._timers.next_due() == pytest.approx(clock.now + 1.0)
+    finally:
+        server.close()
+
+
+def fake_clock_server(
+    redis: Redis, timeout: float
+) -> tuple[ChatServer, FakeClock, cluster_module.RedisRoom]:
+    """A ChatServer in cluster mode on a fake clock, up; and its room."""
+    clock = FakeClock()
+    factory = cluster_module.room_factory(redis.url, room="chat", lease_ms=30_000, timeout=timeout)
+    server = ChatServer("127.0.0.1", 0, clock=clock, room=factory)
+    room = server._room
+    assert isinstance(room, cluster_module.RedisRoom)
+    for _ in range(200):
+        if room.available:
+            break
+        server.run_once(max_wait=0.01)
+    assert room.available
+    return server, clock, room
+
+
+def turns(server: ChatServer, until: Callable[[], bool], count: int = 100) -> bool:
+    """Run up to `count` loop turns (in real time; the fake clock stands
+    still) until `until()`; whether it came true."""
+    for _ in range(count):
+        if until():
+            return True
+        server.run_once(max_wait=0.01)
+    return until()
+
+
+def answer(client: socket.socket) -> bytes:
+    client.settimeout(0.001)
+    with contextlib.suppress(TimeoutError):
+        return client.recv(4096)
+    return b""
+
+
+def test_a_send_not_stored_within_the_deadline_is_answered_unavailable(redis: Redis) -> None:
+    """Cluster mode: a SEND Redis did not confirm within the deadline is
+    answered ERROR Service unavailable., in its place, at the deadline on
+    the reactor's clock, and the later lines wait for it."""
+    timeout = 2.0
+    server, clock, room = fake_clock_server(redis, timeout)
+    try:
+        with socket.create_connection(server.address, timeout=TIMEOUT) as client:
+            client.sendall(b"USERNAME alice\nPING\n")
+            got = b""
+
+            def replied() -> bool:
+                nonlocal got
+                got += answer(client)
+                return got.endswith(b"\n")
+
+            assert turns(server, replied) and got == SYNC_REPLY + b"\n"
+            got = b""
+            assert redis.command(b"CLIENT", b"PAUSE", b"10000", b"ALL") == b"OK"
+            client.sendall(b"SEND hello\nPING\n")
+            assert not turns(server, replied, 30)  # held: the PING waits too
+            clock.advance(timeout - 0.01)
+            assert not turns(server, replied, 30)
+            clock.advance(0.01)
+            assert turns(server, lambda: replied() and got.count(b"\n") == 2)
+            assert got == SERVICE_UNAVAILABLE + b"\n" + SYNC_REPLY + b"\n"
+            assert not room.available
+    finally:
+        server.close()
+
+
+def test_the_first_retry_after_redis_closed_a_working_link_is_at_once(redis: Redis) -> None:
+    """Cluster mode: after Redis closed a working link, the first retry is at
+    once; the next ones back off (BACKOFF_FIRST, jittered)."""
+    server, clock, room = fake_clock_server(redis, 2.0)
+    try:
+        assert redis.command(b"CLIENT", b"KILL", b"TYPE", b"normal") >= 2
+        assert turns(server, lambda: not room.available)
+        # Back without the clock moving at all: the retry was due at once.
+        assert turns(server, lambda: room.available)
+        redis.stop()
+        # At once again, refused this time: then the back-off.
+        assert turns(server, lambda: not room.available)
+        assert turns(server, lambda: room._retry is not None)
+        due = server._timers.next_due()
+        assert due is not None
+        first = cluster_module.BACKOFF_FIRST
+        assert first / 2 <= due - clock.now <= first
+    finally:
+        server.close()
+
+
+def test_a_heartbeat_runs_every_half_timeout_and_notices_a_hung_redis(redis: Redis) -> None:
+    """Cluster mode: while idle, a heartbeat asks Redis every half of
+    --redis-timeout, so a hung Redis is an outage within 1.5 x the timeout."""
+    timeout = 4.0
+    server, clock, room = fake_clock_server(redis, timeout)
+
+    def heartbeats() -> int:
+        stats = redis.command(b"INFO", b"commandstats").decode()
+        line = next(line for line in stats.splitlines() if line.startswith("cmdstat_time:"))
+        return int(line.split("calls=")[1].split(",")[0])
+
+    try:
+        before = heartbeats()
+        clock.advance(timeout / 2 - 0.01)
+        turns(server, lambda: False, 20)
+        assert heartbeats() == before
+        clock.advance(0.01)
+        assert turns(server, lambda: heartbeats() == before + 1)
+        assert redis.command(b"CLIENT", b"PAUSE", b"20000", b"ALL") == b"OK"
+        clock.advance(timeout / 2)  # the next heartbeat, never answered
+        assert not turns(server, lambda: not room.available, 20)
+        clock.advance(timeout)  # its deadline (the reader's too, by now)
+        assert turns(server, lambda: not room.available)
     finally:
         server.close()

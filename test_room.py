@@ -69,6 +69,9 @@ class FakeHost:
     def resume(self, member: Member) -> None:
         self.held.discard(member)
 
+    def disconnect(self, member: Member, detail: str) -> None:
+        raise AssertionError("a LocalRoom never falls behind")
+
     def watch(self, sock: object, events: int, handler: Callable[[int], None]) -> None:
         raise AssertionError("a LocalRoom has no sockets")
 
