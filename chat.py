@@ -684,11 +684,7 @@ class ChatServer:
         if conn.closed or conn in self._finished:
             return
         log.warning("%r: closing it as a slow consumer: %s", conn, detail)
-        conn.at_eof = True  # read no more
-        conn.lines = None
-        self._busy.pop(conn, None)
-        self._dirty.add(conn)  # what it has queued goes out first
-        self._finished[conn] = "slow_consumer"
+        self._finish(conn, "slow_consumer")
 
     def watch(self, sock: object, events: int, handler: Callable[[int], None]) -> None:
         try:
@@ -719,12 +715,12 @@ class ChatServer:
 
     def _expire(self, conn: Connection) -> None:
         if self._registering.pop(conn, None) is not None and not conn.closed:
-            self._finish(conn, protocol.TIMED_OUT_WAITING, "registration_timeout")
+            self._queue(conn, protocol.TIMED_OUT_WAITING)
+            self._finish(conn, "registration_timeout")
 
-    def _finish(self, conn: Connection, line: bytes, reason: str) -> None:
-        """Tell `conn` `line`, process nothing more from it, and close it at
-        the end of the turn, once its output is flushed."""
-        self._queue(conn, line)
+    def _finish(self, conn: Connection, reason: str) -> None:
+        """Process nothing more from `conn`, and close it at the end of the
+        turn, once its output is flushed."""
         self._dirty.add(conn)
         conn.at_eof = True  # read no more
         conn.lines = None
