@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
+from confusables_table import CONFUSABLES
+
 # PROTOCOL.md, "Transport and framing": the longest line, not counting its
 # "\r\n" or "\n". Longer lines are answered once with LINE_TOO_LONG.
 MAX_LINE_BYTES: Final = 4096
@@ -74,7 +76,9 @@ class SetName:
     """A valid USERNAME; only its uniqueness is left for the room to check."""
 
     name: str  # as the user typed it: this is what others see
-    key: str  # what uniqueness compares: NFKC, then casefold
+    key: str  # NFKC, then casefold: name_key(name)
+    skeleton: str  # what the name looks like: skeleton(name)
+    key_skeleton: str  # what the key looks like: skeleton(key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,11 +113,72 @@ _WHITESPACE: Final = re.compile(r"\s")
 # C1); TAB (U+0009) is the one control a message may hold.
 _MESSAGE_CONTROL: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 _NAME_REFUSED_CATEGORIES: Final = frozenset({"Cc", "Cf"})
+_MARK_CATEGORIES: Final = frozenset({"Mn", "Mc", "Me"})
+
+# Default_Ignorable_Code_Point, from DerivedCoreProperties.txt of Unicode
+# 14.0.0, the version of Python 3.11's unicodedata (unidata_version), which
+# has no such property. Most are Cf, refused a row earlier; what this adds
+# are the fillers and selectors that are letters or marks (U+115F, U+3164,
+# U+034F, U+FE0F, ...) and unassigned code points reserved as ignorable.
+# test_protocol.py checks the file's total (4174) and categories.
+DEFAULT_IGNORABLE: Final = (
+    (0x00AD, 0x00AD),  # Cf SOFT HYPHEN
+    (0x034F, 0x034F),  # Mn COMBINING GRAPHEME JOINER
+    (0x061C, 0x061C),  # Cf ARABIC LETTER MARK
+    (0x115F, 0x1160),  # Lo HANGUL CHOSEONG FILLER..HANGUL JUNGSEONG FILLER
+    (0x17B4, 0x17B5),  # Mn KHMER VOWEL INHERENT AQ..KHMER VOWEL INHERENT AA
+    (0x180B, 0x180D),  # Mn MONGOLIAN FREE VARIATION SELECTOR ONE..THREE
+    (0x180E, 0x180E),  # Cf MONGOLIAN VOWEL SEPARATOR
+    (0x180F, 0x180F),  # Mn MONGOLIAN FREE VARIATION SELECTOR FOUR
+    (0x200B, 0x200F),  # Cf ZERO WIDTH SPACE..RIGHT-TO-LEFT MARK
+    (0x202A, 0x202E),  # Cf LEFT-TO-RIGHT EMBEDDING..RIGHT-TO-LEFT OVERRIDE
+    (0x2060, 0x2064),  # Cf WORD JOINER..INVISIBLE PLUS
+    (0x2065, 0x2065),  # Cn <reserved-2065>
+    (0x2066, 0x206F),  # Cf LEFT-TO-RIGHT ISOLATE..NOMINAL DIGIT SHAPES
+    (0x3164, 0x3164),  # Lo HANGUL FILLER
+    (0xFE00, 0xFE0F),  # Mn VARIATION SELECTOR-1..VARIATION SELECTOR-16
+    (0xFEFF, 0xFEFF),  # Cf ZERO WIDTH NO-BREAK SPACE
+    (0xFFA0, 0xFFA0),  # Lo HALFWIDTH HANGUL FILLER
+    (0xFFF0, 0xFFF8),  # Cn <reserved-FFF0>..<reserved-FFF8>
+    (0x1BCA0, 0x1BCA3),  # Cf SHORTHAND FORMAT LETTER OVERLAP..SHORTHAND FORMAT UP STEP
+    (0x1D173, 0x1D17A),  # Cf MUSICAL SYMBOL BEGIN BEAM..MUSICAL SYMBOL END PHRASE
+    (0xE0000, 0xE0000),  # Cn <reserved-E0000>
+    (0xE0001, 0xE0001),  # Cf LANGUAGE TAG
+    (0xE0002, 0xE001F),  # Cn <reserved-E0002>..<reserved-E001F>
+    (0xE0020, 0xE007F),  # Cf TAG SPACE..CANCEL TAG
+    (0xE0080, 0xE00FF),  # Cn <reserved-E0080>..<reserved-E00FF>
+    (0xE0100, 0xE01EF),  # Mn VARIATION SELECTOR-17..VARIATION SELECTOR-256
+    (0xE01F0, 0xE0FFF),  # Cn <reserved-E01F0>..<reserved-E0FFF>
+)
+# PROTOCOL.md's characters that show nothing: those, and U+2800 BRAILLE
+# PATTERN BLANK (a symbol, So, that renders as a blank cell).
+_INVISIBLE: Final = re.compile(
+    "[" + "".join(f"\\U{low:08x}-\\U{high:08x}" for low, high in DEFAULT_IGNORABLE) + "\u2800]"
+)
+
+# confusables.txt keyed by code point, as str.translate wants it.
+_PROTOTYPES: Final = {ord(source): target for source, target in CONFUSABLES.items()}
 
 
 def name_key(name: str) -> str:
     """The form in which two names are compared: `Teixe` == `ＴＥＩＸＥ`."""
     return unicodedata.normalize("NFKC", name).casefold()
+
+
+def skeleton(text: str) -> str:
+    """What `text` looks like (UTS #39, section 4): NFD, each character
+    replaced by its confusables.txt prototype, NFD again."""
+    if text.isascii():
+        # NFD leaves ASCII unchanged, and the prototypes of ASCII characters
+        # too (they hold only ASCII, "º" and "₀"); test_protocol.py checks.
+        return text.translate(_PROTOTYPES)
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", text).translate(_PROTOTYPES))
+
+
+def same_name(a: SetName, b: SetName) -> bool:
+    """Whether PROTOCOL.md counts `a` and `b` as one name: equal keys, or
+    equal skeletons of the names as typed, or of their keys."""
+    return a.key == b.key or a.skeleton == b.skeleton or a.key_skeleton == b.key_skeleton
 
 
 def check_name(raw: bytes) -> SetName | Reply:
@@ -132,9 +197,16 @@ def check_name(raw: bytes) -> SetName | Reply:
         unicodedata.category(char) in _NAME_REFUSED_CATEGORIES for char in name
     ):
         return Reply(NAME_INVALID)
+    # ASCII holds no default-ignorable (the first is U+00AD), no U+2800 and
+    # no mark, so the common name skips both look-ups.
+    if not name.isascii() and (
+        _INVISIBLE.search(name) or unicodedata.category(name[0]) in _MARK_CATEGORIES
+    ):
+        return Reply(NAME_INVALID)
     if len(name) > MAX_NAME_CHARS:
         return Reply(NAME_TOO_LONG)
-    return SetName(name, name_key(name))
+    key = name_key(name)
+    return SetName(name, key, skeleton(name), skeleton(key))
 
 
 def check_message(raw: bytes) -> Send | BadSend:
