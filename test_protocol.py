@@ -23,11 +23,14 @@ from protocol import (
     BadSend,
     Blank,
     Command,
+    Received,
     Reply,
     Send,
     SetName,
+    TelnetState,
     format_receive,
     parse_line,
+    receive,
     same_name,
     skeleton,
     split_lines,
@@ -1055,3 +1058,295 @@ def test_over_long_line_is_reported_once_and_memory_stays_bounded(
     got = feed(chunks)
     assert [parse_line(line) for line in got.lines] == [Reply(LINE_TOO_LONG), Send(b"after")]
     assert (got.partial, got.discarding) == (b"", False)
+
+
+# --- Telnet (v2): receive -------------------------------------------------
+
+# RFC 854's command bytes, typed from the RFC.
+IAC, DONT, DO, WONT, WILL, SB = 0xFF, 0xFE, 0xFD, 0xFC, 0xFB, 0xFA
+GA, EL, EC, AYT, AO, IP, BRK, DM, NOP, SE = (
+    0xF9,
+    0xF8,
+    0xF7,
+    0xF6,
+    0xF5,
+    0xF4,
+    0xF3,
+    0xF2,
+    0xF1,
+    0xF0,
+)
+TIMING_MARK = 6  # RFC 860
+ECHO, SGA, TTYPE, NAWS, LINEMODE = 1, 3, 24, 31, 34
+
+
+def cmd(*codes: int) -> bytes:
+    return bytes((IAC, *codes))
+
+
+WILL_TIMING_MARK = cmd(WILL, TIMING_MARK)
+OPTIONS = (TIMING_MARK, ECHO, SGA, TTYPE, NAWS, LINEMODE, 0, 0xFF)
+
+negotiations = st.builds(
+    cmd, st.sampled_from([DO, DONT, WILL, WONT]), st.sampled_from(OPTIONS) | st.integers(0, 255)
+)
+simple_commands = st.builds(
+    cmd, st.sampled_from([NOP, AYT, EC, EL, GA, BRK, DM, IAC, IP, AO, SE]) | st.integers(0, 0xEF)
+)
+subnegotiations = st.builds(
+    lambda option, body: cmd(SB, option) + body + cmd(SE),
+    st.sampled_from(OPTIONS),
+    st.lists(
+        st.sampled_from([b"\n", b"\r\n", b"xterm", b"\x00", cmd(IAC), cmd(NOP), b"\xf0"])
+        | st.binary(max_size=4).map(lambda part: part.replace(b"\xff", b"")),
+        max_size=5,
+    ).map(b"".join),
+)
+telnet_segments = st.one_of(
+    stream_segments,
+    stream_segments,
+    negotiations,
+    simple_commands,
+    subnegotiations,
+    st.sampled_from([cmd(IP), cmd(AO), cmd(IP, IAC, DO, TIMING_MARK), b"\xff"]),
+    st.binary(max_size=6),
+)
+telnet_streams = st.lists(telnet_segments, max_size=20).map(b"".join)
+
+
+@st.composite
+def chunked_telnet_streams(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
+    """A stream with telnet commands in it, and one way of cutting it; often
+    right after an IAC or a verb, inside the command."""
+    stream = draw(telnet_streams)
+    cuts = set(draw(st.lists(st.integers(0, len(stream)), max_size=20)))
+    if draw(st.booleans()):
+        cuts.update(index + 1 for index, byte in enumerate(stream) if byte >= 0xF0)
+    bounds = [0, *sorted(cuts), len(stream)]
+    return stream, [stream[start:end] for start, end in pairwise(bounds)]
+
+
+@dataclass(frozen=True)
+class Fed:
+    """Everything receive produced over a stream, and its final state."""
+
+    lines: list[bytes]
+    replies: bytes
+    partial: bytes
+    discarding: bool
+    telnet: TelnetState | None
+
+
+def feed_receive(chunks: list[bytes]) -> Fed:
+    """Hand the chunks to receive as the server does, checking its bounds."""
+    lines: list[bytes] = []
+    replies = b""
+    partial, discarding, telnet = b"", False, None
+    for chunk in chunks:
+        got = receive(chunk, partial, discarding, telnet)
+        assert isinstance(got, Received)
+        lines += got.lines
+        replies += got.replies
+        partial, discarding, telnet = got.partial, got.discarding, got.telnet
+        assert len(partial) <= MAX_LINE + 1
+        if discarding:
+            assert partial == b""
+        if telnet is not None:
+            assert telnet != TelnetState()  # an idle, fresh state is None
+    return Fed(lines, replies, partial, discarding, telnet)
+
+
+def telnet_model(stream: bytes) -> tuple[list[bytes | None], bytes, bytes]:
+    """PROTOCOL.md's telnet rules over a whole stream, one byte at a time:
+    (lines, an over-long one as None; the unterminated rest; the replies)."""
+    lines: list[bytes | None] = []
+    line = bytearray()
+    replies = bytearray()
+    refused: set[tuple[int, int]] = set()
+    index = 0
+    while index < len(stream):
+        byte = stream[index]
+        if byte != IAC:
+            if byte == ord("\n"):
+                text = bytes(line[:-1] if line.endswith(b"\r") else line)
+                lines.append(text if len(text) <= MAX_LINE else None)
+                line.clear()
+            else:
+                line.append(byte)
+            index += 1
+            continue
+        command = stream[index + 1 : index + 2]
+        if not command:
+            break  # unfinished at the end
+        if command[0] in (DO, DONT, WILL, WONT):
+            if index + 2 >= len(stream):
+                break
+            verb, option = command[0], stream[index + 2]
+            if (verb, option) == (DO, TIMING_MARK):
+                replies += WILL_TIMING_MARK
+            elif verb in (DO, WILL) and (verb, option) not in refused:
+                refused.add((verb, option))
+                replies += cmd(WONT if verb == DO else DONT, option)
+            index += 3
+        elif command[0] == SB:
+            at = index + 2
+            while at + 1 < len(stream) and stream[at : at + 2] != cmd(SE):
+                at += 2 if stream[at] == IAC else 1
+            if at + 1 >= len(stream):
+                break
+            index = at + 2
+        else:
+            if command[0] in (IP, AO):
+                # The choice documented in receive: an unfinished line already
+                # past what may be held was answered as too long before it went.
+                if len(line) > MAX_LINE + 1:
+                    lines.append(None)
+                line.clear()
+            index += 2
+    return lines, bytes(line), bytes(replies)
+
+
+@given(chunked_streams())
+@example((b"SEND hi\r\n", [b"SEND hi\r", b"\n"]))
+@settings(max_examples=25)
+def test_receive_without_iac_is_split_lines(case: tuple[bytes, list[bytes]]) -> None:
+    """Without 0xFF, receive is split_lines, read for read: no telnet state,
+    and never a reply (so a netcat user never sees an IAC)."""
+    _, chunks = case
+    partial, discarding = b"", False
+    for chunk in (chunk.replace(b"\xff", b"") for chunk in chunks):
+        got = receive(chunk, partial, discarding, None)
+        assert got == Received(*split_lines(chunk, partial, discarding), None, b"")
+        partial, discarding = got.partial, got.discarding
+
+
+def cut(stream: bytes, *at: int) -> tuple[bytes, list[bytes]]:
+    """`stream`, and its pieces when cut at the offsets `at`."""
+    bounds = [0, *at, len(stream)]
+    return stream, [stream[start:end] for start, end in pairwise(bounds)]
+
+
+@given(chunked_telnet_streams())
+@example(cut(cmd(DO, TIMING_MARK) * 2, 1, 2, 4, 5))
+@example(cut(b"SEND x" + cmd(IP, IAC, DO, TIMING_MARK) + b"SEND y\r\n", 7, 8))
+@example(cut(b"a" + cmd(SB, TTYPE) + b"\n" + cmd(IAC, SE) + cmd(SE) + b"b\n", 3, 6))
+@example(cut(b"x" * (MAX_LINE + 2) + cmd(IP) + b"ok\n", MAX_LINE + 2, MAX_LINE + 4))
+@example(cut(b"x" * (MAX_LINE + 1) + cmd(AO) + b"ok\n", 3000))
+@example(cut(LIMIT_LINE + b"\r" + cmd(NOP) + b"\n", MAX_LINE, MAX_LINE + 2))
+@example(cut(cmd(DO, IAC) + cmd(WILL, IAC) + cmd(DO, IAC), 3))
+@settings(max_examples=60)
+def test_receive_matches_telnet_model(case: tuple[bytes, list[bytes]]) -> None:
+    """Under any chunking, receive gives the model's lines and replies."""
+    stream, chunks = case
+    assert b"".join(chunks) == stream
+    got = feed_receive(chunks)
+    expected, rest, replies = telnet_model(stream)
+    assert got.replies == replies
+    assert normalised(got.lines[: len(expected)]) == expected
+    early = got.lines[len(expected) :]
+    if early:  # the unterminated rest already answered as too long
+        assert surely_too_long(rest)
+        assert len(early) == 1
+        assert len(early[0]) > MAX_LINE
+        assert rest.startswith(early[0])
+        assert (got.partial, got.discarding) == (b"", True)
+    else:
+        assert (got.partial, got.discarding) == (rest, False)
+
+
+@given(chunked_telnet_streams())
+@settings(max_examples=40)
+def test_receive_is_independent_of_chunking(case: tuple[bytes, list[bytes]]) -> None:
+    """Whole, in the given chunks, one byte at a time: the same lines, the
+    same replies and the same final state, telnet state included."""
+    stream, chunks = case
+    whole = feed_receive([stream])
+    for fed in (feed_receive(chunks), feed_receive([bytes([byte]) for byte in stream])):
+        assert normalised(fed.lines) == normalised(whole.lines)
+        assert fed.replies == whole.replies
+        assert (fed.partial, fed.discarding, fed.telnet) == (
+            whole.partial,
+            whole.discarding,
+            whole.telnet,
+        )
+
+
+def test_ctrl_c_in_telnet() -> None:
+    """What `telnet host 8080` sends for Ctrl-C after typing half a line:
+    IAC IP IAC DO TIMING-MARK. The half line goes, the mark is answered,
+    and the next line is processed normally."""
+    first = receive(b"SEND half a li")
+    assert first == Received([], b"SEND half a li", False, None, b"")
+    second = receive(cmd(IP) + cmd(DO, TIMING_MARK), first.partial, first.discarding, first.telnet)
+    assert second == Received([], b"", False, None, WILL_TIMING_MARK)
+    third = receive(b"SEND hi\r\n", second.partial, second.discarding, second.telnet)
+    assert third == Received([b"SEND hi"], b"", False, None, b"")
+    # Every time, not once.
+    assert feed_receive([cmd(DO, TIMING_MARK)] * 3).replies == WILL_TIMING_MARK * 3
+
+
+def test_option_negotiation_then_first_command() -> None:
+    """`telnet` -> `open host -8080` offers options before the first line:
+    each is refused once, and the first command arrives intact."""
+    offers = cmd(DO, SGA) + cmd(WILL, TTYPE) + cmd(WILL, NAWS) + cmd(WILL, 32) + cmd(WILL, LINEMODE)
+    got = feed_receive([offers + b"USERNAME bob\r\n", offers + b"SEND hi\r\n"])
+    assert got.lines == [b"USERNAME bob", b"SEND hi"]
+    assert got.replies == (
+        cmd(WONT, SGA) + cmd(DONT, TTYPE) + cmd(DONT, NAWS) + cmd(DONT, 32) + cmd(DONT, LINEMODE)
+    )
+    assert got.telnet is not None
+    assert got.telnet.pending == b""
+    assert [parse_line(line) for line in got.lines] == [set_name("bob"), Send(b"hi")]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [cmd(code) for code in (NOP, AYT, EC, EL, GA, BRK, DM, IAC, SE, 0x00, 0x41, 0xEF)]
+    + [cmd(verb, option) for verb in (DONT, WONT) for option in OPTIONS],
+)
+def test_other_commands_are_dropped_silently(command: bytes) -> None:
+    """Nothing is answered, and the line goes on as if they were not there."""
+    got = feed_receive([b"SEND a" + command + b"b\r" + command + b"\n"])
+    assert (got.lines, got.replies, got.telnet) == ([b"SEND ab"], b"", None)
+
+
+def test_subnegotiation_is_skipped_whatever_it_holds() -> None:
+    body = b"\x00xterm\n\r\nSEND no\n" + cmd(IAC) + b"\xf0" + cmd(NOP)
+    got = feed_receive([b"SEND a" + cmd(SB, TTYPE) + body + cmd(SE) + b"b\n"])
+    assert (got.lines, got.replies) == ([b"SEND ab"], b"")
+
+
+def test_telnet_bytes_do_not_count_towards_the_line_limit() -> None:
+    """4096 bytes of text with commands between them is still one line."""
+    noise = cmd(NOP) * 50 + cmd(SB, NAWS) + b"\x00" * 100 + cmd(SE) + cmd(DONT, ECHO) * 50
+    line = b"SEND " + b"x" * (MAX_LINE - 5)
+    got = feed_receive([line[:2000] + noise + line[2000:] + noise + b"\r\n"])
+    assert got.lines == [line]
+    assert parse_line(got.lines[0]) == Send(line[5:])
+
+
+def test_interrupt_ends_an_over_long_line() -> None:
+    """An over-long line already answered is being discarded; IP or AO ends
+    that, and the next byte starts a fresh line."""
+    got = feed_receive([b"x" * 5000, cmd(IP) + b"SEND ok\n"])
+    assert normalised(got.lines) == [None, b"SEND ok"]
+    assert [parse_line(line) for line in got.lines] == [Reply(LINE_TOO_LONG), Send(b"ok")]
+
+
+def test_interrupt_drops_only_the_unfinished_line() -> None:
+    got = feed_receive([b"SEND one\nSEND tw", b"o\r" + cmd(AO) + b"\nSEND three\n"])
+    assert got.lines == [b"SEND one", b"", b"SEND three"]
+
+
+def test_refusals_are_remembered_and_idle_state_is_small() -> None:
+    """Once per verb and option; a connection with nothing to remember
+    keeps None; one that refused something keeps a small frozen value."""
+    got = feed_receive([cmd(DO, ECHO), cmd(DO, ECHO) + cmd(WILL, ECHO), cmd(WILL, ECHO)])
+    assert got.replies == cmd(WONT, ECHO) + cmd(DONT, ECHO)
+    assert got.telnet is not None
+    assert not hasattr(got.telnet, "__dict__")
+    with pytest.raises(AttributeError):
+        got.telnet.pending = b"x"  # type: ignore[misc]
+    assert feed_receive([cmd(IP), cmd(NOP), cmd(DO, TIMING_MARK)]).telnet is None
+    # Mid-command across reads: the state holds the command's bytes so far.
+    assert receive(b"hi" + cmd(DO)).telnet == TelnetState(cmd(DO), 0)
