@@ -6,7 +6,9 @@ line means and how the server's own lines are spelled. The texts and limits
 are those of PROTOCOL.md, each defined once.
 
 `parse_line` is total: for any bytes it returns exactly one command and never
-raises, which test_protocol.py checks with Hypothesis.
+raises, which test_protocol.py checks with Hypothesis. So is `receive`, which
+takes telnet commands out of what a connection sent and splits the rest into
+lines.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, NamedTuple
+
+from confusables_table import CONFUSABLES
 
 # PROTOCOL.md, "Transport and framing": the longest line, not counting its
 # "\r\n" or "\n". Longer lines are answered once with LINE_TOO_LONG.
@@ -77,7 +81,9 @@ class SetName:
     """A valid USERNAME; only its uniqueness is left for the room to check."""
 
     name: str  # as the user typed it: this is what others see
-    key: str  # what uniqueness compares: NFKC, then casefold
+    key: str  # NFKC, then casefold: name_key(name)
+    skeleton: str  # what the name looks like: skeleton(name)
+    key_skeleton: str  # what the key looks like: skeleton(key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,11 +118,76 @@ _WHITESPACE: Final = re.compile(r"\s")
 # C1); TAB (U+0009) is the one control a message may hold.
 _MESSAGE_CONTROL: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 _NAME_REFUSED_CATEGORIES: Final = frozenset({"Cc", "Cf"})
+_MARK_CATEGORIES: Final = frozenset({"Mn", "Mc", "Me"})
+
+# Default_Ignorable_Code_Point, from DerivedCoreProperties.txt of Unicode
+# 14.0.0, the version of Python 3.11's unicodedata (unidata_version), which
+# has no such property. Most are Cf, refused a row earlier; what this adds
+# are the fillers and selectors that are letters or marks (U+115F, U+3164,
+# U+034F, U+FE0F, ...) and unassigned code points reserved as ignorable.
+# test_protocol.py checks the file's total (4174) and categories.
+DEFAULT_IGNORABLE: Final = (
+    (0x00AD, 0x00AD),  # Cf SOFT HYPHEN
+    (0x034F, 0x034F),  # Mn COMBINING GRAPHEME JOINER
+    (0x061C, 0x061C),  # Cf ARABIC LETTER MARK
+    (0x115F, 0x1160),  # Lo HANGUL CHOSEONG FILLER..HANGUL JUNGSEONG FILLER
+    (0x17B4, 0x17B5),  # Mn KHMER VOWEL INHERENT AQ..KHMER VOWEL INHERENT AA
+    (0x180B, 0x180D),  # Mn MONGOLIAN FREE VARIATION SELECTOR ONE..THREE
+    (0x180E, 0x180E),  # Cf MONGOLIAN VOWEL SEPARATOR
+    (0x180F, 0x180F),  # Mn MONGOLIAN FREE VARIATION SELECTOR FOUR
+    (0x200B, 0x200F),  # Cf ZERO WIDTH SPACE..RIGHT-TO-LEFT MARK
+    (0x202A, 0x202E),  # Cf LEFT-TO-RIGHT EMBEDDING..RIGHT-TO-LEFT OVERRIDE
+    (0x2060, 0x2064),  # Cf WORD JOINER..INVISIBLE PLUS
+    (0x2065, 0x2065),  # Cn <reserved-2065>
+    (0x2066, 0x206F),  # Cf LEFT-TO-RIGHT ISOLATE..NOMINAL DIGIT SHAPES
+    (0x3164, 0x3164),  # Lo HANGUL FILLER
+    (0xFE00, 0xFE0F),  # Mn VARIATION SELECTOR-1..VARIATION SELECTOR-16
+    (0xFEFF, 0xFEFF),  # Cf ZERO WIDTH NO-BREAK SPACE
+    (0xFFA0, 0xFFA0),  # Lo HALFWIDTH HANGUL FILLER
+    (0xFFF0, 0xFFF8),  # Cn <reserved-FFF0>..<reserved-FFF8>
+    (0x1BCA0, 0x1BCA3),  # Cf SHORTHAND FORMAT LETTER OVERLAP..SHORTHAND FORMAT UP STEP
+    (0x1D173, 0x1D17A),  # Cf MUSICAL SYMBOL BEGIN BEAM..MUSICAL SYMBOL END PHRASE
+    (0xE0000, 0xE0000),  # Cn <reserved-E0000>
+    (0xE0001, 0xE0001),  # Cf LANGUAGE TAG
+    (0xE0002, 0xE001F),  # Cn <reserved-E0002>..<reserved-E001F>
+    (0xE0020, 0xE007F),  # Cf TAG SPACE..CANCEL TAG
+    (0xE0080, 0xE00FF),  # Cn <reserved-E0080>..<reserved-E00FF>
+    (0xE0100, 0xE01EF),  # Mn VARIATION SELECTOR-17..VARIATION SELECTOR-256
+    (0xE01F0, 0xE0FFF),  # Cn <reserved-E01F0>..<reserved-E0FFF>
+)
+# PROTOCOL.md's characters that show nothing: those, and U+2800 BRAILLE
+# PATTERN BLANK (a symbol, So, that renders as a blank cell).
+_INVISIBLE: Final = re.compile(
+    "[" + "".join(f"\\U{low:08x}-\\U{high:08x}" for low, high in DEFAULT_IGNORABLE) + "\u2800]"
+)
+
+# confusables.txt keyed by code point, as str.translate wants it, with an
+# entry for every ASCII character too: str.translate pays for each miss with
+# a KeyError, and names are mostly ASCII (this halves skeleton's time).
+_PROTOTYPES: Final = {point: chr(point) for point in range(128)} | {
+    ord(source): target for source, target in CONFUSABLES.items()
+}
 
 
 def name_key(name: str) -> str:
     """The form in which two names are compared: `Teixe` == `ＴＥＩＸＥ`."""
     return unicodedata.normalize("NFKC", name).casefold()
+
+
+def skeleton(text: str) -> str:
+    """What `text` looks like (UTS #39, section 4): NFD, each character
+    replaced by its confusables.txt prototype, NFD again."""
+    if text.isascii():
+        # NFD leaves ASCII unchanged, and the prototypes of ASCII characters
+        # too (they hold only ASCII, "º" and "₀"); test_protocol.py checks.
+        return text.translate(_PROTOTYPES)
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", text).translate(_PROTOTYPES))
+
+
+def same_name(a: SetName, b: SetName) -> bool:
+    """Whether PROTOCOL.md counts `a` and `b` as one name: equal keys, or
+    equal skeletons of the names as typed, or of their keys."""
+    return a.key == b.key or a.skeleton == b.skeleton or a.key_skeleton == b.key_skeleton
 
 
 def check_name(raw: bytes) -> SetName | Reply:
@@ -135,9 +206,16 @@ def check_name(raw: bytes) -> SetName | Reply:
         unicodedata.category(char) in _NAME_REFUSED_CATEGORIES for char in name
     ):
         return Reply(NAME_INVALID)
+    # ASCII holds no default-ignorable (the first is U+00AD), no U+2800 and
+    # no mark, so the common name skips both look-ups.
+    if not name.isascii() and (
+        _INVISIBLE.search(name) or unicodedata.category(name[0]) in _MARK_CATEGORIES
+    ):
+        return Reply(NAME_INVALID)
     if len(name) > MAX_NAME_CHARS:
         return Reply(NAME_TOO_LONG)
-    return SetName(name, name_key(name))
+    key = name_key(name)
+    return SetName(name, key, skeleton(name), skeleton(key))
 
 
 def check_message(raw: bytes) -> Send | BadSend:
@@ -194,6 +272,149 @@ def split_lines(data: bytes, partial: bytes = b"", discarding: bool = False) -> 
         lines.append(tail[: MAX_LINE_BYTES + 1])
         return LineSplit(lines, b"", True)
     return LineSplit(lines, tail, False)
+
+
+# Telnet (RFC 854), as PROTOCOL.md's "Telnet (v2)" has it. IAC is 0xFF,
+# which UTF-8 never uses, so a netcat user can never send one by accident.
+IAC: Final = 0xFF
+_DONT: Final = 0xFE
+_DO: Final = 0xFD
+_WONT: Final = 0xFC
+_WILL: Final = 0xFB
+_SB: Final = 0xFA  # subnegotiation begins
+_AO: Final = 0xF5  # abort output
+_IP: Final = 0xF4  # interrupt process: what telnet sends for Ctrl-C
+_SE: Final = 0xF0  # subnegotiation ends
+_TIMING_MARK: Final = 6  # RFC 860; telnet sends IAC DO TIMING-MARK after IAC IP
+_WILL_TIMING_MARK: Final = bytes((IAC, _WILL, _TIMING_MARK))
+# Bit `option` of TelnetState.refused stands for DO option, and bit
+# _WILL_BITS + option for WILL option (an option is one byte, 0-255).
+_WILL_BITS: Final = 256
+
+# TelnetState.pending: the part of a command received so far. Inside a
+# subnegotiation only the state is kept, never its bytes.
+_AFTER_IAC: Final = bytes((IAC,))
+_AFTER_VERB: Final = {verb: bytes((IAC, verb)) for verb in (_DO, _DONT, _WILL, _WONT)}
+_IN_SB: Final = bytes((IAC, _SB))
+_IN_SB_AFTER_IAC: Final = bytes((IAC, _SB, IAC))
+
+
+# Once the commands are out, framing is split_lines' own, byte for byte, as
+# for netcat. Telnet's Enter is CR LF (RFC 854's end of line; every option
+# refused keeps the client in its line-by-line default, which sends CR LF).
+# CR NUL is RFC 854's bare carriage return, which ends no line: it stays
+# data, as from netcat, and a line holding it is refused (a control
+# character) by the command rules. PROTOCOL.md drops one "\r" before "\n",
+# nothing more.
+
+
+@dataclass(frozen=True, slots=True)
+class TelnetState:
+    """What `receive` keeps between reads for a connection that sent IAC.
+
+    Never the default value: `receive` returns None instead, as for a
+    connection that never sent IAC, so an idle connection keeps nothing.
+    """
+
+    pending: bytes = b""  # an unfinished command: IAC, IAC + verb, in IAC SB (+ IAC)
+    refused: int = 0  # bit set: (verb, option) already refused, see _WILL_BITS
+
+
+class Received(NamedTuple):
+    """What `receive` made of one read, and the state to hand it next time.
+
+    Send `replies` after the answers to `lines`: IAC WILL TIMING-MARK then
+    follows the output of everything sent before the mark (RFC 860).
+    """
+
+    lines: list[bytes]  # complete lines, as split_lines gives them
+    partial: bytes  # as split_lines
+    discarding: bool  # as split_lines
+    telnet: TelnetState | None  # None: nothing to remember (always, without IAC)
+    replies: bytes  # telnet answers to send back; b"" unless the client sent IAC
+
+
+def receive(
+    data: bytes,
+    partial: bytes = b"",
+    discarding: bool = False,
+    telnet: TelnetState | None = None,
+) -> Received:
+    """Take telnet commands out of newly received `data`, split the rest into
+    lines, and say what to answer; the other arguments are what the previous
+    call returned (the defaults for a new connection).
+
+    The result does not depend on how the stream was cut into reads. Input
+    without 0xFF from a connection that never sent one is only split_lines.
+    """
+    if telnet is None and b"\xff" not in data:
+        lines, partial, discarding = split_lines(data, partial, discarding)
+        return Received(lines, partial, discarding, None, b"")
+    if telnet is not None and not telnet.pending and b"\xff" not in data:
+        lines, partial, discarding = split_lines(data, partial, discarding)
+        return Received(lines, partial, discarding, telnet, b"")
+    return _receive_telnet(data, partial, discarding, telnet)
+
+
+def _receive_telnet(
+    data: bytes, partial: bytes, discarding: bool, telnet: TelnetState | None
+) -> Received:
+    pending, refused = (b"", 0) if telnet is None else (telnet.pending, telnet.refused)
+    lines: list[bytes] = []
+    text: list[bytes] = []  # the bytes between commands, since the last IP or AO
+    replies = bytearray()
+    index, end = 0, len(data)
+    while index < end:
+        if not pending or pending == _IN_SB:
+            # Text, or a subnegotiation's bytes: skip to the next IAC at C speed.
+            found = data.find(b"\xff", index)
+            stop = end if found < 0 else found
+            if not pending:
+                text.append(data[index:stop])
+            if found < 0:
+                break
+            pending = _IN_SB_AFTER_IAC if pending else _AFTER_IAC
+            index = found + 1
+            continue
+        byte = data[index]
+        index += 1
+        if pending == _IN_SB_AFTER_IAC:
+            # Only IAC SE ends it; IAC IAC is an escaped 0xFF, and PROTOCOL.md
+            # skips "whatever bytes" are inside, so any other pair is skipped too.
+            pending = b"" if byte == _SE else _IN_SB
+        elif pending == _AFTER_IAC:
+            pending = _AFTER_VERB.get(byte, b"")
+            if byte == _SB:
+                pending = _IN_SB
+            elif byte in (_IP, _AO):
+                # Drop the unfinished line: split what came before the command,
+                # then forget the tail. If that tail had grown past what
+                # split_lines holds, it was answered as too long first, as
+                # always; a line being discarded for its length ends here
+                # too. Either way the next byte starts a fresh line.
+                lines += split_lines(b"".join(text), partial, discarding).lines
+                text.clear()
+                partial, discarding = b"", False
+            # Anything else after IAC (NOP, AYT, EC, EL, GA, BRK, DM, IAC
+            # itself, or a byte no RFC defines) is a whole two-byte command:
+            # dropped, the byte included.
+        else:
+            # IAC verb option. The option byte may be 0xFF too (EXOPL, RFC 861).
+            verb = pending[1]
+            pending = b""
+            if verb == _DO and byte == _TIMING_MARK:
+                replies += _WILL_TIMING_MARK
+            elif verb in (_DO, _WILL):
+                bit = 1 << (byte if verb == _DO else _WILL_BITS + byte)
+                if not refused & bit:
+                    refused |= bit
+                    replies += bytes((IAC, _WONT if verb == _DO else _DONT, byte))
+            # DONT and WONT ask for what is already so: no answer (RFC 854).
+    lines_after, partial, discarding = split_lines(b"".join(text), partial, discarding)
+    lines += lines_after
+    if telnet is None or (pending, refused) != (telnet.pending, telnet.refused):
+        telnet = TelnetState(pending, refused) if pending or refused else None
+    return Received(lines, partial, discarding, telnet, bytes(replies))
 
 
 _PARSERS: Final[dict[bytes, Callable[[bytes], Command]]] = {
