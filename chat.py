@@ -11,7 +11,8 @@ time. One turn of the loop (`ChatServer.run_once`):
    due, without waiting at all while some connection still has received
    lines to process.
 2. read: at most one recv of READ_SIZE bytes per ready connection, split
-   into lines (protocol.split_lines) and queued on the connection. A
+   into lines (protocol.receive: telnet commands out, then split_lines) and
+   queued on the connection. A
    connection with a large backlog is not read until it shrinks.
 3. timers: run the callbacks that are due (the accept pause, cluster mode's
    renewals and retries), from one heap read against one clock.
@@ -147,6 +148,7 @@ class Connection:
         "closed",
         "waiting",
         "address_key",
+        "telnet",
     )
 
     def __init__(self, sock: Transport, peer: str, address_key: str | None = None) -> None:
@@ -158,9 +160,11 @@ class Connection:
         self.name: str | None = None
         self.keys = NO_KEYS
         self.receive_prefix = b""
-        # Framing state, as protocol.split_lines hands it back.
+        # Framing state, as protocol.receive hands it back; `telnet` stays
+        # None unless the client speaks telnet (sends an IAC byte).
         self.partial = b""
         self.discarding = False
+        self.telnet: protocol.TelnetState | None = None
         # Received lines not processed yet: lines[next_line:]. None rather
         # than an empty list, and `out` None rather than an empty bytearray,
         # to keep idle connections small: 10,000 of them are expected.
@@ -740,9 +744,14 @@ class ChatServer:
             self._close_on_error(conn, error)
             return
         if data:
-            lines, conn.partial, conn.discarding = protocol.split_lines(
-                data, conn.partial, conn.discarding
+            lines, conn.partial, conn.discarding, conn.telnet, replies = protocol.receive(
+                data, conn.partial, conn.discarding, conn.telnet
             )
+            if replies:
+                # Telnet's answers (WILL TIMING-MARK after Ctrl-C) are not
+                # lines of the protocol: they go out at once.
+                self._queue(conn, replies)
+                self._dirty.add(conn)
             if not lines:
                 return
             conn.enqueue_lines(lines)

@@ -131,8 +131,11 @@ class Room(Protocol):
 
 def name_keys(command: SetName) -> tuple[str, ...]:
     """Every form under which a name is held: two names are the same when
-    any of their forms are equal."""
-    return (command.key,)
+    any of their forms are equal (PROTOCOL.md, USERNAME): the NFKC+casefold
+    key, or what the name looks like as typed, or what its key looks like.
+    Each form is tagged, so that one name's key never meets another's
+    skeleton."""
+    return ("key:" + command.key, "look:" + command.skeleton, "key-look:" + command.key_skeleton)
 
 
 class Batch:

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+import protocol
 from chat import ChatServer
 from conftest import (
     HERE,
@@ -43,6 +44,7 @@ from conftest import (
     sends,
     username,
 )
+from room import name_keys
 
 hiredis = pytest.importorskip("hiredis")
 import cluster as cluster_module  # noqa: E402  (needs hiredis)
@@ -185,6 +187,13 @@ def cluster(redis: Redis) -> Iterator[Cluster]:
     running = Cluster(redis)
     yield running
     running.close()
+
+
+def redis_keys(name: str, room: str = "chat") -> list[bytes]:
+    """The Redis keys that hold `name`'s lease: one per form (room.name_keys)."""
+    command = protocol.check_name(name.encode())
+    assert isinstance(command, protocol.SetName)
+    return [f"chat:{room}:name:{key}".encode() for key in name_keys(command)]
 
 
 def take(client: Client, name: str) -> list[bytes]:
@@ -441,7 +450,7 @@ def test_a_name_given_away_during_an_outage_is_lost(cluster: Cluster) -> None:
     bob = cluster.client(two, "bob")
     # As if alice's server had been cut off long enough for her lease to
     # run out, and bob's server had given the name to bob meanwhile.
-    assert cluster.redis.command(b"DEL", b"chat:chat:name:alice") == 1
+    assert cluster.redis.command(b"DEL", *redis_keys("alice")) == 3
     assert take(bob, "alice") == []
     # Both servers lose their link; on return each claims its names again.
     # Two links per server; the test's own connection is spared (SKIPME).
@@ -505,7 +514,7 @@ def test_servers_share_one_port_with_reuse_port(cluster: Cluster) -> None:
         assert client.line() == b"RECEIVE user0 everyone"
     # Both servers got some: the owners of the names name two servers. (16
     # connections all on one of two servers: a chance of 1 in 32,768.)
-    keys = cluster.redis.command(b"KEYS", b"chat:chat:name:user*")
+    keys = cluster.redis.command(b"KEYS", b"chat:chat:name:key:user*")
     owners = {cluster.redis.command(b"GET", key).split(b":")[0] for key in keys}
     assert len(keys) == 16 and len(owners) == 2
 
@@ -1006,7 +1015,7 @@ def test_leases_are_renewed_every_third_of_the_lease(redis: Redis) -> None:
                 if reply:
                     break
             assert reply == b"ERROR Unrecognised command.\n"
-            key = b"chat:chat:name:alice"
+            key = redis_keys("alice")[0]
             assert 0 < redis.command(b"PTTL", key) <= 3000
             # The renewal is due a third of the lease after connecting.
             assert server._timers.next_due() == pytest.approx(clock.now + 1.0)

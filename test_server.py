@@ -158,6 +158,7 @@ from conftest import (
     start_server,
     username,
 )
+from confusables_table import CONFUSABLES
 
 # ============================================================================
 # Helpers of this file (the shared ones are in conftest.py)
@@ -676,12 +677,12 @@ USERNAME_ROWS: Final[list[tuple[bytes, bytes]]] = [
     (b"USERNAME", NAME_EMPTY),
     (b"USERNAME ", NAME_EMPTY),
     # not valid UTF-8 (checked before whitespace: the last row has a space)
-    (b"USERNAME \xff", NAME_INVALID),
+    (b"USERNAME \xfe", NAME_INVALID),
     (b"USERNAME te\xc3ixe", NAME_INVALID),
     (b"USERNAME \xc0\xaf", NAME_INVALID),
     (b"USERNAME \xed\xa0\x80", NAME_INVALID),
     (b"USERNAME \xf4\x90\x80\x80", NAME_INVALID),
-    (b"USERNAME a b\xff", NAME_INVALID),
+    (b"USERNAME a b\xfe", NAME_INVALID),
     # whitespace by str.isspace(), anywhere in the name
     (b"USERNAME te ixe", NAME_HAS_SPACES),
     (b"USERNAME  teixe", NAME_HAS_SPACES),
@@ -835,7 +836,7 @@ def test_rename_frees_old_name_at_once(server: RunningServer) -> None:
     [
         (b"USERNAME not valid", NAME_HAS_SPACES),
         (b"USERNAME", NAME_EMPTY),
-        (b"USERNAME \xff", NAME_INVALID),
+        (b"USERNAME \xfe", NAME_INVALID),
         (b"USERNAME te\x1bixe", NAME_INVALID),
         (username("x" * 33)[:-1], NAME_TOO_LONG),
         (b"USERNAME JEFF", NAME_TAKEN),
@@ -864,7 +865,7 @@ def test_rejected_username_keeps_the_old_name(
 
 @pytest.mark.parametrize(
     "line",
-    [b"SEND hi", b"SEND", b"SEND ", b"SEND \xff", b"SEND \x1b[2J", b"SEND   "],
+    [b"SEND hi", b"SEND", b"SEND ", b"SEND \xfe", b"SEND \x1b[2J", b"SEND   "],
     ids=repr,
 )
 def test_send_before_a_name(server: RunningServer, line: bytes) -> None:
@@ -888,12 +889,12 @@ REFUSED_SENDS: Final[list[tuple[bytes, bytes]]] = [
     (b"SEND  \t \t", MESSAGE_EMPTY),
     (send_line("\u00a0\u3000\u2028")[:-1], MESSAGE_EMPTY),
     # not valid UTF-8
-    (b"SEND \xff", MESSAGE_INVALID),
+    (b"SEND \xfe", MESSAGE_INVALID),
     (b"SEND caf\xc3", MESSAGE_INVALID),
     (b"SEND \xc0\xaf", MESSAGE_INVALID),
     (b"SEND \xed\xa0\x80", MESSAGE_INVALID),
     (b"SEND \xf4\x90\x80\x80", MESSAGE_INVALID),
-    (b"SEND \xff ", MESSAGE_INVALID),  # not valid UTF-8, so not "whitespace"
+    (b"SEND \xfe ", MESSAGE_INVALID),  # not valid UTF-8, so not "whitespace"
     (b"SEND hello \x80 world", MESSAGE_INVALID),
     # a control character other than TAB
     (b"SEND \x1b[31mred", MESSAGE_INVALID),
@@ -980,7 +981,7 @@ def test_send_relayed_byte_for_byte(server: RunningServer, message: bytes) -> No
         b"USERNAME\tteixe",
         b"NOT_A_COMMAND test",
         b"\x00",
-        b"\xff\xfe\xfd",
+        b"\xfe\xfd\xfc",
         b"\x1b[2J",
         "ＳＥＮＤ hi".encode(),
         *(
@@ -2105,7 +2106,7 @@ def test_logs_show_events_but_never_message_text(args: list[str]) -> None:
         alice_port = alice.sock.getsockname()[1]
         # Relayed, refused for a control character, refused as invalid UTF-8.
         alice.send(
-            send_line(marker) + send_line("\x1b" + marker) + send_line(marker.encode() + b"\xff")
+            send_line(marker) + send_line("\x1b" + marker) + send_line(marker.encode() + b"\xfe")
         )
         assert alice.sync() == [MESSAGE_INVALID, MESSAGE_INVALID]
         assert bob.sync() == [receive("alice", marker)]
@@ -2288,6 +2289,24 @@ def model_key(name: str) -> str:
     return unicodedata.normalize("NFKC", name).casefold()
 
 
+def model_skeleton(text: str) -> str:
+    """UTS #39, section 4, as PROTOCOL.md words it: NFD, every character
+    through confusables.txt, NFD again."""
+    decomposed = unicodedata.normalize("NFD", text)
+    mapped = "".join(CONFUSABLES.get(char, char) for char in decomposed)
+    return unicodedata.normalize("NFD", mapped)
+
+
+def model_same_name(a: str, b: str) -> bool:
+    """PROTOCOL.md, USERNAME: the same key, or the same look as typed, or
+    keys that look the same."""
+    return (
+        model_key(a) == model_key(b)
+        or model_skeleton(a) == model_skeleton(b)
+        or model_skeleton(model_key(a)) == model_skeleton(model_key(b))
+    )
+
+
 def model_name_error(raw: bytes) -> bytes | None:
     """The reply to `USERNAME <raw>` from the first failing row of the table
     that does not depend on the room; None if the name is well-formed."""
@@ -2300,6 +2319,14 @@ def model_name_error(raw: bytes) -> bytes | None:
     if any(char.isspace() for char in name):
         return NAME_HAS_SPACES
     if any(unicodedata.category(char) in ("Cc", "Cf") for char in name):
+        return NAME_INVALID
+    # Characters that show nothing (the strategies draw them from INVISIBLES),
+    # or a combining mark with nothing to sit on.
+    if any(char in INVISIBLES for char in name) or unicodedata.category(name[0]) in (
+        "Mn",
+        "Mc",
+        "Me",
+    ):
         return NAME_INVALID
     if len(name) > MAX_NAME:
         return NAME_TOO_LONG
@@ -2347,10 +2374,10 @@ class RoomModel:
     def __init__(self) -> None:
         self.names: dict[int, str] = {}  # connection -> name as typed
 
-    def holder(self, name: str) -> int | None:
-        key = model_key(name)
+    def holder(self, name: str, asking: int) -> int | None:
+        """Who else holds a name that counts as `name`."""
         for who, held in self.names.items():
-            if model_key(held) == key:
+            if who != asking and model_same_name(held, name):
                 return who
         return None
 
@@ -2366,8 +2393,7 @@ class RoomModel:
             if error is not None:
                 return [(who, error)]
             name = argument.decode("utf-8")
-            holder = self.holder(name)
-            if holder is not None and holder != who:
+            if self.holder(name, who) is not None:
                 return [(who, NAME_TAKEN)]
             self.names[who] = name
             return []
@@ -2464,6 +2490,13 @@ def read_through_sync(conn: Client, expected: Sequence[bytes]) -> list[bytes]:
 line_endings = st.sampled_from([b"\n", b"\r\n"])
 
 
+def no_iac(data: bytes) -> bytes:
+    """`data` without the byte 0xFF, which is always telnet's IAC (PROTOCOL.md,
+    "Telnet"): the model has no telnet; the telnet tests and test_protocol.py's
+    properties of protocol.receive cover those bytes."""
+    return data.replace(b"\xff", b"\xfe")
+
+
 # Name characters chosen for how they compare: "ß"/"ẞ"/"ss", the long s,
 # the Kelvin and Ohm signs (NFKC makes them K and Ω), dotted I, a ligature,
 # a combining accent (so "é" has two spellings), 4-byte emoji.
@@ -2482,9 +2515,42 @@ CONTROLS: Final = ("\x1b", "\x00", "\x07", "\x7f", "\x9b")
 FORMATS: Final = ("\u200b", "\u200d", "\ufeff", "\u202e", "\u00ad", "\u2066")
 
 
+# Characters that show nothing and are neither whitespace, Cc nor Cf
+# (PROTOCOL.md, USERNAME, v2): fillers, the blank braille pattern, the
+# combining grapheme joiner, variation selectors.
+INVISIBLES: Final = (
+    "\u034f",
+    "\u115f",
+    "\u1160",
+    "\u3164",
+    "\uffa0",
+    "\u2800",
+    "\ufe0f",
+    "\U000e0100",
+)
+
+
+# Letters from other scripts that look like Latin ones, and look-alikes
+# within Latin: what a user would try in order to pass for another.
+LOOKALIKES: Final = {
+    "a": "а",
+    "e": "е",
+    "o": "о",
+    "x": "х",
+    "y": "у",
+    "B": "Β",
+    "K": "Κ",
+    "X": "Χ",
+    "Z": "Ζ",
+    "l": "1",
+    "I": "l",
+    "0": "O",
+}
+
+
 # Invalid UTF-8 wherever it is put (see test_protocol.py), plus a truncated
 # two-byte sequence, which is invalid unless a continuation byte follows.
-INVALID_UTF8: Final = (b"\xff", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\x80", b"\xc3")
+INVALID_UTF8: Final = (b"\xfe", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\x80", b"\xc3")
 
 
 fresh_names = st.text(NAME_ALPHABET, min_size=1, max_size=10)
@@ -2520,6 +2586,8 @@ def name_variants(name: str) -> st.SearchStrategy[str]:
             unicodedata.normalize("NFD", name),
             unicodedata.normalize("NFKC", name),
             name + "2",
+            "".join(LOOKALIKES.get(char, char) for char in name),
+            "".join(LOOKALIKES.get(char, char) for char in name.upper()),
         ]
     )
 
@@ -2539,9 +2607,11 @@ bad_name_lines = st.one_of(
     st.builds(
         lambda name, char, at: b"USERNAME " + insert(name.encode(), char.encode(), at),
         fresh_names,
-        st.sampled_from(SPACES + CONTROLS + FORMATS),
+        st.sampled_from(SPACES + CONTROLS + FORMATS + INVISIBLES),
         st.integers(0, 40),
     ),
+    # A combining mark first: nothing to sit on.
+    fresh_names.map(lambda name: b"USERNAME \xcc\x81" + name.encode()),
     st.builds(
         lambda name, bad, at: b"USERNAME " + insert(name.encode(), bad, at),
         fresh_names,
@@ -2630,12 +2700,12 @@ unknown_lines = st.one_of(
             b"username bob",
             b"RECEIVE a b",
             b"\x00",
-            b"\xffSEND hi",
+            b"\xfeSEND hi",
             b"\x1b[2J",
             b"QUIT",
         ]
     ),
-    st.binary(min_size=1, max_size=12).filter(lambda line: b"\n" not in line),
+    st.binary(min_size=1, max_size=12).filter(lambda line: b"\n" not in line).map(no_iac),
 )
 
 
@@ -2964,7 +3034,7 @@ FUZZ_ATOMS: Final = (
     b"SEND",
     b"USERNAME",
     b"PING",
-    b"\xff",
+    b"\xfe",
     b"\xc3",
     b"\xc3\xa9",
     b"\xed\xa0\x80",
@@ -3007,7 +3077,7 @@ fuzz_commands = st.builds(
     st.one_of(
         st.sampled_from(FUZZ_ARGUMENTS),
         good_messages,
-        st.binary(max_size=12),
+        st.binary(max_size=12).map(no_iac),
         st.text(max_size=8).map(str.encode),
     ),
     st.sampled_from([b"\n", b"\r\n", b"", b"\r"]),
@@ -3026,7 +3096,7 @@ fuzz_good_lines = st.one_of(
 
 fuzz_pieces = st.one_of(
     st.sampled_from(FUZZ_ATOMS),
-    st.binary(max_size=16),
+    st.binary(max_size=16).map(no_iac),
     st.text(max_size=8).map(str.encode),
     fuzz_commands,
     fuzz_good_lines,
