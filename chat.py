@@ -80,6 +80,8 @@ LINES_PER_TURN: Final = 512
 # processing and flushes, so neither the batch nor a turn grows without
 # bound when many connections send at once.
 BATCH_BYTES: Final = 256 * 1024
+# Reads of unprocessed input before closing a connection (see _discard_input).
+DISCARD_READS: Final = 16
 # Connections accepted per turn, so a connection storm cannot starve the
 # clients already connected.
 ACCEPTS_PER_TURN: Final = 512
@@ -95,6 +97,7 @@ _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, 
 # bound on unacknowledged output with keepalive off.
 DEFAULT_KEEPALIVE: Final = 30
 UNACKED_LIMIT_WITHOUT_KEEPALIVE: Final = 120
+MAX_KEEPALIVE: Final = 32767
 # Unregistered connections are told TIMED_OUT_WAITING and closed after this.
 DEFAULT_REGISTER_TIMEOUT: Final = 60
 DEFAULT_MAX_PER_ADDRESS: Final = 64
@@ -563,6 +566,10 @@ class ChatServer:
     @property
     def open_count(self) -> int:
         return self._door.open_count
+
+    @property
+    def member_count(self) -> int:
+        return len(self._room.members)
 
     def _metrics(self) -> list[Metric]:
         return chat_metrics(
@@ -1041,8 +1048,24 @@ class ChatServer:
         log.info("%r disconnected: %s", conn, f"{words} ({detail})" if detail else words)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(conn.sock)
+        if reason not in ("reset", "timed_out"):
+            _discard_input(conn.sock)
         conn.sock.close()
         conn.lines = None
+
+
+def _discard_input(sock: Transport) -> None:
+    """Read and drop what the client sent and the server will not process:
+    closing a socket with unread input makes the kernel send a reset instead
+    of the end of the stream, and that can destroy the last lines in flight
+    (an ERROR that says why). Bounded: a client that keeps sending may still
+    get its reset, after those lines."""
+    try:
+        for _ in range(DISCARD_READS):
+            if not sock.recv(READ_SIZE):
+                return
+    except OSError:  # nothing left (BlockingIOError), or the peer is gone
+        pass
 
 
 # --- the command line ----------------------------------------------------
@@ -1096,6 +1119,14 @@ def _whole(text: str) -> int:
     if number < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {number}")
     return number
+
+
+def _keepalive(text: str) -> int:
+    seconds = _whole(text)
+    # Linux's bound on TCP_KEEPIDLE; a day is already more than any network keeps.
+    if seconds > MAX_KEEPALIVE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_KEEPALIVE}, not {seconds}")
+    return seconds
 
 
 def _lease_ms(text: str) -> int:
@@ -1183,7 +1214,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     internet.add_argument(
         "--keepalive",
-        type=_whole,
+        type=_keepalive,
         default=DEFAULT_KEEPALIVE,
         metavar="SECONDS",
         help="probe a client that has been quiet this long, so that one that vanished "

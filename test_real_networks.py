@@ -46,7 +46,7 @@ from conftest import (
     TIMEOUT,
     Client,
     StderrReader,
-    spawn_server,
+    launch,
     start_server,
 )
 
@@ -546,12 +546,6 @@ def test_keepalive_off_keeps_the_120_second_bound_on_unacknowledged_data() -> No
     assert found["user_timeout_ms"] == 120_000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chat.py bug: --keepalive over 32767 (Linux's TCP_KEEPIDLE maximum) is accepted "
-    "by the parser; setsockopt then fails and the one line says 'cannot listen on ... "
-    "Invalid argument', blaming the address instead of the option",
-)
 def test_keepalive_out_of_range_is_a_clear_option_error() -> None:
     """The program: a bad option (--keepalive too large): one clear line, non-zero exit."""
     done = subprocess.run(
@@ -595,7 +589,7 @@ def _seconds(remaining: str) -> float:
 def _settled_ss_timer(port: int, kind: str) -> tuple[str, str]:
     """The one server-side socket's timer once it is `kind`: until the
     client's (delayed) ACK of the last reply arrives it is the retransmit
-    timer ("on"), and spawn_server's probe connection may linger a moment."""
+    timer ("on"), and a probe connection may linger a moment."""
     if shutil.which("ss") is None:
         pytest.skip("needs ss (iproute2)")
     found: list[list[tuple[str, str]]] = []
@@ -615,28 +609,28 @@ def _settled_ss_timer(port: int, kind: str) -> tuple[str, str]:
 )
 def test_ss_shows_a_keepalive_timer_on_accepted_sockets(args: tuple[str, ...], idle: int) -> None:
     """Dead peers: TCP keepalive is on for every connection, first probe after SECONDS idle."""
-    server = spawn_server(*args)
-    try:
-        with Client(server.address) as client:
-            client.register("alice")
-            kind, remaining = _settled_ss_timer(server.port, "keepalive")
-            assert kind == "keepalive"
-            assert 0 < _seconds(remaining) <= idle
-    finally:
-        server.process.terminate()
-        server.stderr_text()
+    with launch(*args) as server:
+        try:
+            with Client(server.address) as client:
+                client.register("alice")
+                kind, remaining = _settled_ss_timer(server.port, "keepalive")
+                assert kind == "keepalive"
+                assert 0 < _seconds(remaining) <= idle
+        finally:
+            server.process.terminate()
+            server.stderr_text()
 
 
 def test_ss_shows_no_keepalive_timer_with_keepalive_off() -> None:
     """Dead peers: --keepalive 0 turns keepalive off."""
-    server = spawn_server("--keepalive", "0")
-    try:
-        with Client(server.address) as client:
-            client.register("alice")
-            assert _settled_ss_timer(server.port, "") == ("", "")
-    finally:
-        server.process.terminate()
-        server.stderr_text()
+    with launch("--keepalive", "0") as server:
+        try:
+            with Client(server.address) as client:
+                client.register("alice")
+                assert _settled_ss_timer(server.port, "") == ("", "")
+        finally:
+            server.process.terminate()
+            server.stderr_text()
 
 
 # --- Unregistered connections ---------------------------------------------
@@ -674,12 +668,6 @@ def test_unregistered_connection_is_timed_out_however_active() -> None:
         assert server.member_count == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chat.py bug: ChatServer._finish closes with the client's input unread, so the "
-    "kernel sends RST, not FIN, and drops what is still queued (the line, on a real "
-    "network); Door._refuse avoids this for refusals",
-)
 def test_unregistered_connection_sending_a_burst_is_told_and_closed_cleanly() -> None:
     """Unregistered: told Timed out waiting and closed, however active (its input unread)."""
     clock = FakeClock()
@@ -734,34 +722,34 @@ def test_register_timeout_zero_never_closes() -> None:
 
 def test_register_timeout_in_real_time() -> None:
     """Unregistered: --register-timeout 1 (real time): told and closed after 1 s; members stay."""
-    server = spawn_server("--register-timeout", "1")
-    try:
-        start = time.monotonic()
-        nameless = Client(server.address)
-        member = Client(server.address)
-        member.register("member")
-        replies: list[bytes] = []
-        while True:  # active all along: a PING every 50 ms
-            assert time.monotonic() - start < TIMEOUT, "never timed out"
-            try:
-                nameless.send(SYNC)
-                replies.append(nameless.line())
-            except (EOFError, ConnectionError):
-                break
-            time.sleep(0.05)  # the client's typing pace
-        elapsed = time.monotonic() - start
-        assert replies[-1] == TIMED_OUT_WAITING
-        assert set(replies[:-1]) == {SYNC_REPLY}
-        assert 1.0 <= elapsed < TIMEOUT
-        assert member.sync() == []
-        nameless.close()
-        member.close()
-        server.process.terminate()
-        assert "disconnected: no USERNAME in time" in server.stderr_text()
-    finally:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait()
+    with launch("--register-timeout", "1") as server:
+        try:
+            start = time.monotonic()
+            nameless = Client(server.address)
+            member = Client(server.address)
+            member.register("member")
+            replies: list[bytes] = []
+            while True:  # active all along: a PING every 50 ms
+                assert time.monotonic() - start < TIMEOUT, "never timed out"
+                try:
+                    nameless.send(SYNC)
+                    replies.append(nameless.line())
+                except (EOFError, ConnectionError):
+                    break
+                time.sleep(0.05)  # the client's typing pace
+            elapsed = time.monotonic() - start
+            assert replies[-1] == TIMED_OUT_WAITING
+            assert set(replies[:-1]) == {SYNC_REPLY}
+            assert 1.0 <= elapsed < TIMEOUT
+            assert member.sync() == []
+            nameless.close()
+            member.close()
+            server.process.terminate()
+            assert "disconnected: no USERNAME in time" in server.stderr_text()
+        finally:
+            if server.process.poll() is None:
+                server.process.kill()
+                server.process.wait()
 
 
 # --- Per address ------------------------------------------------------------
@@ -769,47 +757,47 @@ def test_register_timeout_in_real_time() -> None:
 
 def test_per_address_limit_counts_other_loopback_addresses() -> None:
     """Per address: N at once; one more is told and closed; 127.0.0.1 exempt, 127.0.0.2+ count."""
-    server = spawn_server("--max-per-address", "3")
-    clients: list[Client] = []
-    try:
-        for index in range(3):
-            clients.append(client_from(server.address, "127.0.0.2"))
-            clients[-1].register(f"two{index}")
-        with client_from(server.address, "127.0.0.2") as fourth:
-            assert fourth.read_to_eof() == TOO_MANY_FROM_ADDRESS + b"\n"
-        for index in range(3):
-            clients.append(client_from(server.address, "127.0.0.3"))
-            clients[-1].register(f"three{index}")
-        for index in range(10):  # the machine itself: no limit
-            clients.append(client_from(server.address, "127.0.0.1"))
-            clients[-1].register(f"one{index}")
-        for client in clients:
-            assert client.sync() == []
+    with launch("--max-per-address", "3") as server:
+        clients: list[Client] = []
+        try:
+            for index in range(3):
+                clients.append(client_from(server.address, "127.0.0.2"))
+                clients[-1].register(f"two{index}")
+            with client_from(server.address, "127.0.0.2") as fourth:
+                assert fourth.read_to_eof() == TOO_MANY_FROM_ADDRESS + b"\n"
+            for index in range(3):
+                clients.append(client_from(server.address, "127.0.0.3"))
+                clients[-1].register(f"three{index}")
+            for index in range(10):  # the machine itself: no limit
+                clients.append(client_from(server.address, "127.0.0.1"))
+                clients[-1].register(f"one{index}")
+            for client in clients:
+                assert client.sync() == []
 
-        # The count is released when one closes.
-        clients.pop(0).close()
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            again = client_from(server.address, "127.0.0.2")
-            again.send(SYNC)
-            try:
-                first = again.line()
-            except (EOFError, ConnectionError):
-                first = b""
-            if first == SYNC_REPLY:
-                clients.append(again)
-                break
-            assert first == TOO_MANY_FROM_ADDRESS
-            again.close()
-            assert time.monotonic() < deadline, "the closed connection was never uncounted"
-            time.sleep(0.02)  # polling pace
-        with client_from(server.address, "127.0.0.2") as over:
-            assert over.read_to_eof() == TOO_MANY_FROM_ADDRESS + b"\n"
-    finally:
-        for client in clients:
-            client.close()
-        server.process.terminate()
-        log = server.stderr_text()
+            # The count is released when one closes.
+            clients.pop(0).close()
+            deadline = time.monotonic() + TIMEOUT
+            while True:
+                again = client_from(server.address, "127.0.0.2")
+                again.send(SYNC)
+                try:
+                    first = again.line()
+                except (EOFError, ConnectionError):
+                    first = b""
+                if first == SYNC_REPLY:
+                    clients.append(again)
+                    break
+                assert first == TOO_MANY_FROM_ADDRESS
+                again.close()
+                assert time.monotonic() < deadline, "the closed connection was never uncounted"
+                time.sleep(0.02)  # polling pace
+            with client_from(server.address, "127.0.0.2") as over:
+                assert over.read_to_eof() == TOO_MANY_FROM_ADDRESS + b"\n"
+        finally:
+            for client in clients:
+                client.close()
+            server.process.terminate()
+            log = server.stderr_text()
     refused = [line for line in log.splitlines() if "refused" in line]
     assert len(refused) >= 2
     assert all("refused 127.0.0.2:" in line for line in refused)
@@ -990,94 +978,98 @@ def test_non_readers_and_a_flood_do_not_stop_a_reading_pair() -> None:
     non_readers = 300
     budget = 8 << 20
     raise_fd_limit(2 * non_readers + 200)
-    server = spawn_server(
+    with launch(
         "--output-budget", str(budget), "--output-limit", str(64 << 20), "--max-clients", "1000"
-    )
-    clients: list[Client] = []
-    try:
-        baseline_before = _rss_bytes(server.process.pid)
-        for index in range(non_readers):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.settimeout(TIMEOUT)
-            sock.connect(server.address)
-            silent = SockClient(sock)
-            silent.send(f"USERNAME silent{index}\n".encode() + SYNC)
-            clients.append(silent)
-        for client in clients:
-            assert client.until(SYNC_REPLY) == []
-        alice, bob, flooder = (Client(server.address) for _ in range(3))
-        clients += [alice, bob, flooder]
-        for client, name in ((alice, "alice"), (bob, "bob"), (flooder, "flooder")):
-            client.register(name)
-        baseline = _rss_bytes(server.process.pid)
-        # Unsent output is accounted within the budget; in memory it costs
-        # more: bytearray growth over-allocates by 1/8, and the buffers of
-        # the connections shed are freed in the middle of the heap, where the
-        # survivors' larger ones do not fit (about 1.5 x the budget in all,
-        # measured with budgets of 2 to 32 MiB). Beside that, one turn's batch
-        # (BATCH_BYTES) and reads (READ_SIZE per connection, one flooding):
-        # under 1 MiB. Without the budget the limits (300 x 64 MiB) would let
-        # it grow by gigabytes; it is checked every round so that such a
-        # server fails fast instead.
-        rss_bound = 2 * budget + (1 << 20)
+    ) as server:
+        clients: list[Client] = []
+        try:
+            baseline_before = _rss_bytes(server.process.pid)
+            for index in range(non_readers):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.settimeout(TIMEOUT)
+                sock.connect(server.address)
+                silent = SockClient(sock)
+                silent.send(f"USERNAME silent{index}\n".encode() + SYNC)
+                clients.append(silent)
+            for client in clients:
+                assert client.until(SYNC_REPLY) == []
+            alice, bob, flooder = (Client(server.address) for _ in range(3))
+            clients += [alice, bob, flooder]
+            for client, name in ((alice, "alice"), (bob, "bob"), (flooder, "flooder")):
+                client.register(name)
+            baseline = _rss_bytes(server.process.pid)
+            # Unsent output is accounted within the budget; in memory it costs
+            # more: bytearray growth over-allocates by 1/8, and the buffers of
+            # the connections shed are freed in the middle of the heap, where the
+            # survivors' larger ones do not fit (about 1.5 x the budget in all,
+            # measured with budgets of 2 to 32 MiB). Beside that, one turn's batch
+            # (BATCH_BYTES) and reads (READ_SIZE per connection, one flooding):
+            # under 1 MiB. Without the budget the limits (300 x 64 MiB) would let
+            # it grow by gigabytes; it is checked every round so that such a
+            # server fails fast instead.
+            rss_bound = 2 * budget + (1 << 20)
 
-        flood_line = "f{:06} " + "x" * 1000
-        seen: dict[str, list[bytes]] = {"alice": [], "bob": []}
-        floods = rounds = 0
-        peak = baseline
-        shed_log = "over the total output budget"
-        start = time.monotonic()
-        # Until most non-readers are shed, and some rounds after that.
-        while server.stderr.text().count(shed_log) < non_readers // 2 or rounds % 20:
-            assert time.monotonic() - start < 30, f"only {rounds} rounds in 30 s"
-            flooder.send(
-                b"".join(f"SEND {flood_line.format(floods + i)}\n".encode() for i in range(32))
-            )
-            floods += 32
-            alice.send(f"SEND a{rounds}\n".encode())
-            bob.send(f"SEND b{rounds}\n".encode())
+            flood_line = "f{:06} " + "x" * 1000
+            seen: dict[str, list[bytes]] = {"alice": [], "bob": []}
+            floods = rounds = 0
+            peak = baseline
+            shed_log = "over the total output budget"
+            start = time.monotonic()
+            # Until most non-readers are shed, and some rounds after that.
+            while server.log.text().count(shed_log) < non_readers // 2 or rounds % 20:
+                assert time.monotonic() - start < 30, f"only {rounds} rounds in 30 s"
+                flooder.send(
+                    b"".join(f"SEND {flood_line.format(floods + i)}\n".encode() for i in range(32))
+                )
+                floods += 32
+                alice.send(f"SEND a{rounds}\n".encode())
+                bob.send(f"SEND b{rounds}\n".encode())
+                seen["alice"] += alice.sync()
+                seen["bob"] += bob.sync()
+                drain(flooder)  # the flooder reads too, only not in lines
+                peak = max(peak, _rss_bytes(server.process.pid))
+                assert peak - baseline <= rss_bound, (
+                    f"RSS grew by {(peak - baseline) >> 20} MiB over a baseline of "
+                    f"{baseline >> 20} MiB (it was {baseline_before >> 20} MiB idle)"
+                )
+                rounds += 1
+            flooder.sync()
             seen["alice"] += alice.sync()
             seen["bob"] += bob.sync()
-            drain(flooder)  # the flooder reads too, only not in lines
-            peak = max(peak, _rss_bytes(server.process.pid))
-            assert peak - baseline <= rss_bound, (
-                f"RSS grew by {(peak - baseline) >> 20} MiB over a baseline of "
-                f"{baseline >> 20} MiB (it was {baseline_before >> 20} MiB idle)"
-            )
-            rounds += 1
-        flooder.sync()
-        seen["alice"] += alice.sync()
-        seen["bob"] += bob.sync()
 
-        floods_owed = [receive("flooder", flood_line.format(i)) for i in range(floods)]
-        for reader, other, prefix in (("alice", "bob", "b"), ("bob", "alice", "a")):
-            lines = seen[reader]
-            from_other = [line for line in lines if line.startswith(f"RECEIVE {other} ".encode())]
-            assert from_other == [receive(other, f"{prefix}{r}") for r in range(rounds)]
-            assert [line for line in lines if line.startswith(b"RECEIVE flooder ")] == floods_owed
-            assert len(lines) == rounds + floods
-        for client in (alice, bob):
-            assert client.sync() == []  # still connected
-        # Before the test's own closes below: only non-readers were closed,
-        # each for the budget.
-        ours = {f":{client.sock.getsockname()[1]}>" for client in clients}
-        disconnected = [
-            line
-            for line in server.stderr.text().splitlines()
-            if "disconnected" in line and any(port in line for port in ours)
-        ]
-        assert disconnected
-        assert all(shed_log in line for line in disconnected), disconnected
-        for client in (alice, bob, flooder):
-            port = client.sock.getsockname()[1]
-            assert not any(f":{port}>" in line for line in disconnected)
-        assert peak - baseline <= rss_bound
-    finally:
-        for client in clients:
-            client.close()
-        server.process.terminate()
-        server.stderr_text()
+            floods_owed = [receive("flooder", flood_line.format(i)) for i in range(floods)]
+            for reader, other, prefix in (("alice", "bob", "b"), ("bob", "alice", "a")):
+                lines = seen[reader]
+                from_other = [
+                    line for line in lines if line.startswith(f"RECEIVE {other} ".encode())
+                ]
+                assert from_other == [receive(other, f"{prefix}{r}") for r in range(rounds)]
+                assert [
+                    line for line in lines if line.startswith(b"RECEIVE flooder ")
+                ] == floods_owed
+                assert len(lines) == rounds + floods
+            for client in (alice, bob):
+                assert client.sync() == []  # still connected
+            # Before the test's own closes below: only non-readers were closed,
+            # each for the budget.
+            ours = {f":{client.sock.getsockname()[1]}>" for client in clients}
+            disconnected = [
+                line
+                for line in server.log.text().splitlines()
+                if "disconnected" in line and any(port in line for port in ours)
+            ]
+            assert disconnected
+            assert all(shed_log in line for line in disconnected), disconnected
+            for client in (alice, bob, flooder):
+                port = client.sock.getsockname()[1]
+                assert not any(f":{port}>" in line for line in disconnected)
+            assert peak - baseline <= rss_bound
+        finally:
+            for client in clients:
+                client.close()
+            server.process.terminate()
+            server.stderr_text()
 
 
 def test_replies_count_towards_the_budget() -> None:
