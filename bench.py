@@ -11,6 +11,8 @@ or NATS pub/sub, for comparison, through the same client code).
     python3 bench.py --spawn --cluster 2 --reuse-port fanout   # Redis + 2 chat.py
     python3 bench.py --ports 9001,9002 latency                 # clients round robin
     python3 bench.py --spawn hostile -k 2000 --server-arg=--output-budget=67108864
+    python3 bench.py --spawn --tls fanout            # chat.py's TLS port
+    python3 bench.py --spawn --redis --tls fanout    # Redis with TLS
 
 Scenarios:
   fanout   n clients register; s of them send m messages each, closed loop:
@@ -51,6 +53,7 @@ import resource
 import selectors
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -62,6 +65,9 @@ from typing import Any, cast
 
 HERE = Path(__file__).resolve().parent
 RECV_SIZE = 256 * 1024
+# A non-blocking read that found nothing: over TLS (--tls) a record not yet
+# whole, or a read that must wait for a write, says so in its own words.
+WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # The shortest run whose CPU share is worth showing: /proc's clock ticks are
 # 10 ms, so over 1 s the share is within about 2 %.
 MIN_CPU_SECONDS = 1.0
@@ -104,6 +110,7 @@ class Target:
     pids: list[int] = field(default_factory=list)  # the chat servers (or Redis, NATS)
     redis_pid: int | None = None  # cluster mode: the Redis they share
     logs: list[Path] = field(default_factory=list)  # spawned servers' stderr
+    tls: ssl.SSLContext | None = None  # --tls: every client speaks TLS
 
     def connect(self, index: int = 0, rcvbuf: int | None = None) -> socket.socket:
         port = self.ports[index % len(self.ports)]
@@ -132,6 +139,12 @@ class Target:
                 f"{error.strerror or error}{hint}"
             )
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            try:  # the handshake, blocking, within the connect timeout
+                sock = self.tls.wrap_socket(sock)
+            except OSError as error:
+                sock.close()
+                sys.exit(f"bench.py: TLS handshake with {self.host}:{port} failed: {error}")
         return sock
 
     @property
@@ -190,7 +203,11 @@ class Target:
         return total if self.pids else None
 
     def describe(self) -> str:
-        """ "chat", "redis", "nats", or "cluster of N" (chat servers sharing a Redis)."""
+        """ "chat", "redis", "nats", or "cluster of N" (chat servers sharing a
+        Redis); with " (TLS)" after it over TLS."""
+        return self._describe() + (" (TLS)" if self.tls is not None else "")
+
+    def _describe(self) -> str:
         if self.kind != "chat":
             return self.kind
         servers = max(len(self.pids), len(self.ports))
@@ -269,22 +286,33 @@ def wait_until_listening(
 def target_from(args: argparse.Namespace) -> Iterator[Target]:
     """The target the arguments name; with --spawn, started here and stopped
     afterwards."""
+    tls = tls_client_context() if args.tls else None
     if not args.spawn:
         ports = [int(port) for port in args.ports.split(",")] if args.ports else [args.port]
-        yield Target(args.host, ports, kind_of(args), pids=[args.pid] if args.pid else [])
+        pids = [args.pid] if args.pid else []
+        yield Target(args.host, ports, kind_of(args), pids=pids, tls=tls)
         return
     if args.cluster:
+        if args.tls:
+            sys.exit("bench.py: --tls is for one server (chat.py or Redis), not --cluster")
         with spawn_cluster(args) as target:
             yield target
         return
     port = free_port()
     logs = Path(tempfile.mkdtemp(prefix="bench-"))
+    if args.tls and args.nats:
+        sys.exit("bench.py: --tls is for chat.py or Redis, not NATS")
     if args.redis:
         server = shutil.which("redis-server")
         if server is None:
             sys.exit("bench.py: redis-server not found (apt-get install -y redis-server)")
         command = [server, "--port", str(port), "--save", "", "--appendonly", "no"]
         command += ["--maxclients", "20000"]
+        if args.tls:  # the TLS port only; clients are not asked for certificates
+            cert, key = make_certificate(logs)
+            command[1:3] = ["--port", "0", "--tls-port", str(port)]
+            command += ["--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+            command += ["--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]
     elif args.nats:
         server = find_nats_server()
         if server is None:
@@ -294,6 +322,10 @@ def target_from(args: argparse.Namespace) -> Iterator[Target]:
     else:
         command = [sys.executable, str(HERE / "chat.py"), str(port), "--host", "127.0.0.1"]
         command += ["--log-level", "WARNING", "--max-clients", "20000"]
+        if args.tls:  # the clients use the TLS port; the plain one is on a port of its own
+            cert, key = make_certificate(logs)
+            command[2] = str(free_port())
+            command += ["--tls-port", str(port), "--tls-cert", str(cert), "--tls-key", str(key)]
     command += args.server_args  # last, so that they override the defaults above
 
     def pin_server() -> None:
@@ -306,10 +338,35 @@ def target_from(args: argparse.Namespace) -> Iterator[Target]:
         os.sched_setaffinity(0, {1})
     try:
         wait_until_listening("127.0.0.1", port, process, log)
-        yield Target("127.0.0.1", [port], kind_of(args), pids=[process.pid], logs=[log])
+        yield Target("127.0.0.1", [port], kind_of(args), pids=[process.pid], logs=[log], tls=tls)
     finally:
         stop(process)
         shutil.rmtree(logs, ignore_errors=True)
+
+
+def tls_client_context() -> ssl.SSLContext:
+    """--tls: the clients' context. It verifies nothing: the server's
+    certificate is a throwaway one (--spawn), or the user's."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A throwaway self-signed certificate and key (P-256) for a spawned
+    server's TLS port, made with the openssl command."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    try:
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+             "-keyout", str(key), "-out", str(cert)],
+            check=True, capture_output=True, timeout=30,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as error:
+        sys.exit(f"bench.py: --tls needs the openssl command to make a certificate: {error}")
+    return cert, key
 
 
 def start(
@@ -610,7 +667,7 @@ def fanout(target: Target, args: argparse.Namespace) -> None:
             sock = cast(socket.socket, key.fileobj)
             try:
                 size = sock.recv_into(buffer)
-            except BlockingIOError:
+            except WOULD_BLOCK:
                 continue
             if not size:
                 sys.exit("bench.py: the server closed a connection")
@@ -746,7 +803,7 @@ def latency(target: Target, args: argparse.Namespace) -> None:
             sock = cast(socket.socket, key.fileobj)
             try:
                 size = sock.recv_into(buffer)
-            except BlockingIOError:
+            except WOULD_BLOCK:
                 continue
             if not size:
                 sys.exit("bench.py: the server closed a connection")
@@ -920,17 +977,17 @@ def chat_under_flood(
             if role == "flooder":
                 try:
                     if events & selectors.EVENT_WRITE:
-                        with contextlib.suppress(BlockingIOError):
+                        with contextlib.suppress(*WOULD_BLOCK):
                             sock.send(burst)
                     if events & selectors.EVENT_READ:
-                        with contextlib.suppress(BlockingIOError):
+                        with contextlib.suppress(*WOULD_BLOCK):
                             sock.recv(RECV_SIZE)
                 except OSError:  # closed by the server: the pair goes on
                     selector.unregister(sock)
                 continue
             try:
                 chunk = sock.recv(RECV_SIZE)
-            except BlockingIOError:
+            except WOULD_BLOCK:
                 continue
             except OSError as error:
                 run.disconnected = f"{role}: {error.strerror or error}"
@@ -1177,6 +1234,13 @@ def add_target_options(parser: argparse.ArgumentParser, late: bool) -> None:
         action="store_true",
         default=default(False),
         help="speak core NATS pub/sub instead (with --spawn: nats-server)",
+    )
+    group.add_argument(
+        "--tls",
+        action="store_true",
+        default=default(False),
+        help="every client speaks TLS (with --spawn: chat.py's --tls-port, or with "
+        "--redis, redis-server's --tls-port, each with a throwaway certificate)",
     )
     group.add_argument(
         "--cluster",

@@ -34,6 +34,13 @@ and no connection is closed in the middle of a broadcast. A connection's
 bytes go through its `sock` (the transport: `recv`, `send`, `close`); the
 room and the batch never see a socket.
 
+TLS (`--tls-port`): a second listener in the same loop and room. A TLS
+connection's `sock` is a tls.TLSTransport, so reading and the broadcast go
+through the same calls; the little the reactor must add for it (the
+handshake's deadline, write interest for ciphertext the kernel has not
+taken, input already decrypted that select cannot see, and the SIGHUP
+reload of the certificate) is in the section "TLS" of ChatServer.
+
 Cluster mode (`--redis URL`) swaps the room for `cluster.RedisRoom`, which
 is imported only then; the reactor does not know which room it runs.
 """
@@ -63,6 +70,7 @@ import protocol
 from metrics import Metric, MetricsServer, Stats, chat_metrics
 from protocol import BadSend, Blank, Reply, Send, SetName
 from room import NO_KEYS, ConfigurationError, Host, LocalRoom, Member, Room
+from tls import TLSConfig, TLSConfigError, TLSTransport, error_detail, load_context
 
 PORT = 8080
 
@@ -152,6 +160,7 @@ class Connection:
         "waiting",
         "address_key",
         "telnet",
+        "tls",
     )
 
     def __init__(self, sock: Transport, peer: str, address_key: str | None = None) -> None:
@@ -180,6 +189,7 @@ class Connection:
         # Held by the room (its USERNAME awaits Redis), so its later lines
         # wait too: not read meanwhile, and off the busy list.
         self.waiting = False
+        self.tls: TLSTransport | None = None  # `sock` too, on the TLS port
 
     def backlog(self) -> int:
         return 0 if self.lines is None else len(self.lines) - self.next_line
@@ -352,13 +362,20 @@ def tune_for_clients(listener: socket.socket, keepalive: int) -> None:
     listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, unacked * 1000)
 
 
+Admit = Callable[[socket.socket, str, str | None], None]
+
+
 class _Listener:
-    """Selector tag of a listening socket."""
+    """Selector tag of a listening socket: what to do with the connections
+    it lets in, and whether a refusal may be told to them in plain text
+    (not on the TLS port: the client would read it as a broken record)."""
 
-    __slots__ = ("sock",)
+    __slots__ = ("sock", "admit", "plain")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, admit: Admit, plain: bool) -> None:
         self.sock = sock
+        self.admit = admit
+        self.plain = plain
 
 
 class Door:
@@ -371,7 +388,7 @@ class Door:
         selector: DefaultSelector,
         timers: Timers,
         stats: Stats,
-        admit: Callable[[socket.socket, str, str | None], None],
+        admit: Admit,
         *,
         max_clients: int,
         max_per_address: int,
@@ -388,8 +405,10 @@ class Door:
         self._paused = False
         self._failing = False  # out of fds since the last good accept
 
-    def open(self, sock: socket.socket) -> None:
-        listener = _Listener(sock)
+    def open(self, sock: socket.socket, admit: Admit | None = None, *, plain: bool = True) -> None:
+        """Accept from `sock`; `admit` (default: the Door's) takes each
+        connection let in."""
+        listener = _Listener(sock, admit or self._admit, plain)
         self._listeners.append(listener)
         self._selector.register(sock, EVENT_READ, listener)
 
@@ -409,7 +428,7 @@ class Door:
             if self._failing:
                 self._failing = False
                 log.warning("accepting connections again")
-            self._let_in(sock, address)
+            self._let_in(sock, address, listener)
 
     def left(self, key: str | None) -> None:
         """A connection let in under `key` has closed."""
@@ -428,13 +447,13 @@ class Door:
             listener.sock.close()
         self._listeners.clear()
 
-    def _let_in(self, sock: socket.socket, address: tuple[str, int]) -> None:
+    def _let_in(self, sock: socket.socket, address: tuple[str, int], listener: _Listener) -> None:
         sock.setblocking(False)
         peer = format_peer(address)
         key = address_key(address[0])
         if self.open_count >= self.max_clients:
             log.warning("refused %s: server is full (limit %d)", peer, self.max_clients)
-            self._refuse(sock, protocol.SERVER_FULL, "server_full")
+            self._refuse(sock, protocol.SERVER_FULL if listener.plain else b"", "server_full")
             return
         if key is not None:
             count = self._per_address.get(key, 0)
@@ -446,18 +465,20 @@ class Door:
                     key,
                     self.max_per_address,
                 )
-                self._refuse(sock, protocol.TOO_MANY_FROM_ADDRESS, "per_address")
+                line = protocol.TOO_MANY_FROM_ADDRESS if listener.plain else b""
+                self._refuse(sock, line, "per_address")
                 return
             self._per_address[key] = count + 1
         self.open_count += 1
         self._stats.accepted += 1
-        self._admit(sock, peer, key)
+        listener.admit(sock, peer, key)
 
     def _refuse(self, sock: socket.socket, line: bytes, reason: str) -> None:
         self._stats.refused[reason] += 1
         self._stats.disconnections[reason] += 1
         try:
-            sock.send(line)
+            if line:
+                sock.send(line)
             # Unread input would turn close() into a reset that can destroy
             # the reply in flight; drop what already arrived.
             sock.recv(READ_SIZE)
@@ -491,7 +512,9 @@ class ChatServer:
     `address`); `serve_forever` runs until `stop`, which is safe to call
     from another thread or a signal handler. `room` builds the room it
     serves (default: `LocalRoom`, one server's room); `clock` is what its
-    timers read (a test passes a fake one and calls `run_once`)."""
+    timers read (a test passes a fake one and calls `run_once`). `tls`
+    adds a TLS listener on the same host (see `tls_address`); TLSConfigError
+    if its certificate and key cannot be loaded."""
 
     def __init__(
         self,
@@ -506,9 +529,14 @@ class ChatServer:
         register_timeout: float = DEFAULT_REGISTER_TIMEOUT,
         reuse_port: bool = False,
         metrics_address: tuple[str, int] | None = None,
+        tls: TLSConfig | None = None,
         room: RoomFactory = LocalRoom,
         clock: Clock = time.monotonic,
     ) -> None:
+        # First, so that a bad certificate fails before anything is bound.
+        self._tls_config = tls
+        self._tls_context = None if tls is None else load_context(tls.cert, tls.key)
+        self._tls_listener: socket.socket | None = None
         self.output_limit = output_limit
         self.output_budget = output_budget
         self.register_timeout = register_timeout
@@ -549,8 +577,18 @@ class ChatServer:
         self._writers: dict[Connection, float] = {}
         self.unsent = 0
         self._stall_check: Timer | None = None
+        # TLS connections holding input that select cannot see: read again
+        # next turn without waiting. Only those, never a scan of everyone.
+        self._again: dict[Connection, None] = {}
+        # TLS connections still in their handshake, and its deadline.
+        self._handshakes: dict[Connection, Timer] = {}
+        self._reload_requested = False  # SIGHUP: reload_tls
         self.metrics: MetricsServer | None = None
         try:
+            if tls is not None:
+                self._tls_listener = open_listener(host, tls.port, reuse_port=reuse_port)
+                tune_for_clients(self._tls_listener, keepalive)
+                self._door.open(self._tls_listener, self._admit_tls, plain=False)
             self._room: Room = room(self)
             if metrics_address is not None:
                 self.metrics = MetricsServer(self, metrics_address, self._metrics)
@@ -561,6 +599,14 @@ class ChatServer:
     @property
     def address(self) -> tuple[str, int]:
         host, port = self._listener.getsockname()[:2]
+        return host, port
+
+    @property
+    def tls_address(self) -> tuple[str, int] | None:
+        """The TLS listener's address (its real port), if there is one."""
+        if self._tls_listener is None:
+            return None
+        host, port = self._tls_listener.getsockname()[:2]
         return host, port
 
     @property
@@ -614,6 +660,8 @@ class ChatServer:
                 self._drain_wakeup()
             else:
                 tag(mask)  # a socket of the room's own: its own handler
+        if self._again:
+            self._read_again()
         self._timers.run_due()
         self._process_backlogs()
         self._flush()
@@ -623,7 +671,7 @@ class ChatServer:
         self._room.end_turn()
 
     def _select_timeout(self, max_wait: float | None) -> float | None:
-        if self._busy:
+        if self._busy or self._again:
             return 0
         due = self._timers.next_due()
         if due is None:
@@ -660,6 +708,9 @@ class ChatServer:
                 pass
         except OSError:  # drained (BlockingIOError) or closed
             pass
+        if self._reload_requested:
+            self._reload_requested = False
+            self._reload_tls()
 
     # --- what the room may ask (room.Host) ----------------------------------
 
@@ -689,6 +740,8 @@ class ChatServer:
             self._registered(conn)
             self._watch(conn)
             self._busy[conn] = None
+            if conn.tls is not None and conn.tls.holds_input:
+                self._again[conn] = None  # was not read while held
 
     def disconnect(self, member: Member, detail: str) -> None:
         conn = cast(Connection, member)
@@ -710,12 +763,14 @@ class ChatServer:
     # --- admitting -------------------------------------------------------
 
     def _admit(self, sock: socket.socket, peer: str, key: str | None) -> None:
-        conn = Connection(sock, peer, key)
-        self._selector.register(sock, EVENT_READ, conn)
+        self._welcome(Connection(sock, peer, key))
+
+    def _welcome(self, conn: Connection) -> None:
+        self._selector.register(conn.sock, EVENT_READ, conn)
         if self.register_timeout:
             when = self._now + self.register_timeout
             self._registering[conn] = self._timers.call_at(when, partial(self._expire, conn))
-        log.info("%r connected", conn)
+        log.info("%r connected%s", conn, "" if conn.tls is None else " on the TLS port")
 
     def _registered(self, conn: Connection) -> None:
         """Called after a USERNAME: the register timeout ends with a name."""
@@ -849,6 +904,8 @@ class ChatServer:
         for conn in self._dirty:
             if not conn.closed and conn.out:
                 self._send_buffered(conn)
+            elif conn.tls is not None and not conn.closed:
+                self._flush_tls(conn)  # writable: ciphertext left from before
         self._dirty.clear()
         if self.unsent > self.output_budget:
             self._shed(self._close_over_budget)
@@ -1013,6 +1070,12 @@ class ChatServer:
         events = 0 if conn.waiting else EVENT_READ
         if conn.wants_write:
             events |= EVENT_WRITE
+        tls = conn.tls
+        if tls is not None:
+            if not tls.established:
+                events &= ~EVENT_WRITE  # output waits for the handshake: for reads
+            if tls.wants_write:
+                events |= EVENT_WRITE  # ciphertext left, whatever `out` holds
         if not events:
             with contextlib.suppress(KeyError):
                 self._selector.unregister(conn.sock)
@@ -1025,7 +1088,9 @@ class ChatServer:
     # --- closing --------------------------------------------------------
 
     def _close_on_error(self, conn: Connection, error: OSError) -> None:
-        if error.errno == errno.ETIMEDOUT:  # keepalive or TCP_USER_TIMEOUT
+        if conn.tls is not None and not conn.tls.established:
+            self._close(conn, "tls_handshake", error_detail(error))
+        elif error.errno == errno.ETIMEDOUT:  # keepalive or TCP_USER_TIMEOUT
             self._close(conn, "timed_out")
         else:
             self._close(conn, "reset", error.strerror or str(error))
@@ -1052,6 +1117,77 @@ class ChatServer:
             _discard_input(conn.sock)
         conn.sock.close()
         conn.lines = None
+
+    # --- TLS ------------------------------------------------------------
+
+    def reload_tls(self) -> None:
+        """Reload the certificate and key for new connections, in the loop
+        (safe from a signal handler or another thread: this only wakes it)."""
+        self._reload_requested = True
+        with contextlib.suppress(OSError):
+            self._wakeup_writer.send(b"\0")
+
+    def _reload_tls(self) -> None:
+        config = self._tls_config
+        if config is None:
+            log.warning("SIGHUP ignored: there is no TLS port, so no certificate to reload")
+            return
+        try:
+            context = load_context(config.cert, config.key)
+        except TLSConfigError as error:
+            log.error("cannot reload the TLS certificate: %s; keeping the old one", error)
+            return
+        self._tls_context = context  # connections already open keep theirs
+        log.info("reloaded the TLS certificate %s and key %s", config.cert, config.key)
+
+    def _admit_tls(self, sock: socket.socket, peer: str, key: str | None) -> None:
+        assert self._tls_config is not None and self._tls_context is not None
+        transport = TLSTransport(sock, self._tls_context)
+        conn = Connection(transport, peer, key)
+        conn.tls = transport
+        transport.notify = partial(self._tls_changed, conn)
+        when = self._now + self._tls_config.handshake_timeout
+        self._handshakes[conn] = self._timers.call_at(when, partial(self._handshake_expired, conn))
+        # The register timeout starts now as well: it includes the handshake.
+        self._welcome(conn)
+
+    def _tls_changed(self, conn: Connection) -> None:
+        """`conn`'s transport changed what it waits for or holds."""
+        tls = conn.tls
+        if tls is None or conn.closed:
+            return
+        if tls.established:
+            timer = self._handshakes.pop(conn, None)
+            if timer is not None:
+                timer.cancel()
+                log.debug("%r: TLS handshake done (%s)", conn, tls.version())
+                if conn.out:  # queued while the handshake went on
+                    self._dirty.add(conn)
+        if tls.holds_input:
+            self._again[conn] = None
+        self._watch(conn)
+
+    def _read_again(self) -> None:
+        again, self._again = self._again, {}
+        for conn in again:
+            if conn.closed or conn.waiting:
+                continue  # a held one is put back by `resume`
+            self._read(conn)
+            # Still holding: its backlog was too long to read this turn.
+            if conn.tls is not None and conn.tls.holds_input and not conn.closed:
+                self._again[conn] = None
+
+    def _flush_tls(self, conn: Connection) -> None:
+        assert conn.tls is not None
+        try:
+            conn.tls.flush()
+        except OSError as error:
+            self._close_on_error(conn, error)
+
+    def _handshake_expired(self, conn: Connection) -> None:
+        if self._handshakes.pop(conn, None) is not None and not conn.closed:
+            timeout = self._tls_config.handshake_timeout if self._tls_config else 0
+            self._close(conn, "tls_handshake", f"not finished within {timeout:g} s")
 
 
 def _discard_input(sock: Transport) -> None:
@@ -1239,6 +1375,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "connections from your address.' and closed; 127.0.0.1 and ::1 are not counted "
         f"(default: {DEFAULT_MAX_PER_ADDRESS})",
     )
+    tls = parser.add_argument_group(
+        "TLS",
+        "a TLS listener (TLS 1.2 or newer) beside the plain one, on the same --host, "
+        "serving the same room; SIGHUP reloads the certificate and key for new connections",
+    )
+    tls.add_argument(
+        "--tls-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="also listen for TLS on PORT; 0 picks a free one (default: no TLS)",
+    )
+    tls.add_argument(
+        "--tls-cert",
+        default=None,
+        metavar="FILE",
+        help="with --tls-port: the certificate (and chain) in PEM",
+    )
+    tls.add_argument(
+        "--tls-key",
+        default=None,
+        metavar="FILE",
+        help="with --tls-port: its private key in PEM, without a passphrase",
+    )
     parser.add_argument(
         "--log-level",
         type=_log_level,
@@ -1309,7 +1469,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "if one is not, Redis counts as unreachable and SENDs waiting for it get "
         f"'ERROR Service unavailable.' (default: {DEFAULT_REDIS_TIMEOUT:g})",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    given = [args.tls_port is not None, args.tls_cert is not None, args.tls_key is not None]
+    if any(given) and not all(given):
+        parser.error("--tls-port, --tls-cert and --tls-key go together: give all three")
+    return args
 
 
 def _cluster_room(args: argparse.Namespace) -> RoomFactory:
@@ -1373,10 +1537,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(0)
         server.stop()
 
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        if server is not None:  # still starting: the files were just read
+            server.reload_tls()  # only wakes the loop, which does the work
+
     # Before binding, so a signal at any moment after the port is open
-    # ends in the same clean exit.
+    # ends in the same clean exit (and SIGHUP never kills the server).
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     try:
         room = LocalRoom if args.redis is None else _cluster_room(args)
         server = ChatServer(
@@ -1392,13 +1561,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_address=None
             if args.metrics_port is None
             else (args.metrics_host, args.metrics_port),
+            tls=None
+            if args.tls_port is None
+            else TLSConfig(args.tls_port, args.tls_cert, args.tls_key),
             room=room,
         )
     except ConfigurationError as error:
         print(f"chat.py: {error}", file=sys.stderr)
         return 2
+    except TLSConfigError as error:
+        print(f"chat.py: cannot load the TLS certificate: {error}", file=sys.stderr)
+        return 2
     except OSError as error:
         where = f"port {args.port}" if args.host is None else f"{args.host!r} port {args.port}"
+        if error.errno == errno.EADDRINUSE and args.tls_port is not None:
+            where += f" or TLS port {args.tls_port}"
         if error.errno == errno.EADDRINUSE and args.metrics_port is not None:
             where += f" or metrics port {args.metrics_port}"
         # Not str(error): create_server adds "(while attempting to bind on
@@ -1407,6 +1584,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"chat.py: cannot listen on {where}: {reason}", file=sys.stderr)
         return 1
     log.info("listening on %s", _describe_listener(args.host, server.address))
+    if server.tls_address is not None:
+        log.info("listening for TLS on %s", _describe_listener(args.host, server.tls_address))
     if server.metrics is not None:
         log.info("metrics at http://%s/metrics", format_peer(server.metrics.address))
     _warn_about_unused_options(args)

@@ -17,6 +17,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -78,6 +79,10 @@ MAX_NAME: Final = 32  # code points
 # The startup log line, "listening on HOST:PORT" (an IPv6 HOST in brackets).
 LISTENING: Final = re.compile(
     r"listening on \[?([^\]\s]*)\]?:(\d+)(?: \([^)]*\))?\s*$", re.MULTILINE
+)
+# With --tls-port, the next one: "listening for TLS on HOST:PORT".
+LISTENING_TLS: Final = re.compile(
+    r"listening for TLS on \[?([^\]\s]*)\]?:(\d+)(?: \([^)]*\))?\s*$", re.MULTILINE
 )
 
 # The line a client sends to learn that everything it sent before has been
@@ -285,12 +290,13 @@ def nc_path() -> str:
 
 
 class Netcat:
-    """`nc -N 127.0.0.1 PORT`, typed into through a pipe; its stdout is read
-    by a thread, and every wait for it has a deadline."""
+    """`nc -N 127.0.0.1 PORT` (or another `command`, such as `ncat --ssl`),
+    typed into through a pipe; its stdout is read by a thread, and every
+    wait for it has a deadline."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, command: list[str] | None = None) -> None:
         self.process = subprocess.Popen(
-            [nc_path(), "-N", "127.0.0.1", str(port)],
+            command or [nc_path(), "-N", "127.0.0.1", str(port)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -376,6 +382,14 @@ class RunningServer:
         self.clients.append(client)
         return client
 
+    def tls_client(self, receive_buffer: int | None = None) -> TLSClient:
+        """A client of the TLS port (the server was started with `tls`)."""
+        address = self.server.tls_address
+        assert address is not None, "no TLS port"
+        client = TLSClient(("127.0.0.1", address[1]), receive_buffer=receive_buffer)
+        self.clients.append(client)
+        return client
+
     def member(self, name: str) -> Client:
         """A new client that has taken `name`."""
         client = self.client()
@@ -457,6 +471,20 @@ class ServerProcess:
 
     def small_window_client(self) -> Client:
         client = SmallWindowClient(self.address)
+        self.clients.append(client)
+        return client
+
+    @property
+    def tls_port(self) -> int:
+        """The TLS port, from the startup log (launched with --tls-port)."""
+        # Logged right after the line `launch` waited for.
+        poll("the TLS port in the log", lambda: LISTENING_TLS.search(self.log.text()) is not None)
+        found = LISTENING_TLS.search(self.log.text())
+        assert found is not None
+        return int(found[2])
+
+    def tls_client(self) -> TLSClient:
+        client = TLSClient(("127.0.0.1", self.tls_port))
         self.clients.append(client)
         return client
 
@@ -637,3 +665,116 @@ def raise_fd_limit(needed: int) -> None:
         if hard != resource.RLIM_INFINITY and hard < needed:
             pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {needed}")
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+# --- TLS -----------------------------------------------------------------------------
+#
+# Certificates are made at test time, once per session, with the openssl
+# command: P-256 keys (quick to make), for the name localhost and 127.0.0.1.
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """Two certificates with their keys (the second, to replace the first)."""
+
+    cert: Path
+    key: Path
+    other_cert: Path
+    other_key: Path
+
+
+def make_certificate(directory: Path, stem: str) -> tuple[Path, Path]:
+    """A self-signed certificate and its key, `stem`.pem and `stem`.key."""
+    cert, key = directory / f"{stem}.pem", directory / f"{stem}.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec",
+            "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+            "-subj", f"/CN=localhost/O={stem}",
+            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=3 * TIMEOUT,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = make_certificate(directory, "first")
+    other_cert, other_key = make_certificate(directory, "second")
+    TLSClient.trusted = [cert, other_cert]
+    return TLSFiles(cert, key, other_cert, other_key)
+
+
+def client_context(*trusted: Path) -> ssl.SSLContext:
+    """A client's context that trusts `trusted` (none: verifies nothing)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if trusted:
+        for cert in trusted:
+            context.load_verify_locations(cert)
+    else:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class TLSClient(Client):
+    """A Client over TLS (an ssl.SSLSocket, blocking with a timeout), which
+    verifies the server's certificate against the session's test
+    certificates (the `tls_files` fixture sets `trusted`)."""
+
+    trusted: list[Path] = []  # noqa: RUF012 (set once per session)
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        timeout: float = TIMEOUT,
+        receive_buffer: int | None = None,
+    ) -> None:
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            if receive_buffer is not None:  # before connecting: it fixes the window scale
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            raw.settimeout(timeout)
+            raw.connect(address)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock = client_context(*self.trusted).wrap_socket(raw, server_hostname="localhost")
+        except BaseException:
+            raw.close()
+            raise
+        self.buffer = b""
+
+    def peer_certificate(self) -> bytes:
+        """The server's certificate, DER."""
+        assert isinstance(self.sock, ssl.SSLSocket)
+        der = self.sock.getpeercert(binary_form=True)
+        assert der is not None
+        return der
+
+    def read_to_eof(self) -> bytes:
+        data = self.buffer
+        self.buffer = b""
+        try:
+            while chunk := self.sock.recv(65536):
+                data += chunk
+        except (ConnectionResetError, ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            pass
+        return data
+
+    def half_close(self) -> bytes:
+        """End of input as a TLS client can say it and still read the
+        answers: a TCP half-close, without close_notify (after sending
+        close_notify, OpenSSL refuses the peer's data: "application data
+        after close notify"); then everything until the server closes.
+        SSLSocket.shutdown would drop the TLS layer first, hence the plain
+        socket's method."""
+        socket.socket.shutdown(self.sock, socket.SHUT_WR)
+        return self.read_to_eof()
+
+
+def certificate_der(path: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(path.read_text())

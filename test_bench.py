@@ -30,7 +30,11 @@ TARGETS = {
     "redis": ["--spawn", "--redis"],
     "nats": ["--spawn", "--nats"],
     "cluster": ["--spawn", "--cluster", "2", "--reuse-port"],
+    "chat-tls": ["--spawn", "--tls"],
+    "redis-tls": ["--spawn", "--redis", "--tls"],
 }
+# What each target calls itself in the results.
+DESCRIBED = {"cluster": "cluster of 2", "chat-tls": "chat (TLS)", "redis-tls": "redis (TLS)"}
 SCENARIOS = {
     "fanout": ["fanout", "-n", "6", "-s", "2", "-m", "200"],
     "latency": ["latency", "-n", "4", "--rate", "200", "--duration", "0.5"],
@@ -44,7 +48,7 @@ CASES = [
     *[("chat", scenario) for scenario in SCENARIOS],
     *[
         (target, scenario)
-        for target in ("redis", "nats", "cluster")
+        for target in ("redis", "nats", "cluster", "chat-tls", "redis-tls")
         for scenario in ("fanout", "latency", "conns")
     ],
 ]
@@ -89,7 +93,7 @@ def require(target: str) -> None:
     """Skip a target whose server is not installed, except in CI (.ci/run
     sets CI), where a missing tool must fail rather than hide a target."""
     missing = None
-    if target in ("redis", "cluster") and shutil.which("redis-server") is None:
+    if target in ("redis", "cluster", "redis-tls") and shutil.which("redis-server") is None:
         missing = "redis-server"
     elif target == "nats" and bench.find_nats_server() is None:
         missing = "nats-server"
@@ -127,9 +131,10 @@ def test_bench_scenario_runs_and_loses_nothing(target: str, scenario: str) -> No
     result = last_json(run_bench(*args))
     assert result["scenario"] == scenario
     assert FIELDS[scenario] <= result.keys()
-    assert result["target"] == (target if target != "cluster" else "cluster of 2")
-    if target in ("redis", "nats"):
-        assert target in result["note"].lower()  # how its connections differ
+    assert result["target"] == DESCRIBED.get(target, target)
+    if target in ("redis", "nats", "redis-tls"):
+        # How its connections differ.
+        assert target.removesuffix("-tls") in result["note"].lower()
     if scenario == "conns":
         assert result["broadcast_reached"] == 50
     elif scenario == "flood":
