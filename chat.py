@@ -275,6 +275,65 @@ class _Wakeup:
     """Selector tag of the socket that `stop` writes to."""
 
 
+class Outbox:
+    """Every connection's unsent output, counted where it is queued and where
+    the kernel takes it: the total, against --output-budget, and since when
+    each connection's output has not shrunk. Only connections that have
+    output are ever looked at, and only when the budget is passed or a
+    stall check is due."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.total = 0
+        self._shrank_at: dict[Connection, float] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._shrank_at)
+
+    def queue(self, conn: Connection, data: bytes | memoryview, now: float) -> None:
+        """Output for `conn`, behind what it has unsent already."""
+        if conn.out is None:
+            conn.out = bytearray(data)
+            self._shrank_at[conn] = now
+        else:
+            conn.out += data
+        self.total += len(data)
+
+    def took(self, conn: Connection, sent: int, now: float) -> None:
+        """The kernel took `sent` bytes of `conn`'s output."""
+        if conn.out is not None and sent:
+            del conn.out[:sent]  # bytearray drops a prefix without moving the rest
+            self.total -= sent
+            self._shrank_at[conn] = now
+
+    def drop(self, conn: Connection) -> None:
+        """`conn`'s output is gone (sent, or its connection closing)."""
+        if conn.out is not None:
+            self.total -= len(conn.out)
+            conn.out = None  # and its memory with it
+            del self._shrank_at[conn]
+
+    @property
+    def over_budget(self) -> bool:
+        return self.total > self.budget
+
+    def shed(self) -> list[Connection]:
+        """Drop the output of the connections holding the most, largest
+        first, until the rest fits the budget; those connections."""
+        largest_first = sorted(self._shrank_at, key=lambda conn: len(conn.out or b""), reverse=True)
+        shed = []
+        for conn in largest_first:
+            if self.total <= self.budget:
+                break
+            self.drop(conn)
+            shed.append(conn)
+        return shed
+
+    def stalled(self, now: float, after: float) -> list[Connection]:
+        """Connections whose output has not shrunk for `after` seconds."""
+        return [conn for conn, when in self._shrank_at.items() if now - when >= after]
+
+
 # Why a connection was closed: the label of chat_disconnections_total, and
 # the words of the log line.
 CLOSE_REASONS: Final = {
@@ -538,7 +597,6 @@ class ChatServer:
         self._tls_context = None if tls is None else load_context(tls.cert, tls.key)
         self._tls_listener: socket.socket | None = None
         self.output_limit = output_limit
-        self.output_budget = output_budget
         self.register_timeout = register_timeout
         self.stats = Stats()
         self._clock = clock
@@ -572,10 +630,7 @@ class ChatServer:
         self._held: set[Connection] = set()
         # Connections without a name yet, and their --register-timeout.
         self._registering: dict[Connection, Timer] = {}
-        # Connections with unsent output, and when it last shrank; their
-        # total, kept where bytes are queued and sent (--output-budget).
-        self._writers: dict[Connection, float] = {}
-        self.unsent = 0
+        self._outbox = Outbox(output_budget)
         self._stall_check: Timer | None = None
         # TLS connections holding input that select cannot see: read again
         # next turn without waiting. Only those, never a scan of everyone.
@@ -612,6 +667,11 @@ class ChatServer:
     @property
     def open_count(self) -> int:
         return self._door.open_count
+
+    @property
+    def unsent(self) -> int:
+        """All connections' unsent output together."""
+        return self._outbox.total
 
     @property
     def member_count(self) -> int:
@@ -907,8 +967,9 @@ class ChatServer:
             elif conn.tls is not None and not conn.closed:
                 self._flush_tls(conn)  # writable: ciphertext left from before
         self._dirty.clear()
-        if self.unsent > self.output_budget:
-            self._shed(self._close_over_budget)
+        if self._outbox.over_budget:
+            for conn in self._over_budget():
+                self._close(conn, "memory_budget")
 
     def _deliver(self) -> None:
         """Hand the turn's batch to every member, in one send each where the
@@ -927,6 +988,7 @@ class ChatServer:
         # Over the budget mid-broadcast: these are dropped now (their output
         # with them) and closed after it, as the room must not change during it.
         shed: set[Connection] = set()
+        outbox = self._outbox
         sent_total = 0
         for conn in members:
             data = shared
@@ -954,8 +1016,8 @@ class ChatServer:
                     continue
                 self._queue(conn, memoryview(data)[sent:])
                 backed_up.append(conn)
-            if self.unsent > self.output_budget:
-                self._shed(shed.add)
+            if outbox.over_budget:
+                shed.update(self._over_budget())
         self.stats.bytes_sent += sent_total
         # Not during the loop above: closing a slow consumer changes the room.
         for conn in shed:
@@ -975,16 +1037,9 @@ class ChatServer:
 
     def _queue(self, conn: Connection, data: bytes | memoryview) -> None:
         """Output for `conn` behind what it has unsent already."""
-        if conn.out is None:
-            conn.out = bytearray(data)
-            self._writers[conn] = self._now
-            if self._stall_check is None:
-                self._stall_check = self._timers.call_at(
-                    self._now + STALL_CHECK, self._close_stalled
-                )
-        else:
-            conn.out += data
-        self.unsent += len(data)
+        self._outbox.queue(conn, data, self._now)
+        if self._stall_check is None:
+            self._stall_check = self._timers.call_at(self._now + STALL_CHECK, self._close_stalled)
 
     def _send_buffered(self, conn: Connection) -> None:
         """One send of what `conn` has queued."""
@@ -998,11 +1053,8 @@ class ChatServer:
         except OSError as error:
             self._close_on_error(conn, error)
             return
-        if sent:
-            del out[:sent]  # bytearray drops a prefix without moving the rest
-            self.unsent -= sent
-            self.stats.bytes_sent += sent
-            self._writers[conn] = self._now
+        self._outbox.took(conn, sent, self._now)
+        self.stats.bytes_sent += sent
         self._settle(conn)
 
     def _settle(self, conn: Connection) -> None:
@@ -1020,47 +1072,32 @@ class ChatServer:
             self._close(conn, "slow_consumer")
             return
         if not unsent:
-            self._drop_output(conn)
+            self._outbox.drop(conn)
         wants_write = unsent > 0
         if wants_write != conn.wants_write:
             conn.wants_write = wants_write
             self._watch(conn)
 
-    def _drop_output(self, conn: Connection) -> None:
-        if conn.out is not None:
-            self.unsent -= len(conn.out)
-            conn.out = None  # and its memory with it
-            del self._writers[conn]
-
-    def _shed(self, close: Callable[[Connection], None]) -> None:
-        """Over --output-budget: drop the output of the connections holding
-        the most, largest first, until the rest fits; `close` each."""
+    def _over_budget(self) -> list[Connection]:
+        """Over --output-budget: the connections to close, their output
+        dropped already."""
         log.warning(
             "%d bytes unsent in all, over the output budget of %d: closing the "
             "largest slow consumers",
-            self.unsent,
-            self.output_budget,
+            self._outbox.total,
+            self._outbox.budget,
         )
-        largest_first = sorted(self._writers, key=lambda conn: len(conn.out or b""), reverse=True)
-        for conn in largest_first:
-            if self.unsent <= self.output_budget:
-                break
-            self._drop_output(conn)
-            close(conn)
-
-    def _close_over_budget(self, conn: Connection) -> None:
-        self._close(conn, "memory_budget")
+        return self._outbox.shed()
 
     def _close_stalled(self) -> None:
         """Timer: close the connections whose unsent output has not shrunk
         for STALL_TIMEOUT."""
         now = self._clock()
-        stalled = [conn for conn, since in self._writers.items() if now - since >= STALL_TIMEOUT]
-        for conn in stalled:
+        for conn in self._outbox.stalled(now, STALL_TIMEOUT):
             log.warning("%r is a slow consumer: no output taken for %g s", conn, STALL_TIMEOUT)
             self._close(conn, "slow_consumer")
         self._stall_check = None
-        if self._writers:
+        if self._outbox:
             self._stall_check = self._timers.call_at(now + STALL_CHECK, self._close_stalled)
 
     def _watch(self, conn: Connection) -> None:
@@ -1106,7 +1143,7 @@ class ChatServer:
         timer = self._registering.pop(conn, None)
         if timer is not None:
             timer.cancel()
-        self._drop_output(conn)
+        self._outbox.drop(conn)
         self._door.left(conn.address_key)
         self.stats.disconnections[reason] += 1
         words = CLOSE_REASONS[reason]
