@@ -48,7 +48,10 @@ Commands
                                 test_own_name_in_another_case_is_not_taken_and_is_shown_as_typed,
                                 test_rename_frees_old_name_at_once,
                                 test_rejected_username_keeps_the_old_name;
-                                the v2 rows (names that show nothing, confusables): (tests to come)
+                                the v2 rows: test_username_that_shows_nothing_is_refused,
+                                test_username_that_shows_nothing_in_the_order_of_the_rows,
+                                test_lookalike_names,
+                                test_rename_frees_every_form_of_the_old_name_at_once
   SEND <message>                test_send_before_a_name, test_send_refused,
                                 test_send_of_only_whitespace_controls_is_refused,
                                 test_send_relayed_byte_for_byte
@@ -1152,7 +1155,7 @@ def test_real_telnet_with_option_negotiation_processes_the_first_command(
 
 
 # --- USERNAME <name> ---------------------------------------------------------
-# The v2 rows (names that show nothing, confusable names): tests to come.
+# The v2 rows (names that show nothing, names that look alike) come after the v1 ones.
 
 
 # (the USERNAME line without "\n", the reply to a connection without a name)
@@ -1342,6 +1345,113 @@ def test_rejected_username_keeps_the_old_name(
     other = server.client()
     other.send(username("teixe"))
     assert other.sync() == [NAME_TAKEN]
+
+
+# The v2 rows. Names that show nothing: (the name, why), each refused as
+# invalid characters.
+INVISIBLE_NAMES: Final[list[tuple[str, str]]] = [
+    ("te\u3164ixe", "U+3164 HANGUL FILLER"),
+    ("te\u2800ixe", "U+2800 BRAILLE PATTERN BLANK"),
+    ("te\u034fixe", "U+034F COMBINING GRAPHEME JOINER"),
+    ("teixe\ufe0f", "U+FE0F VARIATION SELECTOR-16"),
+    ("teixe\U000e0100", "U+E0100 VARIATION SELECTOR-17"),
+    ("\u3164", "only U+3164"),
+    ("\u0301teixe", "leading Mn, U+0301"),
+    ("\u0903teixe", "leading Mc, U+0903"),
+    ("\u20ddteixe", "leading Me, U+20DD"),
+]
+
+
+@pytest.mark.parametrize(("name", "why"), INVISIBLE_NAMES, ids=[why for _, why in INVISIBLE_NAMES])
+def test_username_that_shows_nothing_is_refused(server: RunningServer, name: str, why: str) -> None:
+    """USERNAME (v2): a character that shows nothing, or a leading combining mark: invalid."""
+    client = server.client()
+    client.send(username(name))
+    assert client.sync() == [NAME_INVALID], why
+    client.send(b"SEND hi\n")
+    assert client.sync() == [NAME_REQUIRED]
+
+
+@pytest.mark.parametrize(
+    ("name", "reply"),
+    [
+        ("te ixe\u3164", NAME_HAS_SPACES),  # whitespace comes first
+        ("\u0301te ixe", NAME_HAS_SPACES),
+        ("te\u3164ixe" + "x" * 40, NAME_INVALID),  # before the length
+        ("\u0301" + "x" * 40, NAME_INVALID),
+        ("t\u0435i\u034fxe", NAME_INVALID),  # before "in use" (teixe is held)
+        ("teixe\ufe0f", NAME_INVALID),
+    ],
+    ids=ascii,
+)
+def test_username_that_shows_nothing_in_the_order_of_the_rows(
+    server: RunningServer, name: str, reply: bytes
+) -> None:
+    """USERNAME (v2): the row "shows nothing" comes after whitespace, before length and in use."""
+    server.member("teixe")
+    client = server.client()
+    client.send(username(name))
+    assert client.sync() == [reply]
+
+
+# (the holder's name, the attempt, whether the attempt is the same name)
+LOOKALIKE_NAMES: Final[list[tuple[str, str, bool]]] = [
+    ("teixe", "t\u0435ixe", True),  # Cyrillic е
+    ("t\u0435ixe", "teixe", True),
+    ("Bob", "\u0392\u03bfb", True),  # Greek Βο
+    ("\u0392\u03bfb", "Bob", True),
+    ("alice", "aIice", True),  # capital I
+    ("aIice", "alice", True),
+    ("user1", "userl", True),
+    ("userl", "user1", True),
+    ("rnodern", "modern", True),
+    ("modern", "rnodern", True),
+    ("TEIXE", "\u03a4\u0395\u0399\u03a7\u0395", True),  # Greek capitals ΤΕΙΧΕ
+    ("\u03a4\u0395\u0399\u03a7\u0395", "TEIXE", True),
+    ("teixe", "\u03a4\u0395\u0399\u03a7\u0395", False),  # a person sees capitals
+    ("\u03a4\u0395\u0399\u03a7\u0395", "teixe", False),
+]
+
+
+@pytest.mark.parametrize(("holder", "attempt", "same"), LOOKALIKE_NAMES, ids=ascii)
+def test_lookalike_names(server: RunningServer, holder: str, attempt: str, same: bool) -> None:
+    """USERNAME (v2): names that look the same (confusable skeletons) are one name."""
+    watcher = server.member("watcher")
+    first = server.member(holder)
+    second = server.client()
+    second.send(username(attempt))
+    if same:
+        assert second.sync() == [NAME_TAKEN]
+        second.send(b"SEND hi\n")
+        assert second.sync() == [NAME_REQUIRED]
+    else:
+        assert second.sync() == []
+        second.send(b"SEND hi\n")
+        assert second.sync() == []
+        assert watcher.sync() == [receive(attempt, "hi")]
+        assert first.sync() == [receive(attempt, "hi")]
+    # The holder keeps its name either way.
+    first.send(b"SEND still mine\n")
+    assert first.sync() == []
+    assert watcher.sync() == [receive(holder, "still mine")]
+
+
+def test_rename_frees_every_form_of_the_old_name_at_once(server: RunningServer) -> None:
+    """USERNAME again (v2): the old name is free at once, look-alikes included."""
+    greek = "\u03a4\u0395\u0399\u03a7\u0395"  # looks like TEIXE as typed
+    cyrillic = "t\u0435ixe"  # looks like teixe, TEIXE's key
+    holder = server.member("TEIXE")
+    others = [server.client() for _ in range(3)]
+    for other, attempt in zip(others, ["teixe", greek, cyrillic], strict=True):
+        other.send(username(attempt))
+        assert other.sync() == [NAME_TAKEN], attempt
+    holder.send(username("bob"))
+    assert holder.sync() == []
+    # No waiting: each form is free for the next connection that asks.
+    for index, (other, attempt) in enumerate(zip(others, [greek, cyrillic, "TEIXE"], strict=True)):
+        other.send(username(attempt))
+        assert other.sync() == [], attempt
+        other.register(f"done{index}")  # and leaves it for the next form
 
 
 # --- SEND <message> ----------------------------------------------------------
