@@ -331,6 +331,31 @@ def test_names_are_unique_across_servers(cluster: Cluster) -> None:
     assert take(other, "Jeff") == []
 
 
+def test_lookalike_names_are_unique_across_servers(cluster: Cluster) -> None:
+    """Names that look the same (v2) are one name across the cluster, until the holder leaves."""
+    # The holders' server has a lease far longer than the test: only their
+    # leaving frees the names, every form of them, at once.
+    one, two = cluster.spawn("--lease-ms", "600000"), cluster.spawn()
+    greek = "\u03a4\u0395\u0399\u03a7\u0395"  # ΤΕΙΧΕ: looks like TEIXE as typed
+    cyrillic = "t\u0435ixe"  # looks like teixe, TEIXE's key
+    holder = cluster.client(one, "TEIXE")
+    other = cluster.client(two)
+    for attempt in (greek, cyrillic):
+        assert take(other, attempt) == [NAME_TAKEN], attempt
+    # Refused, so the next line is processed without a name.
+    other.send(username(greek) + b"SEND hi\n")
+    assert other.sync() == [NAME_TAKEN, NAME_REQUIRED]
+    # Another of the contract's pairs: Bob held on one, Greek Βοb tried on two.
+    third = cluster.client(one, "Bob")
+    assert take(cluster.client(two), "\u0392\u03bfb") == [NAME_TAKEN]  # Greek Βοb
+    # When the holder leaves, every form is free for every server.
+    holder.close()
+    wait_until_free(other, greek)
+    assert take(cluster.client(one), cyrillic) == []  # the other form went with it
+    third.close()
+    wait_until_free(cluster.client(two), "\u0392\u03bfb")
+
+
 def test_a_stopped_server_frees_its_names_at_once(cluster: Cluster) -> None:
     """A server that stops cleanly frees its names at once, for every server."""
     # A lease far longer than the wait below: only a release frees the name.

@@ -30,7 +30,17 @@ Transport and framing
                                 test_ten_megabyte_line_is_refused_once_in_bounded_memory
   An empty line is ignored      test_blank_lines_get_no_reply,
                                 test_megabytes_of_blank_lines_cost_linear_time
-  Telnet (v2)                   (tests to come)
+  Telnet (v2)                   test_telnet_ctrl_c_is_answered_and_drops_the_unfinished_line,
+                                test_telnet_interrupt_or_abort_output_drops_the_unfinished_line,
+                                test_telnet_every_ctrl_c_is_answered,
+                                test_telnet_options_are_refused_once_per_verb_and_option,
+                                test_telnet_subnegotiation_inside_a_line_is_skipped,
+                                test_telnet_other_commands_are_dropped_without_a_reply,
+                                test_telnet_bytes_do_not_count_towards_the_line_limit,
+                                test_telnet_negotiation_at_connect_then_the_first_command,
+                                test_plain_clients_never_receive_an_iac_byte;
+                                the real telnet in a pty: test_real_telnet_session_through_ctrl_c,
+                                test_real_telnet_with_option_negotiation_processes_the_first_command
 Commands
   USERNAME <name>               test_username_refused,
                                 test_username_accepted_silently_and_shown_as_typed,
@@ -38,7 +48,10 @@ Commands
                                 test_own_name_in_another_case_is_not_taken_and_is_shown_as_typed,
                                 test_rename_frees_old_name_at_once,
                                 test_rejected_username_keeps_the_old_name;
-                                the v2 rows (names that show nothing, confusables): (tests to come)
+                                the v2 rows: test_username_that_shows_nothing_is_refused,
+                                test_username_that_shows_nothing_in_the_order_of_the_rows,
+                                test_lookalike_names,
+                                test_rename_frees_every_form_of_the_old_name_at_once
   SEND <message>                test_send_before_a_name, test_send_refused,
                                 test_send_of_only_whitespace_controls_is_refused,
                                 test_send_relayed_byte_for_byte
@@ -682,7 +695,458 @@ def test_megabytes_of_blank_lines_cost_linear_time() -> None:
 
 
 # --- Telnet (v2) -------------------------------------------------------------
-# (tests to come)
+#
+# The telnet bytes are typed here from RFC 854 and 860, never imported from
+# protocol.py. The raw-socket tests speak telnet by hand; the last two run the
+# real `telnet` client in a pseudo-terminal, through a recording proxy that
+# shows what it really sent and got.
+
+TELNET_IAC: Final = 0xFF
+TELNET_DONT, TELNET_DO, TELNET_WONT, TELNET_WILL = 0xFE, 0xFD, 0xFC, 0xFB
+TELNET_SB, TELNET_SE = 0xFA, 0xF0
+TELNET_IP, TELNET_AO = 0xF4, 0xF5
+TIMING_MARK: Final = 6
+
+
+def iac(*codes: int) -> bytes:
+    """A telnet command: IAC, then `codes`."""
+    return bytes((TELNET_IAC, *codes))
+
+
+# What `telnet` sends for Ctrl-C, and the answer it waits for.
+CTRL_C: Final = iac(TELNET_IP) + iac(TELNET_DO, TIMING_MARK)
+WILL_TIMING_MARK: Final = iac(TELNET_WILL, TIMING_MARK)
+# What inetutils telnet offers at once after `open host -PORT` (captured from
+# it), and the refusals the contract gives in return, in order.
+TELNET_OFFERS: Final = [
+    (TELNET_DO, 38), (TELNET_WILL, 38), (TELNET_DO, 3), (TELNET_WILL, 24), (TELNET_WILL, 31),
+    (TELNET_WILL, 32), (TELNET_WILL, 33), (TELNET_WILL, 34), (TELNET_WILL, 39), (TELNET_DO, 5),
+]  # fmt: skip
+TELNET_OPENING: Final = b"".join(iac(verb, option) for verb, option in TELNET_OFFERS)
+TELNET_REFUSALS: Final = b"".join(
+    iac(TELNET_WONT if verb == TELNET_DO else TELNET_DONT, option) for verb, option in TELNET_OFFERS
+)
+
+
+def before_sync(client: Client) -> bytes:
+    """Send SYNC; every byte that came before its reply, telnet bytes
+    included (`Client.sync` splits into lines, which hides stray bytes)."""
+    client.send(SYNC)
+    marker = SYNC_REPLY + b"\n"
+    data = client.buffer
+    while marker not in data:
+        chunk = client.sock.recv(65536)  # bounded by the socket's timeout
+        if not chunk:
+            raise EOFError(f"closed after {data!r}")
+        data += chunk
+    end = data.index(marker)
+    client.buffer = data[end + len(marker) :]
+    return data[:end]
+
+
+def test_telnet_ctrl_c_is_answered_and_drops_the_unfinished_line(server: RunningServer) -> None:
+    """Telnet: IAC DO TIMING-MARK gets IAC WILL TIMING-MARK; IAC IP drops the unfinished line."""
+    watcher = server.member("watcher")
+    x = server.member("x")
+    x.send(b"SEND half")
+    x.send(CTRL_C)
+    assert x.exactly(len(WILL_TIMING_MARK)) == WILL_TIMING_MARK
+    x.send(b"SEND whole\r\n")
+    assert before_sync(x) == b""  # no ERROR line, nothing else
+    assert watcher.sync() == [receive("x", "whole")]
+
+
+@pytest.mark.parametrize("command", [TELNET_IP, TELNET_AO], ids=["IP", "AO"])
+def test_telnet_interrupt_or_abort_output_drops_the_unfinished_line(
+    server: RunningServer, command: int
+) -> None:
+    """Telnet: on IAC IP or IAC AO the server drops the unfinished line typed so far."""
+    watcher = server.member("watcher")
+    x = server.member("x")
+    x.send(b"SEND half" + iac(command) + b"SEND whole\n")
+    assert before_sync(x) == b""
+    # In pieces too: the line typed before the command came in an earlier read.
+    x.send(b"SEND half")
+    assert watcher.sync() == [receive("x", "whole")]  # (the half is not a line yet)
+    x.send(iac(command))
+    x.send(b"SEND again\n")
+    assert before_sync(x) == b""
+    assert watcher.sync() == [receive("x", "again")]
+
+
+def test_telnet_every_ctrl_c_is_answered(server: RunningServer) -> None:
+    """Telnet: IAC DO TIMING-MARK is answered with IAC WILL TIMING-MARK every time."""
+    watcher = server.member("watcher")
+    x = server.member("x")
+    for _ in range(4):
+        x.send(CTRL_C)
+        assert x.exactly(len(WILL_TIMING_MARK)) == WILL_TIMING_MARK
+    x.send(3 * CTRL_C)
+    assert before_sync(x) == 3 * WILL_TIMING_MARK
+    x.send(b"SEND still here\n")
+    assert before_sync(x) == b""
+    assert watcher.sync() == [receive("x", "still here")]
+
+
+def test_telnet_options_are_refused_once_per_verb_and_option(server: RunningServer) -> None:
+    """Telnet: DO x -> WONT x, WILL x -> DONT x, once per verb and option; WONT, DONT: nothing."""
+    x = server.client()
+    echo, sga, ttype = 1, 3, 24
+    x.send(
+        iac(TELNET_DO, echo)
+        + iac(TELNET_WILL, echo)
+        + iac(TELNET_DO, echo)
+        + iac(TELNET_WILL, echo)
+        + iac(TELNET_DO, sga)
+        + iac(TELNET_WILL, ttype)
+        + iac(TELNET_DONT, sga)
+        + iac(TELNET_WONT, ttype)
+        + iac(TELNET_DO, 0xFF)  # the option byte may be 0xFF (EXOPL)
+    )
+    assert before_sync(x) == (
+        iac(TELNET_WONT, echo)
+        + iac(TELNET_DONT, echo)
+        + iac(TELNET_WONT, sga)
+        + iac(TELNET_DONT, ttype)
+        + iac(TELNET_WONT, 0xFF)
+    )
+    # Asked again, later: already refused, so no answer.
+    x.send(iac(TELNET_DO, echo) + iac(TELNET_WILL, ttype) + iac(TELNET_DO, sga))
+    assert before_sync(x) == b""
+    # The other verb for the same option is its own question.
+    x.send(iac(TELNET_WILL, sga) + iac(TELNET_DO, ttype))
+    assert before_sync(x) == iac(TELNET_DONT, sga) + iac(TELNET_WONT, ttype)
+    # Per connection: another one is answered afresh.
+    other = server.client()
+    other.send(iac(TELNET_DO, echo))
+    assert before_sync(other) == iac(TELNET_WONT, echo)
+
+
+SUBNEGOTIATION: Final = (
+    iac(TELNET_SB, 24) + b"\x00xterm\nSEND evil\n" + iac(TELNET_IAC) + b"\r\n" + iac(TELNET_SE)
+)
+
+
+@pytest.mark.parametrize("size", [None, 1], ids=["one-piece", "byte-by-byte"])
+def test_telnet_subnegotiation_inside_a_line_is_skipped(
+    server: RunningServer, size: int | None
+) -> None:
+    """Telnet: IAC SB ... IAC SE is skipped, \\n included; the line is as if it were not there."""
+    watcher = server.member("watcher")
+    x = server.member("x")
+    data = b"SEND hel" + SUBNEGOTIATION + b"lo\r\n"
+    send_in_pieces(x, data, [size or len(data)])
+    assert before_sync(x) == b""
+    assert watcher.sync() == [receive("x", "hello")]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        iac(TELNET_IAC),  # an escaped 0xFF
+        iac(TELNET_WONT, 1),
+        iac(TELNET_DONT, 1),
+        iac(0xF1),  # NOP
+        iac(0xF6),  # AYT
+        iac(0xF7),  # EC
+        iac(0xF8),  # EL
+        iac(0xF9),  # GA
+        iac(0xF3),  # BRK
+        iac(0xF2),  # DM
+    ],
+    ids=["IAC", "WONT", "DONT", "NOP", "AYT", "EC", "EL", "GA", "BRK", "DM"],
+)
+def test_telnet_other_commands_are_dropped_without_a_reply(
+    server: RunningServer, command: bytes
+) -> None:
+    """Telnet: WONT, DONT, NOP, AYT, EC, EL, GA, BRK, DM, IAC IAC are dropped without a reply."""
+    watcher = server.member("watcher")
+    x = server.member("x")
+    x.send(b"SEND a" + command + b"b\n")
+    assert before_sync(x) == b""
+    assert watcher.sync() == [receive("x", "ab")]
+
+
+def with_telnet_inside(line: bytes) -> bytes:
+    """`line` with telnet commands between its bytes: a NOP every 100
+    bytes, one 3000-byte subnegotiation, and one DO ECHO."""
+    pieces = [line[i : i + 100] for i in range(0, len(line), 100)]
+    middle = len(pieces) // 2
+    pieces[middle] += iac(TELNET_SB, 24) + b"y" * 3000 + iac(TELNET_SE) + iac(TELNET_DO, 1)
+    return iac(0xF1).join(pieces)
+
+
+def test_telnet_bytes_do_not_count_towards_the_line_limit(server: RunningServer) -> None:
+    """Telnet bytes do not count towards the 4096-byte line limit."""
+    watcher = server.member("watcher")
+    x = server.member("x")
+    line = with_telnet_inside(long_send(MAX_LINE))
+    assert len(line) > MAX_LINE + 3000
+    x.send(line + b"\r\n")
+    assert before_sync(x) == iac(TELNET_WONT, 1)
+    assert watcher.sync() == [receive("x", b"x" * (MAX_LINE - 5))]
+    # The limit still holds for the text itself.
+    x.send(with_telnet_inside(long_send(MAX_LINE + 1)) + b"\r\nSEND next\r\n")
+    assert before_sync(x) == LINE_TOO_LONG + b"\n"
+    assert watcher.sync() == [receive("x", "next")]
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["same-packet", "after-the-answers"])
+def test_telnet_negotiation_at_connect_then_the_first_command(
+    server: RunningServer, together: bool
+) -> None:
+    """Telnet: with option negotiation at connect, the first command is processed normally."""
+    watcher = server.member("watcher")
+    tel = server.client()
+    if together:
+        tel.send(TELNET_OPENING + b"USERNAME tel\r\n")
+    else:
+        tel.send(TELNET_OPENING)
+        assert tel.exactly(len(TELNET_REFUSALS)) == TELNET_REFUSALS
+        tel.send(b"USERNAME tel\r\n")
+    assert before_sync(tel) == (TELNET_REFUSALS if together else b"")
+    tel.send(b"SEND hi\r\n")
+    assert before_sync(tel) == b""
+    assert watcher.sync() == [receive("tel", "hi")]
+
+
+def test_plain_clients_never_receive_an_iac_byte(server: RunningServer) -> None:
+    """Telnet: the server never sends an IAC byte to a client that has not sent one."""
+    received: dict[str, bytearray] = {"alice": bytearray(), "bob": bytearray()}
+    alice, bob = server.member("alice"), server.member("bob")
+    tel = server.client()
+
+    def sync_plain(name: str, client: Client) -> bytes:
+        got = before_sync(client)
+        received[name] += got + SYNC_REPLY + b"\n"
+        return got
+
+    tel.send(TELNET_OPENING + b"USERNAME tel\r\n")
+    tel.send(b"SEND from" + SUBNEGOTIATION + b" telnet\r\nSEND half" + CTRL_C)
+    tel.send(iac(TELNET_DO, 1) + iac(TELNET_WILL, 1) + b"SEND \xc3\xbf\r\n")  # ÿ is C3 BF
+    assert before_sync(tel) == (
+        TELNET_REFUSALS + WILL_TIMING_MARK + iac(TELNET_WONT, 1) + iac(TELNET_DONT, 1)
+    )
+    from_tel = receive("tel", "from telnet") + b"\n" + receive("tel", "ÿ") + b"\n"
+    assert sync_plain("alice", alice) == from_tel
+    alice.send(b"SEND hi bob\nSEND \xfe\n" + long_send(MAX_LINE + 1) + b"\n")
+    assert sync_plain("alice", alice) == MESSAGE_INVALID + b"\n" + LINE_TOO_LONG + b"\n"
+    bob.send(b"SEND hi alice\n")
+    assert sync_plain("bob", bob) == from_tel + receive("alice", "hi bob") + b"\n"
+    assert sync_plain("alice", alice) == receive("bob", "hi alice") + b"\n"
+    # Their whole streams, to the end.
+    received["alice"] += alice.half_close()
+    received["bob"] += bob.half_close()
+    for name, stream in received.items():
+        assert b"\xff" not in stream, (name, bytes(stream))
+
+
+# --- Telnet (v2): the real `telnet` client ------------------------------------
+
+
+@pytest.fixture
+def telnet_path() -> str:
+    """The `telnet` program; CI must have it (.ci/run installs it)."""
+    path = shutil.which("telnet")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("telnet is missing", pytrace=False)
+        pytest.skip("telnet is not installed")
+    return path
+
+
+class RecordingProxy:
+    """A TCP relay for one connection, to `upstream`, that keeps every byte
+    each way: what `telnet` really sent and got."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(TIMEOUT)
+        self.port: int = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.sent = bytearray()  # client to server
+        self.got = bytearray()  # server to client
+        self.sockets: list[socket.socket] = []
+        self.threads = [threading.Thread(target=self._serve, daemon=True)]
+        self.threads[0].start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            near, _ = self.listener.accept()
+            far = socket.create_connection(self.upstream, timeout=TIMEOUT)
+            for sock in (near, far):
+                sock.settimeout(None)  # the pumps end when close() shuts them down
+                self.sockets.append(sock)
+            for source, sink, record in ((near, far, self.sent), (far, near, self.got)):
+                pump = threading.Thread(target=self._pump, args=(source, sink, record))
+                pump.daemon = True
+                pump.start()
+                self.threads.append(pump)
+
+    def _pump(self, source: socket.socket, sink: socket.socket, record: bytearray) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := source.recv(65536):
+                with self.lock:
+                    record += chunk
+                sink.sendall(chunk)
+            sink.shutdown(socket.SHUT_WR)
+
+    def client_sent(self) -> bytes:
+        with self.lock:
+            return bytes(self.sent)
+
+    def client_got(self) -> bytes:
+        with self.lock:
+            return bytes(self.got)
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for thread in self.threads:
+            thread.join(TIMEOUT)
+
+    def __enter__(self) -> RecordingProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _take_the_terminal() -> None:
+    """In the child, after setsid: make its pty (fd 0) the controlling
+    terminal, so that Ctrl-C raises SIGINT in telnet, which then sends
+    IAC IP and IAC DO TIMING-MARK."""
+    import fcntl
+    import termios
+
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+class PtyTelnet:
+    """`telnet ARGS...` in a pseudo-terminal, as a person runs it: keys are
+    written to the pty, the screen is read by a thread; every wait has a
+    deadline."""
+
+    def __init__(self, telnet: str, *args: str, home: Path) -> None:
+        self.master, slave = os.openpty()
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "TERM": "dumb"}
+        try:
+            self.process = subprocess.Popen(
+                [telnet, *args],
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                env=env,  # HOME: no ~/.telnetrc of the user's
+                start_new_session=True,
+                preexec_fn=_take_the_terminal,
+            )
+        finally:
+            os.close(slave)
+        self.screen = b""
+        self.seen = 0
+        self.changed = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(OSError):  # EIO once telnet has exited
+            while chunk := os.read(self.master, 65536):
+                with self.changed:
+                    self.screen += chunk
+                    self.changed.notify_all()
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def expect(self, text: bytes) -> bytes:
+        """Wait for `text` on the screen after what was seen; return what
+        came before it."""
+        with self.changed:
+            found = self.changed.wait_for(lambda: text in self.screen[self.seen :], TIMEOUT)
+            assert found, f"{text!r} not on the screen: {self.screen[self.seen :]!r}"
+            end = self.screen.index(text, self.seen)
+            before = self.screen[self.seen : end]
+            self.seen = end + len(text)
+        return before
+
+    def sync(self) -> bytes:
+        """Type PING; the screen before its reply (the echo of what was
+        typed, and what the server sent)."""
+        self.type(b"PING\r")
+        return self.expect(SYNC_REPLY)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(TIMEOUT)
+        os.close(self.master)
+        self.reader.join(TIMEOUT)
+
+    def __enter__(self) -> PtyTelnet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def test_real_telnet_session_through_ctrl_c(
+    server: RunningServer, telnet_path: str, tmp_path: Path
+) -> None:
+    """`telnet host 8080` works through Ctrl-C: the session goes on, both ways."""
+    plain = server.member("plain")
+    with (
+        RecordingProxy(server.address) as proxy,
+        PtyTelnet(telnet_path, "127.0.0.1", str(proxy.port), home=tmp_path) as tel,
+    ):
+        tel.expect(b"Escape character is")
+        tel.type(b"USERNAME tel\r")
+        assert b"ERROR" not in tel.sync()
+        plain.send(b"SEND hello tel\n")
+        assert plain.sync() == []
+        tel.expect(b"RECEIVE plain hello tel")
+        tel.type(b"SEND hi plain\r")
+        assert b"ERROR" not in tel.sync()
+        assert plain.sync() == [receive("tel", "hi plain")]
+        # Half a line, then Ctrl-C.
+        tel.type(b"SEND half")
+        tel.type(b"\x03")
+        poll("telnet to send Ctrl-C", lambda: CTRL_C in proxy.client_sent())
+        poll("the server to answer it", lambda: WILL_TIMING_MARK in proxy.client_got())
+        assert b"ERROR" not in tel.sync()
+        # Still a session: the user sees later messages, and is heard.
+        plain.send(b"SEND after ctrl-c\n")
+        assert plain.sync() == []
+        tel.expect(b"RECEIVE plain after ctrl-c")
+        tel.type(b"SEND whole\r")
+        assert b"ERROR" not in tel.sync()
+        assert plain.sync() == [receive("tel", "whole")]
+        # The connection never sent anything to telnet but lines and the mark.
+        assert proxy.client_got().count(b"\xff") == 1
+
+
+def test_real_telnet_with_option_negotiation_processes_the_first_command(
+    server: RunningServer, telnet_path: str, tmp_path: Path
+) -> None:
+    """`telnet` -> `open host -8080`: options are negotiated, and the first command is processed."""
+    plain = server.member("plain")
+    with RecordingProxy(server.address) as proxy, PtyTelnet(telnet_path, home=tmp_path) as tel:
+        tel.expect(b"telnet> ")
+        tel.type(f"open 127.0.0.1 -{proxy.port}\r".encode())
+        tel.expect(b"Escape character is")
+        tel.type(b"USERNAME neg\r")  # at once, the first command
+        tel.type(b"SEND first\r")
+        assert b"ERROR" not in tel.sync()
+        assert plain.sync() == [receive("neg", "first")]
+        assert proxy.client_sent().startswith(b"\xff")  # it did negotiate
+        assert WILL_TIMING_MARK not in proxy.client_got()
+        assert b"\xff" in proxy.client_got()  # and was refused
+        plain.send(b"SEND welcome\n")
+        assert plain.sync() == []
+        tel.expect(b"RECEIVE plain welcome")
 
 
 # ============================================================================
@@ -691,7 +1155,7 @@ def test_megabytes_of_blank_lines_cost_linear_time() -> None:
 
 
 # --- USERNAME <name> ---------------------------------------------------------
-# The v2 rows (names that show nothing, confusable names): tests to come.
+# The v2 rows (names that show nothing, names that look alike) come after the v1 ones.
 
 
 # (the USERNAME line without "\n", the reply to a connection without a name)
@@ -881,6 +1345,113 @@ def test_rejected_username_keeps_the_old_name(
     other = server.client()
     other.send(username("teixe"))
     assert other.sync() == [NAME_TAKEN]
+
+
+# The v2 rows. Names that show nothing: (the name, why), each refused as
+# invalid characters.
+INVISIBLE_NAMES: Final[list[tuple[str, str]]] = [
+    ("te\u3164ixe", "U+3164 HANGUL FILLER"),
+    ("te\u2800ixe", "U+2800 BRAILLE PATTERN BLANK"),
+    ("te\u034fixe", "U+034F COMBINING GRAPHEME JOINER"),
+    ("teixe\ufe0f", "U+FE0F VARIATION SELECTOR-16"),
+    ("teixe\U000e0100", "U+E0100 VARIATION SELECTOR-17"),
+    ("\u3164", "only U+3164"),
+    ("\u0301teixe", "leading Mn, U+0301"),
+    ("\u0903teixe", "leading Mc, U+0903"),
+    ("\u20ddteixe", "leading Me, U+20DD"),
+]
+
+
+@pytest.mark.parametrize(("name", "why"), INVISIBLE_NAMES, ids=[why for _, why in INVISIBLE_NAMES])
+def test_username_that_shows_nothing_is_refused(server: RunningServer, name: str, why: str) -> None:
+    """USERNAME (v2): a character that shows nothing, or a leading combining mark: invalid."""
+    client = server.client()
+    client.send(username(name))
+    assert client.sync() == [NAME_INVALID], why
+    client.send(b"SEND hi\n")
+    assert client.sync() == [NAME_REQUIRED]
+
+
+@pytest.mark.parametrize(
+    ("name", "reply"),
+    [
+        ("te ixe\u3164", NAME_HAS_SPACES),  # whitespace comes first
+        ("\u0301te ixe", NAME_HAS_SPACES),
+        ("te\u3164ixe" + "x" * 40, NAME_INVALID),  # before the length
+        ("\u0301" + "x" * 40, NAME_INVALID),
+        ("t\u0435i\u034fxe", NAME_INVALID),  # before "in use" (teixe is held)
+        ("teixe\ufe0f", NAME_INVALID),
+    ],
+    ids=ascii,
+)
+def test_username_that_shows_nothing_in_the_order_of_the_rows(
+    server: RunningServer, name: str, reply: bytes
+) -> None:
+    """USERNAME (v2): the row "shows nothing" comes after whitespace, before length and in use."""
+    server.member("teixe")
+    client = server.client()
+    client.send(username(name))
+    assert client.sync() == [reply]
+
+
+# (the holder's name, the attempt, whether the attempt is the same name)
+LOOKALIKE_NAMES: Final[list[tuple[str, str, bool]]] = [
+    ("teixe", "t\u0435ixe", True),  # Cyrillic е
+    ("t\u0435ixe", "teixe", True),
+    ("Bob", "\u0392\u03bfb", True),  # Greek Βο
+    ("\u0392\u03bfb", "Bob", True),
+    ("alice", "aIice", True),  # capital I
+    ("aIice", "alice", True),
+    ("user1", "userl", True),
+    ("userl", "user1", True),
+    ("rnodern", "modern", True),
+    ("modern", "rnodern", True),
+    ("TEIXE", "\u03a4\u0395\u0399\u03a7\u0395", True),  # Greek capitals ΤΕΙΧΕ
+    ("\u03a4\u0395\u0399\u03a7\u0395", "TEIXE", True),
+    ("teixe", "\u03a4\u0395\u0399\u03a7\u0395", False),  # a person sees capitals
+    ("\u03a4\u0395\u0399\u03a7\u0395", "teixe", False),
+]
+
+
+@pytest.mark.parametrize(("holder", "attempt", "same"), LOOKALIKE_NAMES, ids=ascii)
+def test_lookalike_names(server: RunningServer, holder: str, attempt: str, same: bool) -> None:
+    """USERNAME (v2): names that look the same (confusable skeletons) are one name."""
+    watcher = server.member("watcher")
+    first = server.member(holder)
+    second = server.client()
+    second.send(username(attempt))
+    if same:
+        assert second.sync() == [NAME_TAKEN]
+        second.send(b"SEND hi\n")
+        assert second.sync() == [NAME_REQUIRED]
+    else:
+        assert second.sync() == []
+        second.send(b"SEND hi\n")
+        assert second.sync() == []
+        assert watcher.sync() == [receive(attempt, "hi")]
+        assert first.sync() == [receive(attempt, "hi")]
+    # The holder keeps its name either way.
+    first.send(b"SEND still mine\n")
+    assert first.sync() == []
+    assert watcher.sync() == [receive(holder, "still mine")]
+
+
+def test_rename_frees_every_form_of_the_old_name_at_once(server: RunningServer) -> None:
+    """USERNAME again (v2): the old name is free at once, look-alikes included."""
+    greek = "\u03a4\u0395\u0399\u03a7\u0395"  # looks like TEIXE as typed
+    cyrillic = "t\u0435ixe"  # looks like teixe, TEIXE's key
+    holder = server.member("TEIXE")
+    others = [server.client() for _ in range(3)]
+    for other, attempt in zip(others, ["teixe", greek, cyrillic], strict=True):
+        other.send(username(attempt))
+        assert other.sync() == [NAME_TAKEN], attempt
+    holder.send(username("bob"))
+    assert holder.sync() == []
+    # No waiting: each form is free for the next connection that asks.
+    for index, (other, attempt) in enumerate(zip(others, [greek, cyrillic, "TEIXE"], strict=True)):
+        other.send(username(attempt))
+        assert other.sync() == [], attempt
+        other.register(f"done{index}")  # and leaves it for the next form
 
 
 # --- SEND <message> ----------------------------------------------------------
