@@ -323,8 +323,10 @@ class TelnetState:
 class Received(NamedTuple):
     """What `receive` made of one read, and the state to hand it next time.
 
-    Send `replies` after the answers to `lines`: IAC WILL TIMING-MARK then
-    follows the output of everything sent before the mark (RFC 860).
+    `replies` are telnet's answers, not lines of the protocol. chat.py sends
+    them at once, ahead of the answers to `lines`: after Ctrl-C, telnet then
+    shows those answers too rather than discarding them (RFC 860 would let
+    a server flush them; nobody is served by losing an error line).
     """
 
     lines: list[bytes]  # complete lines, as split_lines gives them
