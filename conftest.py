@@ -168,6 +168,20 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # --- Test clients ----------------------------------------------------------------
 
 
+class FakeClock:
+    """What a ChatServer's timers read in a test that drives time itself
+    (`ChatServer(clock=...)`, then `run_once`): it moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 class Client:
     """A test's end of one connection: send bytes, read whole lines, each
     read bounded by TIMEOUT."""

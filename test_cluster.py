@@ -36,6 +36,7 @@ from conftest import (
     SYNC_REPLY,
     TIMEOUT,
     Client,
+    FakeClock,
     ServerProcess,
     free_port,
     launch,
@@ -977,19 +978,6 @@ def test_a_wrong_password_or_database_exits_at_start() -> None:
 
 
 # --- Timers on the reactor's clock (a fake one) -----------------------------
-
-
-class FakeClock:
-    """A clock that moves only when the test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def test_redis_back_off_doubles_up_to_its_cap_with_jitter() -> None:

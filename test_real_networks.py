@@ -45,6 +45,7 @@ from conftest import (
     SYNC_REPLY,
     TIMEOUT,
     Client,
+    FakeClock,
     StderrReader,
     launch,
     start_server,
@@ -102,19 +103,6 @@ def poll(condition: Callable[[], bool], timeout: float, what: str, pace: float =
 
 
 # --- an in-process server driven from the test thread -----------------------
-
-
-class FakeClock:
-    """What the server's timers read; the test moves it."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Pumped:

@@ -174,6 +174,7 @@ from conftest import (
     TIMEOUT,
     UNRECOGNISED,
     Client,
+    FakeClock,
     Netcat,
     RunningServer,
     ServerProcess,
@@ -199,19 +200,6 @@ from tls import TLSConfig
 # ============================================================================
 # Helpers of this file (the shared ones are in conftest.py)
 # ============================================================================
-
-
-class FakeClock:
-    """A clock that moves only when the test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 # The zero-width joiner sequence "woman technologist": format characters
