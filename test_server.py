@@ -253,19 +253,16 @@ SEED_ONE_INPUT: Final = b"USERNAME teixe\nSEND Hello, world!\nUSERNAME not valid
 SEED_ONE_REPLY: Final = NAME_HAS_SPACES + b"\n"
 
 
-def test_seed_session_one(server: RunningServer) -> None:
-    """README session one, byte for byte: a refused USERNAME, an unknown command."""
-    teixe = server.client()
+def seed_session_one(teixe: Client) -> None:
+    """README session one, byte for byte, on `teixe`'s connection."""
     teixe.send(SEED_ONE_INPUT)
     expect_exactly(teixe, SEED_ONE_REPLY)
     teixe.send(b"NOT_A_COMMAND test\n")
     expect_exactly(teixe, UNRECOGNISED + b"\n")
 
 
-def test_seed_session_two(server: RunningServer) -> None:
-    """README session two, byte for byte: two users talk; no sender gets its own."""
-    teixe = server.client()
-    jeff = server.client()
+def seed_session_two(teixe: Client, jeff: Client) -> None:
+    """README session two, byte for byte, between two connections."""
     teixe.send(b"USERNAME teixe\n")
     assert teixe.sync() == []
     jeff.send(b"USERNAME jeff\n")
@@ -276,6 +273,16 @@ def test_seed_session_two(server: RunningServer) -> None:
     jeff.send(b"SEND bye\n")
     assert jeff.sync() == []
     expect_exactly(teixe, b"RECEIVE jeff bye\n")
+
+
+def test_seed_session_one(server: RunningServer) -> None:
+    """README session one, byte for byte: a refused USERNAME, an unknown command."""
+    seed_session_one(server.client())
+
+
+def test_seed_session_two(server: RunningServer) -> None:
+    """README session two, byte for byte: two users talk; no sender gets its own."""
+    seed_session_two(server.client(), server.client())
 
 
 def test_nc_seed_session_two(server: RunningServer) -> None:
@@ -2427,27 +2434,12 @@ def only_connection(server: chat.ChatServer) -> chat.Connection:
 
 def test_tls_seed_session_one(tls_server: RunningServer) -> None:
     """TLS: README session one, byte for byte, over TLS (everything else holds on the TLS port)."""
-    teixe = tls_server.tls_client()
-    teixe.send(SEED_ONE_INPUT)
-    expect_exactly(teixe, SEED_ONE_REPLY)
-    teixe.send(b"NOT_A_COMMAND test\n")
-    expect_exactly(teixe, UNRECOGNISED + b"\n")
+    seed_session_one(tls_server.tls_client())
 
 
 def test_tls_seed_session_two(tls_server: RunningServer) -> None:
     """TLS: README session two, byte for byte, both users over TLS."""
-    teixe = tls_server.tls_client()
-    jeff = tls_server.tls_client()
-    teixe.send(b"USERNAME teixe\n")
-    assert teixe.sync() == []
-    jeff.send(b"USERNAME jeff\n")
-    assert jeff.sync() == []
-    teixe.send(b"SEND hi\n")
-    assert teixe.sync() == []
-    expect_exactly(jeff, b"RECEIVE teixe hi\n")
-    jeff.send(b"SEND bye\n")
-    assert jeff.sync() == []
-    expect_exactly(teixe, b"RECEIVE jeff bye\n")
+    seed_session_two(tls_server.tls_client(), tls_server.tls_client())
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
