@@ -719,7 +719,7 @@ class ChatServer:
             elif tag is _Wakeup:
                 self._drain_wakeup()
             else:
-                tag(mask)  # a socket of the room's own: its own handler
+                self._run_handler(tag, mask)
         if self._again:
             self._read_again()
         self._timers.run_due()
@@ -729,6 +729,14 @@ class ChatServer:
             self._close(conn, reason)
         self._finished.clear()
         self._room.end_turn()
+
+    def _run_handler(self, handler: Callable[[int], None], mask: int) -> None:
+        """A socket of the room's or the metrics' own is ready. A bug there
+        must not take every connection down with the loop."""
+        try:
+            handler(mask)
+        except Exception:
+            log.exception("internal error in the handler of a socket of the room")
 
     def _select_timeout(self, max_wait: float | None) -> float | None:
         if self._busy or self._again:

@@ -78,7 +78,7 @@ import hiredis
 import protocol
 from metrics import Metric, counter, gauge
 from protocol import SetName
-from room import ConfigurationError, Host, LocalRoom, Member, Room, Timer, name_keys
+from room import FORMS, ConfigurationError, Host, LocalRoom, Member, Room, Timer, name_keys
 
 log = logging.getLogger("chat")
 
@@ -190,6 +190,9 @@ APPEND_SHA: Final = _sha(APPEND)
 # An ID after every entry: XREAD from it answers at once, with nothing.
 _LAST_POSSIBLE_ID: Final = b"18446744073709551615-18446744073709551615"
 _FIRST_ID: Final = b"0-0"
+
+
+FORM_TAGS: Final = tuple(form.encode() for form in FORMS)
 
 
 class _Lost:
@@ -622,7 +625,7 @@ class RedisRoom:
         if self._local.holder(keys, member) is not None:
             host.reply(member, protocol.NAME_TAKEN)
             return
-        if all(key in member.keys for key in keys):
+        if keys == member.keys:
             # Its own name in another spelling: it holds every key already.
             self._local.take(member, command.name, keys)
             return
@@ -637,9 +640,11 @@ class RedisRoom:
                 if member.closed:  # meanwhile
                     self._release(redis_keys, owner)
                 else:
-                    dropped = [key for key in member.keys if key not in keys]
+                    dropped = [
+                        key for key in self._redis_keys(member.keys) if key not in redis_keys
+                    ]
                     if dropped:
-                        self._release(self._redis_keys(tuple(dropped)), owner)
+                        self._release(dropped, owner)
                     self._local.take(member, command.name, keys)
             elif reply == 0:
                 host.reply(member, protocol.NAME_TAKEN)
@@ -723,9 +728,8 @@ class RedisRoom:
             return
         keys: list[bytes] = []
         owners: list[bytes] = []
-        prefix = self._key_prefix
         for member, conn_id in turn.senders.items():
-            keys += [prefix + key.encode() for key in member.keys]
+            keys += self._redis_keys(member.keys)
             owners += (self._server_tag + conn_id, b"%d" % len(member.keys))
         entry = b"".join((self._server_tag, b",".join(turn.ids), b"\n", *turn.lines))
         command = encode_command(
@@ -809,7 +813,13 @@ class RedisRoom:
         return self._server_tag + self._id_of(member)
 
     def _redis_keys(self, keys: tuple[str, ...]) -> list[bytes]:
-        return [self._key_prefix + key.encode() for key in keys]
+        """A name's keys in Redis, `chat:<room>:name:<form>:<key>`, one per
+        room.FORMS (none for a connection without a name)."""
+        prefix = self._key_prefix
+        return [
+            b"%s%s:%s" % (prefix, form, key.encode())
+            for form, key in zip(FORM_TAGS, keys, strict=False)
+        ]
 
     def _claim(self, callback: Callback, redis_keys: list[bytes], owner: bytes) -> None:
         cmd = self._cmd

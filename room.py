@@ -129,13 +129,22 @@ class Room(Protocol):
     def close(self) -> None: ...
 
 
+# The forms under which a name is held, in the order of `name_keys`.
+FORMS: Final = ("key", "look", "key-look")
+
+
 def name_keys(command: SetName) -> tuple[str, ...]:
-    """Every form under which a name is held: two names are the same when
-    any of their forms are equal (PROTOCOL.md, USERNAME): the NFKC+casefold
-    key, or what the name looks like as typed, or what its key looks like.
-    Each form is tagged, so that one name's key never meets another's
-    skeleton."""
-    return ("key:" + command.key, "look:" + command.skeleton, "key-look:" + command.key_skeleton)
+    """Every form under which a name is held, one per FORMS: two names are
+    the same when any of their forms are equal (PROTOCOL.md, USERNAME): the
+    NFKC+casefold key, or what the name looks like as typed, or what its key
+    looks like. Equal forms share one string: with 10,000 members, every
+    object per name counts."""
+    key, look, key_look = command.key, command.skeleton, command.key_skeleton
+    if look == key:
+        look = key
+    if key_look == look:
+        key_look = look
+    return (key, look, key_look)
 
 
 class Batch:
@@ -233,20 +242,21 @@ class LocalRoom:
         self.batch = Batch()
         # Bound once: an accepted SEND goes straight into the batch.
         self.publish: Callable[[Member, bytes], None] = self.batch.publish
-        self._holders: dict[str, Member] = {}  # every key of every name
-        self._members: dict[Member, None] = {}  # in the order they joined
+        # Who holds each form of each name, one table per FORMS; the first
+        # holds every member once.
+        self._holders: tuple[dict[str, Member], ...] = tuple({} for _ in FORMS)
 
     @property
     def members(self) -> Collection[Member]:
-        return self._members.keys()
+        return self._holders[0].values()
 
     def turn_size(self) -> int:
         return self.batch.size
 
     def holder(self, keys: tuple[str, ...], asking: Member) -> Member | None:
         """Who holds a name with any of `keys`, other than `asking`."""
-        for key in keys:
-            holder = self._holders.get(key)
+        for table, key in zip(self._holders, keys, strict=True):
+            holder = table.get(key)
             if holder is not None and holder is not asking:
                 return holder
         return None
@@ -263,13 +273,12 @@ class LocalRoom:
         if member.name is None:
             log.info("%r took the name %r", member, name)
             self.batch.join(member)
-            self._members[member] = None
         else:
             if member.name != name:
                 log.info("%r renamed itself %r", member, name)
             self._release(member, keep=keys)
-        for key in keys:
-            self._holders[key] = member
+        for table, key in zip(self._holders, keys, strict=True):
+            table[key] = member
         member.name = name
         member.keys = keys
         member.receive_prefix = protocol.receive_prefix(name)
@@ -279,8 +288,7 @@ class LocalRoom:
         server holds the name now)."""
         if member.name is None:
             return
-        self._release(member, keep=NO_KEYS)
-        del self._members[member]
+        self._release(member, keep=(None,) * len(FORMS))
         member.name = None
         member.keys = NO_KEYS
         member.receive_prefix = b""
@@ -297,7 +305,8 @@ class LocalRoom:
     def close(self) -> None:
         pass
 
-    def _release(self, member: Member, keep: tuple[str, ...]) -> None:
-        for key in member.keys:
-            if key not in keep and self._holders.get(key) is member:
-                del self._holders[key]
+    def _release(self, member: Member, keep: tuple[str | None, ...]) -> None:
+        """Free the forms of `member`'s name that are not kept."""
+        for table, key, kept in zip(self._holders, member.keys, keep, strict=True):
+            if key != kept and table.get(key) is member:
+                del table[key]

@@ -45,7 +45,7 @@ from conftest import (
     sends,
     username,
 )
-from room import name_keys
+from room import FORMS, name_keys
 
 hiredis = pytest.importorskip("hiredis")
 import cluster as cluster_module  # noqa: E402  (needs hiredis)
@@ -194,7 +194,10 @@ def redis_keys(name: str, room: str = "chat") -> list[bytes]:
     """The Redis keys that hold `name`'s lease: one per form (room.name_keys)."""
     command = protocol.check_name(name.encode())
     assert isinstance(command, protocol.SetName)
-    return [f"chat:{room}:name:{key}".encode() for key in name_keys(command)]
+    return [
+        f"chat:{room}:name:{form}:{key}".encode()
+        for form, key in zip(FORMS, name_keys(command), strict=True)
+    ]
 
 
 def take(client: Client, name: str) -> list[bytes]:
