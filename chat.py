@@ -1396,7 +1396,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         f"disconnected as a slow consumer (default: {DEFAULT_OUTPUT_LIMIT}, 1 MiB)",
     )
     internet = parser.add_argument_group(
-        "real networks", "limits for a server on the open internet (0 turns each off)"
+        "real networks",
+        "limits for a server on the open internet (0 turns --keepalive, --register-timeout "
+        "and --max-per-address off)",
     )
     internet.add_argument(
         "--output-budget",
@@ -1576,18 +1578,18 @@ def _describe_listener(host: str | None, address: tuple[str, int]) -> str:
     return where
 
 
+def _log_format(name: str | None) -> str:
+    # No % formatting of the name: it is the user's text.
+    tag = f"[{name.replace('%', '%%')}] " if name else ""
+    return "%(asctime)s %(levelname)s " + tag + "%(message)s"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     log_name = args.log_name
     if log_name is None and args.redis is not None:
-        log_name = str(args.port)
-    tag = f"[{log_name}] " if log_name else ""
-    logging.basicConfig(
-        level=args.log_level,
-        # No % formatting of the name: it is the user's text.
-        format="%(asctime)s %(levelname)s " + tag.replace("%", "%%") + "%(message)s",
-        stream=sys.stderr,
-    )
+        log_name = str(args.port)  # servers of one cluster told apart by port
+    logging.basicConfig(level=args.log_level, format=_log_format(log_name), stream=sys.stderr)
     server: ChatServer | None = None
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -1638,9 +1640,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             where += f" or metrics port {args.metrics_port}"
         # Not str(error): create_server adds "(while attempting to bind on
         # address ...)", which says it in Python's words.
-        reason = os.strerror(error.errno) if error.errno else str(error)
+        if isinstance(error, socket.gaierror) or not error.errno:
+            reason = error.strerror or str(error)  # the resolver's words
+        else:
+            reason = os.strerror(error.errno)
         print(f"chat.py: cannot listen on {where}: {reason}", file=sys.stderr)
         return 1
+    if args.log_name is None and args.redis is not None and args.port == 0:
+        for handler in logging.getLogger().handlers:  # the port it was given
+            handler.setFormatter(logging.Formatter(_log_format(str(server.address[1]))))
     log.info("listening on %s", _describe_listener(args.host, server.address))
     if server.tls_address is not None:
         log.info("listening for TLS on %s", _describe_listener(args.host, server.tls_address))

@@ -74,7 +74,7 @@ Limits and failures
                                 test_resets_in_the_middle_of_a_broadcast_spare_the_others,
                                 test_connect_reset_cycles_leak_no_descriptors
   No input can crash it         see "Model-based and fuzz tests"
-  Real networks (v2)            (tests to come)
+  Real networks (v2)            test_real_networks.py (network namespaces, the fake clock)
   TLS (v2)                      test_tls_seed_session_one, test_tls_seed_session_two,
                                 test_tls_and_plain_users_share_one_room,
                                 test_openssl_s_client_session, test_ncat_ssl_session,
@@ -91,18 +91,23 @@ Limits and failures
                                 test_tls_slow_consumer_is_disconnected_others_unaffected,
                                 test_tls_options_are_explained_and_checked,
                                 test_state_machine_with_tls_clients
-  Monitoring (v2)               (tests to come)
+  Monitoring (v2)               test_metrics_has_every_metric_of_the_contract,
+                                test_metrics_count_what_happens,
+                                test_metrics_other_requests_get_404,
+                                test_a_slow_metrics_client_is_dropped_at_its_deadline_and_never_blocks_the_chat,
+                                test_metrics_with_curl_as_in_the_readme
 The program
   Usage, --help, --log-level    test_help_explains_every_option, test_log_level_in_any_case,
                                 test_log_level_above_info_hides_connections,
                                 test_cluster_options_without_redis_are_ignored_with_a_warning
   One thread, one loop          test_closing_a_server_twice_is_harmless (ChatServer embedded)
-  Logs                          test_logs_show_events_but_never_message_text
+  Logs                          test_logs_show_events_but_never_message_text,
+                                test_log_name_starts_every_line
   Ctrl-C or SIGTERM             test_signal_stops_the_server_within_a_second,
                                 test_signal_stops_at_once_with_output_queued
   Port in use, bad option       test_port_already_in_use, test_host_that_cannot_be_bound,
                                 test_bad_command_line
-Cluster mode                    test_cluster.py; What "accepted" means (v2): (tests to come)
+Cluster mode                    test_cluster.py (with What "accepted" means, v2)
 Model-based and fuzz tests      test_state_machine_matches_the_room_model (delivery, every
                                 reply), test_fuzzer_beside_a_chatting_pair (no input can crash
                                 it or make it send anything outside the protocol)
@@ -2324,7 +2329,8 @@ def test_connect_reset_cycles_leak_no_descriptors() -> None:
 
 
 # --- Real networks (v2) ------------------------------------------------------
-# (tests to come: dead peers, unregistered connections, per address, total memory)
+# In test_real_networks.py: dead peers (network namespaces), unregistered
+# connections, per address, total memory, stalled output.
 
 
 # --- TLS (v2) ----------------------------------------------------------------

@@ -98,7 +98,8 @@ def load_context(cert: str, key: str) -> ssl.SSLContext:
     except ssl.SSLError as error:
         raise TLSConfigError(f"{cert} and {key}: {error.reason or error}") from None
     except OSError as error:
-        raise TLSConfigError(f"{error.filename}: {error.strerror}") from None
+        # load_cert_chain does not say which of the two files it was.
+        raise TLSConfigError(f"{cert} or {key}: {error.strerror or error}") from None
     return context
 
 
