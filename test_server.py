@@ -1880,6 +1880,50 @@ def test_many_slow_consumers_and_several_senders_keep_one_order() -> None:
 # --- Fairness ----------------------------------------------------------------
 
 
+def test_a_turn_processes_a_bounded_share_of_each_connections_lines() -> None:
+    """Fairness: the server processes a bounded number of each connection's
+    lines per loop turn (LINES_PER_TURN), the rest in later turns, in order."""
+    clock = FakeClock()
+    server = chat.ChatServer("127.0.0.1", 0, clock=clock)
+    try:
+        with (
+            socket.create_connection(server.address, timeout=TIMEOUT) as flooder,
+            socket.create_connection(server.address, timeout=TIMEOUT) as watcher,
+        ):
+            watcher.sendall(username("watcher"))
+            flooder.sendall(username("flooder"))
+            for _ in range(3):
+                server.run_once(max_wait=0.1)
+            total = 3 * chat.LINES_PER_TURN + 7
+            flooder.sendall(b"".join(send_line(f"m{i}") for i in range(total)))
+            received = b""
+
+            def one_turn_delivers(expected: int) -> None:
+                """One turn, then exactly `expected` lines in all so far."""
+                nonlocal received
+                server.run_once(max_wait=TIMEOUT)
+                while received.count(b"\n") < expected:
+                    received += watcher.recv(1 << 20)
+                # Nothing more: the server has not run since.
+                watcher.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    received += watcher.recv(1 << 20)
+                watcher.settimeout(TIMEOUT)
+                assert received.count(b"\n") == expected
+
+            # The first turn reads the whole burst (one recv) but processes
+            # only its share; each later turn one more share.
+            for turn in (1, 2, 3):
+                one_turn_delivers(turn * chat.LINES_PER_TURN)
+            server.run_once(max_wait=TIMEOUT)
+            watcher.settimeout(TIMEOUT)
+            while received.count(b"\n") < total:
+                received += watcher.recv(1 << 20)
+            assert received.split(b"\n")[:-1] == [receive("flooder", f"m{i}") for i in range(total)]
+    finally:
+        server.close()
+
+
 class Reader(threading.Thread):
     """Reads one connection until `stop`, handing `on_match` the first group
     of every line that matches `pattern` and discarding the rest (all of it
