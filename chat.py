@@ -12,10 +12,12 @@ time. One turn of the loop (`ChatServer.run_once`):
    lines to process.
 2. read: at most one recv of READ_SIZE bytes per ready connection, split
    into lines (protocol.receive: telnet commands out, then split_lines) and
-   queued on the connection. A
-   connection with a large backlog is not read until it shrinks.
-3. timers: run the callbacks that are due (the accept pause, cluster mode's
-   renewals and retries), from one heap read against one clock.
+   queued on the connection. A connection with a large backlog is not read
+   until it shrinks. New connections come in through the `Door`, which
+   applies --max-clients and --max-per-address.
+3. timers: run the callbacks that are due (the accept pause, register
+   timeouts, the check for stalled output, TLS handshake deadlines, cluster
+   mode's renewals and retries), from one heap read against one clock.
 4. process: up to LINES_PER_TURN queued lines per connection, round robin,
    each parsed by protocol.parse_line and handed to the room: `publish` for
    an accepted SEND, `set_name` for a valid USERNAME. Answers go to the
@@ -23,9 +25,10 @@ time. One turn of the loop (`ChatServer.run_once`):
 5. flush: the room's batch is joined into one bytes object and sent as it
    is to every member (one send each), except the few that need their own
    copy (`room.Batch.copy_for`). Whatever the kernel does not take goes to
-   that connection's write buffer, and write interest is registered only
-   while such a buffer is not empty. A connection whose buffer passes the
-   output limit is closed as a slow consumer.
+   that connection's write buffer, counted in the `Outbox`, and write
+   interest is registered only while such a buffer is not empty. A
+   connection whose buffer passes the output limit is closed as a slow
+   consumer; over the total output budget, the largest buffers go first.
 6. close: connections that reached end of input, once their lines are
    processed and their output flushed; then the room ends its turn.
 
