@@ -1297,30 +1297,28 @@ def _port(text: str) -> int:
     return port
 
 
-def _positive(text: str) -> int:
-    try:
-        number = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
-    return number
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number, `minimum` or more."""
+
+    def parse(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {number}")
+        return number
+
+    return parse
 
 
-def _whole(text: str) -> int:
-    """A whole number, 0 included (0 turns the limit off)."""
-    try:
-        number = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {number}")
-    return number
+_positive = _at_least(1)
+_whole = _at_least(0)  # 0 turns the limit off
 
 
 def _keepalive(text: str) -> int:
     seconds = _whole(text)
-    # Linux's bound on TCP_KEEPIDLE; a day is already more than any network keeps.
+    # Linux's bound on TCP_KEEPIDLE (about 9 hours).
     if seconds > MAX_KEEPALIVE:
         raise argparse.ArgumentTypeError(f"must be at most {MAX_KEEPALIVE}, not {seconds}")
     return seconds
