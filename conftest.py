@@ -56,6 +56,8 @@ MESSAGE_INVALID: Final = b"ERROR Message contains invalid characters."
 UNRECOGNISED: Final = b"ERROR Unrecognised command."
 SERVER_FULL: Final = b"ERROR Server is full."
 SERVICE_UNAVAILABLE: Final = b"ERROR Service unavailable."  # cluster mode
+TIMED_OUT_WAITING: Final = b"ERROR Timed out waiting for USERNAME."
+TOO_MANY_FROM_ADDRESS: Final = b"ERROR Too many connections from your address."
 ERRORS: Final = frozenset(
     {
         LINE_TOO_LONG,
@@ -70,6 +72,8 @@ ERRORS: Final = frozenset(
         UNRECOGNISED,
         SERVER_FULL,
         SERVICE_UNAVAILABLE,
+        TIMED_OUT_WAITING,
+        TOO_MANY_FROM_ADDRESS,
     }
 )
 
@@ -122,16 +126,18 @@ def receives(name: str, messages: list[bytes]) -> list[bytes]:
 # --- Waiting -----------------------------------------------------------------
 
 
-def poll(what: str, check: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-    """Call `check` until it is true; fail after `timeout` seconds. For what a
-    test cannot sync on (a name freed by a reset, a log line, Redis)."""
-    deadline = time.monotonic() + timeout
+def poll(what: str, check: Callable[[], bool], timeout: float = TIMEOUT) -> float:
+    """Call `check` until it is true; fail after `timeout` seconds; how long
+    it took. For what a test cannot sync on (a name freed by a reset, a log
+    line, Redis, the kernel noticing a dead peer)."""
+    start = time.monotonic()
     pace = 0.001  # doubling to 20 ms: quick for what comes at once, cheap for the rest
     while not check():
-        if time.monotonic() > deadline:
+        if time.monotonic() - start > timeout:
             raise AssertionError(f"gave up after {timeout} s waiting for {what}")
         time.sleep(pace)
         pace = min(2 * pace, 0.02)
+    return time.monotonic() - start
 
 
 # --- Hypothesis profiles -------------------------------------------------------

@@ -23,7 +23,6 @@ import contextlib
 import ctypes
 import os
 import re
-import resource
 import secrets
 import shutil
 import socket
@@ -41,28 +40,26 @@ import chat
 from chat import ChatServer
 from conftest import (
     HERE,
+    NAME_REQUIRED,
+    NAME_TAKEN,
     SYNC,
     SYNC_REPLY,
+    TIMED_OUT_WAITING,
     TIMEOUT,
+    TOO_MANY_FROM_ADDRESS,
     Client,
     FakeClock,
     StderrReader,
     launch,
+    poll,
+    raise_fd_limit,
+    receive,
     start_server,
 )
-
-TIMED_OUT_WAITING: Final = b"ERROR Timed out waiting for USERNAME."
-TOO_MANY_FROM_ADDRESS: Final = b"ERROR Too many connections from your address."
-NAME_REQUIRED: Final = b"ERROR You must set a username first."
-NAME_TAKEN: Final = b"ERROR Username already in use."
 
 # The keepalive the dead-peer tests run with, and the contract's bound for it.
 KEEPALIVE: Final = 1
 DEAD_PEER_BOUND: Final = 4 * KEEPALIVE + 10
-
-
-def receive(name: str, message: str) -> bytes:
-    return f"RECEIVE {name} {message}".encode()
 
 
 class SockClient(Client):
@@ -81,25 +78,6 @@ def client_from(address: tuple[str, int], source: str) -> SockClient:
     return SockClient(
         socket.create_connection(address, timeout=TIMEOUT, source_address=(source, 0))
     )
-
-
-def raise_fd_limit(needed: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        if hard != resource.RLIM_INFINITY and hard < needed:
-            pytest.skip(f"needs {needed} file descriptors, the hard limit is {hard}")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-
-
-def poll(condition: Callable[[], bool], timeout: float, what: str, pace: float = 0.02) -> float:
-    """Wait until `condition()` holds, at most `timeout` seconds; return how
-    long it took."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"gave up after {timeout} s waiting for {what}")
-        time.sleep(pace)
-    return time.monotonic() - start
 
 
 # --- an in-process server driven from the test thread -----------------------
@@ -370,7 +348,7 @@ def serve_in(network: Network, *args: str) -> Iterator[NetnsServer]:
             assert process.poll() is None, f"chat.py exited: {log.text()}"
             return bool(match)
 
-        poll(started, TIMEOUT, "the server's 'listening on' line")
+        poll("the server's 'listening on' line", started)
         yield NetnsServer(process, log, int(found[0].group(1)))
     finally:
         process.kill()  # `ip netns exec` execs: this is chat.py itself
@@ -396,9 +374,9 @@ def test_vanished_quiet_peer_is_timed_out_and_its_name_freed(network: Network) -
         alice.register("alice")
         network.vanish(network.CLIENT_ADDRESSES[0])
         took = poll(
+            "the vanished client to be disconnected",
             lambda: disconnect_line(server.log, alice) is not None,
             DEAD_PEER_BOUND + 5,
-            "the vanished client to be disconnected",
         )
         assert took <= DEAD_PEER_BOUND
         assert "disconnected: timed out" in str(disconnect_line(server.log, alice))
@@ -441,7 +419,7 @@ def test_connected_silent_peer_is_not_disconnected(network: Network) -> None:
         probes = server.keepalive_probes()
         # Several keepalive periods, counted by the probes the server sent:
         # enough for three unanswered ones to have closed it.
-        poll(lambda: server.keepalive_probes() >= probes + 4, 15, "four keepalive probes")
+        poll("four keepalive probes", lambda: server.keepalive_probes() >= probes + 4, 15)
         assert quiet.sync() == []
         assert disconnect_line(server.log, quiet) is None
         with network.local_client(server.port) as other:
@@ -587,7 +565,7 @@ def _settled_ss_timer(port: int, kind: str) -> tuple[str, str]:
         return len(found[-1]) == 1 and found[-1][0][0] == kind
 
     with contextlib.suppress(AssertionError):
-        poll(settled, 2.0, f"a {kind or 'missing'} timer")
+        poll(f"a {kind or 'missing'} timer", settled, 2.0)
     assert len(found[-1]) == 1, found[-1]
     return found[-1][0]
 

@@ -176,6 +176,7 @@ from conftest import (
     SERVICE_UNAVAILABLE,
     SYNC,
     SYNC_REPLY,
+    TIMED_OUT_WAITING,
     TIMEOUT,
     UNRECOGNISED,
     Client,
@@ -2379,8 +2380,6 @@ def test_connect_reset_cycles_leak_no_descriptors() -> None:
 
 # --- TLS (v2) ----------------------------------------------------------------
 # Certificates: the `tls_files` fixture (conftest.py), made with openssl.
-
-TIMED_OUT_WAITING: Final = b"ERROR Timed out waiting for USERNAME."
 
 
 def tls_config(files: TLSFiles, **options: Any) -> TLSConfig:
