@@ -188,6 +188,95 @@ class FakeClock:
         self.now += seconds
 
 
+# --- An in-process server driven from the test thread (with a FakeClock) -----
+
+
+class Pumped:
+    """A client of a ChatServer that runs in this very thread: every wait
+    turns the server's loop (`run_once`) until the awaited bytes arrive,
+    bounded by TIMEOUT of real time."""
+
+    def __init__(
+        self,
+        server: ChatServer,
+        *,
+        rcvbuf: int | None = None,
+        make: Callable[[], socket.socket] = socket.socket,
+        address: tuple[str, int] | None = None,
+    ) -> None:
+        self.server = server
+        sock = make()
+        if rcvbuf is not None:  # before connecting: the window scale is set then
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(TIMEOUT)
+        # The kernel completes the handshake before the server accepts.
+        sock.connect(address or ("127.0.0.1", server.address[1]))
+        sock.setblocking(False)
+        self.sock = sock
+        self.buffer = b""
+        self.eof = False
+        self.reset = False
+
+    def pump(self) -> None:
+        self.server.run_once(max_wait=0.005)
+        self.take_available()
+
+    def take_available(self, limit: int = 1 << 30) -> int:
+        """Read what the kernel holds now (at most about `limit` bytes)."""
+        taken = 0
+        while not self.eof and taken < limit:
+            try:
+                chunk = self.sock.recv(65536)
+            except BlockingIOError:
+                break
+            except ConnectionResetError:
+                self.eof = self.reset = True
+                break
+            if not chunk:
+                self.eof = True
+                break
+            self.buffer += chunk
+            taken += len(chunk)
+        return taken
+
+    def pump_until(self, done: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while not done():
+            assert time.monotonic() < deadline, f"gave up waiting for {what}"
+            self.pump()
+
+    def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        deadline = time.monotonic() + TIMEOUT
+        while view:
+            try:
+                view = view[self.sock.send(view) :]
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "the server stopped reading"
+                self.server.run_once(max_wait=0.005)
+
+    def sync(self) -> list[bytes]:
+        """Send PING; every line before its reply."""
+        self.send(SYNC)
+        marker = SYNC_REPLY + b"\n"
+        self.pump_until(lambda: marker in self.buffer or self.eof, "the reply to PING")
+        assert marker in self.buffer, f"closed before the reply to PING: {self.buffer!r}"
+        before, _, self.buffer = self.buffer.partition(marker)
+        return before.split(b"\n")[:-1]
+
+    def register(self, name: str) -> None:
+        self.send(f"USERNAME {name}\n".encode())
+        assert self.sync() == []
+
+    def read_to_eof(self) -> bytes:
+        self.pump_until(lambda: self.eof, "the server to close the connection")
+        data, self.buffer = self.buffer, b""
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class Client:
     """A test's end of one connection: send bytes, read whole lines, each
     read bounded by TIMEOUT."""

@@ -49,6 +49,7 @@ from conftest import (
     TOO_MANY_FROM_ADDRESS,
     Client,
     FakeClock,
+    Pumped,
     StderrReader,
     launch,
     poll,
@@ -80,97 +81,9 @@ def client_from(address: tuple[str, int], source: str) -> SockClient:
     )
 
 
-# --- an in-process server driven from the test thread -----------------------
-
-
-class Pumped:
-    """A client of a ChatServer that runs in this very thread: every wait
-    turns the server's loop (`run_once`) until the awaited bytes arrive,
-    bounded by TIMEOUT of real time."""
-
-    def __init__(
-        self,
-        server: ChatServer,
-        *,
-        rcvbuf: int | None = None,
-        make: Callable[[], socket.socket] = socket.socket,
-        address: tuple[str, int] | None = None,
-    ) -> None:
-        self.server = server
-        sock = make()
-        if rcvbuf is not None:  # before connecting: the window scale is set then
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.settimeout(TIMEOUT)
-        # The kernel completes the handshake before the server accepts.
-        sock.connect(address or ("127.0.0.1", server.address[1]))
-        sock.setblocking(False)
-        self.sock = sock
-        self.buffer = b""
-        self.eof = False
-        self.reset = False
-
-    def pump(self) -> None:
-        self.server.run_once(max_wait=0.005)
-        self.take_available()
-
-    def take_available(self, limit: int = 1 << 30) -> int:
-        """Read what the kernel holds now (at most about `limit` bytes)."""
-        taken = 0
-        while not self.eof and taken < limit:
-            try:
-                chunk = self.sock.recv(65536)
-            except BlockingIOError:
-                break
-            except ConnectionResetError:
-                self.eof = self.reset = True
-                break
-            if not chunk:
-                self.eof = True
-                break
-            self.buffer += chunk
-            taken += len(chunk)
-        return taken
-
-    def pump_until(self, done: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while not done():
-            assert time.monotonic() < deadline, f"gave up waiting for {what}"
-            self.pump()
-
-    def send(self, data: bytes) -> None:
-        view = memoryview(data)
-        deadline = time.monotonic() + TIMEOUT
-        while view:
-            try:
-                view = view[self.sock.send(view) :]
-            except BlockingIOError:
-                assert time.monotonic() < deadline, "the server stopped reading"
-                self.server.run_once(max_wait=0.005)
-
-    def sync(self) -> list[bytes]:
-        """Send PING; every line before its reply."""
-        self.send(SYNC)
-        marker = SYNC_REPLY + b"\n"
-        self.pump_until(lambda: marker in self.buffer or self.eof, "the reply to PING")
-        assert marker in self.buffer, f"closed before the reply to PING: {self.buffer!r}"
-        before, _, self.buffer = self.buffer.partition(marker)
-        return before.split(b"\n")[:-1]
-
-    def register(self, name: str) -> None:
-        self.send(f"USERNAME {name}\n".encode())
-        assert self.sync() == []
-
-    def read_to_eof(self) -> bytes:
-        self.pump_until(lambda: self.eof, "the server to close the connection")
-        data, self.buffer = self.buffer, b""
-        return data
-
-    def connection(self) -> chat.Connection:
-        """The server's side of this connection."""
-        return connection_of(self.server, self.sock.getsockname()[1])
-
-    def close(self) -> None:
-        self.sock.close()
+def server_side(client: Pumped) -> chat.Connection:
+    """The server's side of a Pumped client's connection."""
+    return connection_of(client.server, client.sock.getsockname()[1])
 
 
 def connections(server: ChatServer) -> list[chat.Connection]:
@@ -905,10 +818,10 @@ def test_over_the_budget_the_largest_is_closed_first_until_it_fits() -> None:
                 assert alice.sync() == []
             raise AssertionError("flooded without effect")
 
-        flood_until(lambda: len(big.connection().out or b"") >= 350 * 1024)
+        flood_until(lambda: len(server_side(big).out or b"") >= 350 * 1024)
         small = Pumped(server, rcvbuf=4096)
         small.register("small")
-        small_conn = small.connection()
+        small_conn = server_side(small)
         flood_until(lambda: server.stats.disconnections["memory_budget"] > 0)
         assert server.stats.disconnections == {"memory_budget": 1}
         assert big.read_to_eof()  # it was the one closed
@@ -1068,7 +981,7 @@ def test_stalled_output_is_closed_as_a_slow_consumer() -> None:
         stalled.register("stalled")
         reading = Pumped(server, rcvbuf=4096)
         reading.register("reading")
-        stalled_conn, reading_conn = stalled.connection(), reading.connection()
+        stalled_conn, reading_conn = server_side(stalled), server_side(reading)
         chunk = b"".join(f"SEND {index:04} {'x' * 4000}\n".encode() for index in range(16))
         for _ in range(48):  # 3 MiB each, the kernel holding a few hundred KiB of it
             alice.send(chunk)
