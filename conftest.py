@@ -469,17 +469,15 @@ class Netcat:
 # --- The server in the test process ----------------------------------------------
 
 
-@dataclass
-class RunningServer:
-    """A ChatServer serving on a background thread of the test process."""
+class OpensClients:
+    """What both server handles offer a test: clients of the server, closed
+    with it. Needs `address` and `clients`."""
 
-    server: ChatServer
-    thread: threading.Thread
-    clients: list[Client] = field(default_factory=list)
+    clients: list[Client]
 
     @property
     def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.server.address[1])
+        raise NotImplementedError
 
     def client(self) -> Client:
         client = Client(self.address)
@@ -491,18 +489,32 @@ class RunningServer:
         self.clients.append(client)
         return client
 
+    def member(self, name: str) -> Client:
+        """A new client that has taken `name`. Its sync reply also proves
+        the server's loop is running."""
+        client = self.client()
+        client.register(name)
+        return client
+
+
+@dataclass
+class RunningServer(OpensClients):
+    """A ChatServer serving on a background thread of the test process."""
+
+    server: ChatServer
+    thread: threading.Thread
+    clients: list[Client] = field(default_factory=list)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.server.address[1])
+
     def tls_client(self, receive_buffer: int | None = None) -> TLSClient:
         """A client of the TLS port (the server was started with `tls`)."""
         address = self.server.tls_address
         assert address is not None, "no TLS port"
         client = TLSClient(("127.0.0.1", address[1]), receive_buffer=receive_buffer)
         self.clients.append(client)
-        return client
-
-    def member(self, name: str) -> Client:
-        """A new client that has taken `name`."""
-        client = self.client()
-        client.register(name)
         return client
 
     def stop(self) -> None:
@@ -556,7 +568,7 @@ class StderrReader(threading.Thread):
 
 
 @dataclass
-class ServerProcess:
+class ServerProcess(OpensClients):
     """`python chat.py ...` as a child process, its drained stderr, and the
     clients a test opened through it (closed when `launch` ends)."""
 
@@ -573,16 +585,6 @@ class ServerProcess:
     def pid(self) -> int:
         return self.process.pid
 
-    def client(self) -> Client:
-        client = Client(self.address)
-        self.clients.append(client)
-        return client
-
-    def small_window_client(self) -> Client:
-        client = SmallWindowClient(self.address)
-        self.clients.append(client)
-        return client
-
     @property
     def tls_port(self) -> int:
         """The TLS port, from the startup log (launched with --tls-port)."""
@@ -595,13 +597,6 @@ class ServerProcess:
     def tls_client(self) -> TLSClient:
         client = TLSClient(("127.0.0.1", self.tls_port))
         self.clients.append(client)
-        return client
-
-    def member(self, name: str) -> Client:
-        """A new client that has taken `name`. Its sync reply also proves
-        the server loop is running."""
-        client = self.client()
-        client.register(name)
         return client
 
     def stderr_text(self) -> str:

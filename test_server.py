@@ -2940,6 +2940,8 @@ CONTRACT_METRICS: Final = (
     "chat_bytes_sent_total",
     "chat_unsent_bytes",
 )
+# Spelled from PROTOCOL.md, not taken from metrics.py, so that a label
+# missing or misspelled there fails here.
 DISCONNECTION_REASONS: Final = (
     "client_closed",
     "reset",
