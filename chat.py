@@ -1012,6 +1012,7 @@ class ChatServer:
         # Over the budget mid-broadcast: these are dropped now (their output
         # with them) and closed after it, as the room must not change during it.
         shed: set[Connection] = set()
+        failed: dict[Connection, OSError] = {}
         outbox = self._outbox
         sent_total = 0
         for conn in members:
@@ -1028,11 +1029,12 @@ class ChatServer:
                     sent = conn.sock.send(data)
                 except (BlockingIOError, InterruptedError):
                     sent = 0
-                except OSError:
-                    # Queue it instead: the buffered send at the end of the
-                    # turn meets the same error and closes the connection there.
-                    dirty.add(conn)
-                    sent = 0
+                except OSError as error:
+                    # Closed after the loop, for this error: the kernel
+                    # reports it once (a dead peer's ETIMEDOUT), and any
+                    # later call would only say EPIPE.
+                    failed[conn] = error
+                    continue
                 sent_total += sent
                 if sent == len(data):
                     continue
@@ -1046,6 +1048,8 @@ class ChatServer:
         # Not during the loop above: closing a slow consumer changes the room.
         for conn in shed:
             self._close(conn, "memory_budget")
+        for conn, failure in failed.items():
+            self._close_on_error(conn, failure)
         for conn in backed_up:
             if not conn.closed:
                 self._settle(conn)
