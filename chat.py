@@ -37,12 +37,18 @@ and no connection is closed in the middle of a broadcast. A connection's
 bytes go through its `sock` (the transport: `recv`, `send`, `close`); the
 room and the batch never see a socket.
 
+`ChatServer` is the loop: it selects, dispatches what is ready, processes
+lines and closes connections. The other steps have an object each: `Door`
+lets connections in (the limits, the register timeout), `Reader` reads,
+`Timers` keeps the heap, and `Writer` sends, with an `Outbox` that counts
+unsent output against the budget.
+
 TLS (`--tls-port`): a second listener in the same loop and room. A TLS
 connection's `sock` is a tls.TLSTransport, so reading and the broadcast go
-through the same calls; the little the reactor must add for it (the
-handshake's deadline, write interest for ciphertext the kernel has not
-taken, input already decrypted that select cannot see, and the SIGHUP
-reload of the certificate) is in the section "TLS" of ChatServer.
+through the same calls; the little more it needs (the handshake's
+deadline, writing ciphertext the kernel has not taken, reading input
+already decrypted that select cannot see, and the SIGHUP reload of the
+certificate) is the `TLSPort`'s.
 
 Cluster mode (`--redis URL`) swaps the room for `cluster.RedisRoom`, which
 is imported only then; the reactor does not know which room it runs.
@@ -60,6 +66,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -72,7 +79,7 @@ from typing import Final, NoReturn, Protocol, cast
 import protocol
 from metrics import Metric, MetricsServer, Stats, chat_metrics
 from protocol import BadSend, Blank, Reply, Send, SetName
-from room import NO_KEYS, ConfigurationError, Host, LocalRoom, Member, Room
+from room import NO_KEYS, Batch, ConfigurationError, Host, LocalRoom, Member, Room
 from tls import TLSConfig, TLSConfigError, TLSTransport, error_detail, load_context
 
 PORT = 8080
@@ -235,6 +242,11 @@ class Timers:
         self._heap: list[tuple[float, int, Timer]] = []
         self._order = itertools.count()  # equal deadlines run in call order
         self._cancelled = 0
+        self.now = clock()  # the turn's time (`tick`), for what a turn queues
+
+    def tick(self) -> None:
+        """A turn begins: read the clock once for everything it does."""
+        self.now = self.clock()
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
         timer = Timer(callback, self)
@@ -272,10 +284,6 @@ class Timers:
             if not timer.cancelled:
                 timer.cancelled = True  # it ran: cancelling it now is a no-op
                 timer.callback()
-
-
-class _Wakeup:
-    """Selector tag of the socket that `stop` writes to."""
 
 
 class Outbox:
@@ -367,6 +375,288 @@ CLOSE_REASONS: Final = {
 }
 
 
+def error_reason(conn: Connection, error: OSError) -> tuple[str, str]:
+    """Why an error of `conn`'s transport closes it: one of CLOSE_REASONS,
+    and the detail for the log."""
+    if conn.tls is not None and not conn.tls.established:
+        return "tls_handshake", error_detail(error)
+    if error.errno == errno.ETIMEDOUT:  # keepalive or TCP_USER_TIMEOUT
+        return "timed_out", ""
+    return "reset", error.strerror or str(error)
+
+
+def watch_connection(selector: DefaultSelector, conn: Connection) -> None:
+    """Watch `conn` for what it needs now: reading, unless the room holds
+    it (its input would pile up, and a readable socket nobody reads would
+    make select spin); writing, while output is left."""
+    events = 0 if conn.waiting else EVENT_READ
+    if conn.wants_write:
+        events |= EVENT_WRITE
+    tls = conn.tls
+    if tls is not None:
+        if not tls.established:
+            events &= ~EVENT_WRITE  # output waits for the handshake: for reads
+        if tls.wants_write:
+            events |= EVENT_WRITE  # ciphertext left, whatever `out` holds
+    if not events:
+        with contextlib.suppress(KeyError):
+            selector.unregister(conn.sock)
+        return
+    try:
+        selector.modify(conn.sock, events, conn)
+    except KeyError:  # unregistered while it waited
+        selector.register(conn.sock, events, conn)
+
+
+# Closes a connection now: reason (one of CLOSE_REASONS) and detail.
+Close = Callable[[Connection, str, str], None]
+
+
+class Reader:
+    """The read path, step 2 of a turn: at most one recv of READ_SIZE bytes
+    per ready connection, framed into lines queued on it (protocol.receive
+    takes telnet commands out, and their answers go out at once), and the
+    connections with lines to process, in round-robin order (`busy`). A
+    connection with a large backlog is not read until it shrinks; one whose
+    transport holds input that select cannot see (TLS, decrypted already)
+    is read again next turn without waiting (`again`): only those, never a
+    scan of every connection."""
+
+    def __init__(self, writer: Writer, close: Close) -> None:
+        self.busy: dict[Connection, None] = {}
+        self.again: dict[Connection, None] = {}
+        self._writer = writer
+        self._close = close
+
+    def read(self, conn: Connection) -> None:
+        if conn.closed or conn.at_eof or conn.backlog() > LINES_PER_TURN:
+            return  # its backlog is processed first: it is on the busy list
+        try:
+            data = conn.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self._close(conn, *error_reason(conn, error))
+            return
+        if data:
+            lines, conn.partial, conn.discarding, conn.telnet, replies = protocol.receive(
+                data, conn.partial, conn.discarding, conn.telnet
+            )
+            if replies:
+                # Telnet's answers (WILL TIMING-MARK after Ctrl-C) are not
+                # lines of the protocol: they go out at once.
+                self._writer.send_later(conn, replies)
+            if not lines:
+                return
+            conn.enqueue_lines(lines)
+        else:
+            conn.at_eof = True
+            if conn.partial:  # a final line without "\n" is still a line
+                conn.enqueue_lines([conn.partial])
+                conn.partial = b""
+        self.busy[conn] = None
+
+    def read_again(self) -> None:
+        again = list(self.again)
+        self.again.clear()
+        for conn in again:
+            if conn.closed or conn.waiting:
+                continue  # a held one is put back by `resume`
+            self.read(conn)
+            # Still holding: its backlog was too long to read this turn.
+            if conn.tls is not None and conn.tls.holds_input and not conn.closed:
+                self.again[conn] = None
+
+
+class Writer:
+    """The write path, step 5 of a turn: the room's batch to every member,
+    one send each; output queued for one connection (`send_later`), sent
+    at the end of the turn behind what it has unsent already; write
+    interest while, and only while, something is left; and the slow
+    consumers closed for it: over --output-limit, over --output-budget
+    (the largest first), or with output that stopped moving."""
+
+    def __init__(
+        self,
+        selector: DefaultSelector,
+        timers: Timers,
+        stats: Stats,
+        close: Close,
+        *,
+        output_limit: int,
+        output_budget: int,
+    ) -> None:
+        self.output_limit = output_limit
+        self.outbox = Outbox(output_budget)
+        # Connections to send to at the end of the turn.
+        self.dirty: set[Connection] = set()
+        self._selector = selector
+        self._timers = timers
+        self._stats = stats
+        self._close = close
+        self._stall_check: Timer | None = None
+
+    def send_later(self, conn: Connection, data: bytes) -> None:
+        """Output for `conn`, sent at the end of this turn."""
+        self.queue(conn, data)
+        self.dirty.add(conn)
+
+    def queue(self, conn: Connection, data: bytes | memoryview) -> None:
+        """Output for `conn` behind what it has unsent already."""
+        now = self._timers.now
+        self.outbox.queue(conn, data, now)
+        if self._stall_check is None:
+            self._stall_check = self._timers.call_at(now + STALL_CHECK, self._close_stalled)
+
+    def flush(self, room: Room) -> None:
+        """The turn's output: the batch to the members, then every
+        connection with output of its own."""
+        batch = room.batch
+        if batch.lines:
+            self._deliver(batch, cast("Collection[Connection]", room.members))
+            batch.clear()
+        for conn in self.dirty:
+            if not conn.closed and conn.out:
+                self._send_buffered(conn)
+            elif conn.tls is not None and not conn.closed:
+                self._flush_tls(conn)  # writable: ciphertext left from before
+        self.dirty.clear()
+        if self.outbox.over_budget:
+            for conn in self._over_budget():
+                self._close(conn, "memory_budget", "")
+
+    def _deliver(self, batch: Batch, members: Collection[Connection]) -> None:
+        """Hand the turn's batch to every member, in one send each where the
+        member has nothing queued already."""
+        shared = b"".join(batch.lines)
+        needs_own_copy = batch.needs_own_copy()
+        offsets: list[int] = []
+        if needs_own_copy:
+            offsets = list(accumulate(map(len, batch.lines), initial=0))
+        shared_view = memoryview(shared)
+        dirty = self.dirty
+        self._count_deliveries(batch, len(members))
+        backed_up: list[Connection] = []
+        # Over the budget mid-broadcast: these are dropped now (their output
+        # with them) and closed after it, as the room must not change during it.
+        shed: set[Connection] = set()
+        failed: dict[Connection, OSError] = {}
+        outbox = self.outbox
+        sent_total = 0
+        for conn in members:
+            data = shared
+            if conn in needs_own_copy:
+                data = batch.copy_for(conn, shared_view, offsets)
+                if not data:
+                    continue
+            if conn.out:
+                self.queue(conn, data)  # behind what is queued; sent by flush
+                dirty.add(conn)
+            else:
+                try:
+                    sent = conn.sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError as error:
+                    # Closed after the loop, for this error: the kernel
+                    # reports it once (a dead peer's ETIMEDOUT), and any
+                    # later call would only say EPIPE.
+                    failed[conn] = error
+                    continue
+                sent_total += sent
+                if sent == len(data):
+                    continue
+                if conn in shed:
+                    continue
+                self.queue(conn, memoryview(data)[sent:])
+                backed_up.append(conn)
+            if outbox.over_budget:
+                shed.update(self._over_budget())
+        self._stats.bytes_sent += sent_total
+        # Not during the loop above: closing a slow consumer changes the room.
+        for conn in shed:
+            self._close(conn, "memory_budget", "")
+        for conn, failure in failed.items():
+            self._close(conn, *error_reason(conn, failure))
+        for conn in backed_up:
+            if not conn.closed:
+                self._settle(conn)
+
+    def _count_deliveries(self, batch: Batch, members: int) -> None:
+        """RECEIVE lines the batch hands to members: every line to every
+        member, but none of its own, nor any before it joined."""
+        count = len(batch.lines) * members
+        count -= sum(len(own) for sender, own in batch.own.items() if not sender.closed)
+        count -= sum(batch.joined_at.values())
+        self._stats.deliveries += count
+
+    def _send_buffered(self, conn: Connection) -> None:
+        """One send of what `conn` has queued."""
+        out = conn.out
+        if out is None:
+            return
+        try:
+            sent = conn.sock.send(out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as error:
+            self._close(conn, *error_reason(conn, error))
+            return
+        self.outbox.took(conn, sent, self._timers.now)
+        self._stats.bytes_sent += sent
+        self._settle(conn)
+
+    def _flush_tls(self, conn: Connection) -> None:
+        assert conn.tls is not None
+        try:
+            conn.tls.flush()
+        except OSError as error:
+            self._close(conn, *error_reason(conn, error))
+
+    def _settle(self, conn: Connection) -> None:
+        """After a send: close `conn` as a slow consumer if what it left
+        unsent is over the limit, else watch for writability while (and
+        only while) something is left."""
+        unsent = 0 if conn.out is None else len(conn.out)
+        if unsent > self.output_limit:
+            log.warning(
+                "%r is a slow consumer: %d bytes unsent (limit %d); closing it",
+                conn,
+                unsent,
+                self.output_limit,
+            )
+            self._close(conn, "slow_consumer", "")
+            return
+        if not unsent:
+            self.outbox.drop(conn)
+        wants_write = unsent > 0
+        if wants_write != conn.wants_write:
+            conn.wants_write = wants_write
+            watch_connection(self._selector, conn)
+
+    def _over_budget(self) -> list[Connection]:
+        """Over --output-budget: the connections to close, their output
+        dropped already."""
+        log.warning(
+            "%d bytes of output buffers in all, over the output budget of %d: closing "
+            "the largest slow consumers",
+            self.outbox.held,
+            self.outbox.budget,
+        )
+        return self.outbox.shed()
+
+    def _close_stalled(self) -> None:
+        """Timer: close the connections whose unsent output has not shrunk
+        for STALL_TIMEOUT."""
+        now = self._timers.clock()
+        for conn in self.outbox.stalled(now, STALL_TIMEOUT):
+            log.warning("%r is a slow consumer: no output taken for %g s", conn, STALL_TIMEOUT)
+            self._close(conn, "slow_consumer", "")
+        self._stall_check = None
+        if self.outbox:
+            self._stall_check = self._timers.call_at(now + STALL_CHECK, self._close_stalled)
+
+
 def format_peer(address: object) -> str:
     if isinstance(address, tuple) and len(address) >= 2:
         host, port = str(address[0]), address[1]
@@ -437,7 +727,9 @@ def tune_for_clients(listener: socket.socket, keepalive: int) -> None:
     listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, unacked * 1000)
 
 
-Admit = Callable[[socket.socket, str, str | None], None]
+# What a socket let in becomes: its socket, its peer's address for the
+# logs, and the key --max-per-address counts it under.
+Admit = Callable[[socket.socket, str, str | None], Connection]
 
 
 class _Listener:
@@ -455,35 +747,40 @@ class _Listener:
 
 class Door:
     """Where connections come in: accepting from the listeners, refusing
-    those over the limits (--max-clients, --max-per-address), and pausing
-    when the process runs out of file descriptors."""
+    those over the limits (--max-clients, --max-per-address), pausing when
+    the process runs out of file descriptors, and timing how long each one
+    takes to choose a name (--register-timeout): `expired` is told of
+    those that take too long."""
 
     def __init__(
         self,
         selector: DefaultSelector,
         timers: Timers,
         stats: Stats,
-        admit: Admit,
+        expired: Callable[[Connection], None],
         *,
         max_clients: int,
         max_per_address: int,
+        register_timeout: float,
     ) -> None:
         self.max_clients = max_clients
         self.max_per_address = max_per_address
+        self.register_timeout = register_timeout
         self.open_count = 0
         self._selector = selector
         self._timers = timers
         self._stats = stats
-        self._admit = admit
+        self._expired = expired
         self._listeners: list[_Listener] = []
         self._per_address: dict[str, int] = {}
+        # Connections without a name yet, and their --register-timeout.
+        self._registering: dict[Connection, Timer] = {}
         self._paused = False
         self._failing = False  # out of fds since the last good accept
 
-    def open(self, sock: socket.socket, admit: Admit | None = None, *, plain: bool = True) -> None:
-        """Accept from `sock`; `admit` (default: the Door's) takes each
-        connection let in."""
-        listener = _Listener(sock, admit or self._admit, plain)
+    def open(self, sock: socket.socket, admit: Admit = Connection, *, plain: bool = True) -> None:
+        """Accept from `sock`; `admit` makes each socket let in a connection."""
+        listener = _Listener(sock, admit, plain)
         self._listeners.append(listener)
         self._selector.register(sock, EVENT_READ, listener)
 
@@ -505,9 +802,17 @@ class Door:
                 log.warning("accepting connections again")
             self._let_in(sock, address, listener)
 
-    def left(self, key: str | None) -> None:
-        """A connection let in under `key` has closed."""
+    def named(self, conn: Connection) -> None:
+        """`conn` has a name, if its USERNAME was taken: its register
+        timeout ends."""
+        if conn.name is not None:
+            self._end_timeout(conn)
+
+    def left(self, conn: Connection) -> None:
+        """`conn` has closed."""
+        self._end_timeout(conn)
         self.open_count -= 1
+        key = conn.address_key
         if key is not None:
             count = self._per_address[key] - 1
             if count:
@@ -546,7 +851,21 @@ class Door:
             self._per_address[key] = count + 1
         self.open_count += 1
         self._stats.accepted += 1
-        listener.admit(sock, peer, key)
+        conn = listener.admit(sock, peer, key)
+        self._selector.register(conn.sock, EVENT_READ, conn)
+        if self.register_timeout:
+            when = self._timers.now + self.register_timeout
+            self._registering[conn] = self._timers.call_at(when, partial(self._expire, conn))
+        log.info("%r connected%s", conn, "" if conn.tls is None else " on the TLS port")
+
+    def _expire(self, conn: Connection) -> None:
+        if self._registering.pop(conn, None) is not None and not conn.closed:
+            self._expired(conn)
+
+    def _end_timeout(self, conn: Connection) -> None:
+        timer = self._registering.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
 
     def _refuse(self, sock: socket.socket, line: bytes, reason: str) -> None:
         self._stats.refused[reason] += 1
@@ -582,6 +901,121 @@ class Door:
                 self._selector.register(listener.sock, EVENT_READ, listener)
 
 
+class TLSPort:
+    """The TLS listener (--tls-port), and what its connections need beyond
+    a plain one: the handshake's deadline, writing when the transport has
+    ciphertext the kernel has not taken, reading again when it holds input
+    already decrypted (which select cannot see), and reloading the
+    certificate. Reading, the broadcast and closing treat a TLS
+    connection's transport as a socket."""
+
+    def __init__(
+        self,
+        config: TLSConfig,
+        context: ssl.SSLContext,
+        selector: DefaultSelector,
+        timers: Timers,
+        reader: Reader,
+        writer: Writer,
+        close: Close,
+    ) -> None:
+        self.config = config
+        self.listener: socket.socket | None = None
+        self._context = context
+        self._selector = selector
+        self._timers = timers
+        self._reader = reader
+        self._writer = writer
+        self._close = close
+        # Connections still in their handshake, and its deadline.
+        self._handshakes: dict[Connection, Timer] = {}
+
+    def open(self, door: Door, host: str | None, *, keepalive: int, reuse_port: bool) -> None:
+        self.listener = open_listener(host, self.config.port, reuse_port=reuse_port)
+        tune_for_clients(self.listener, keepalive)
+        door.open(self.listener, self._admit, plain=False)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if self.listener is None:
+            return None
+        host, port = self.listener.getsockname()[:2]
+        return host, port
+
+    def reload(self) -> None:
+        """Load the certificate and key again, for new connections; on an
+        error, log it and keep the old ones."""
+        config = self.config
+        try:
+            context = load_context(config.cert, config.key)
+        except TLSConfigError as error:
+            log.error("cannot reload the TLS certificate: %s; keeping the old one", error)
+            return
+        self._context = context  # connections already open keep theirs
+        log.info("reloaded the TLS certificate %s and key %s", config.cert, config.key)
+
+    def _admit(self, sock: socket.socket, peer: str, key: str | None) -> Connection:
+        transport = TLSTransport(sock, self._context)
+        conn = Connection(transport, peer, key)
+        conn.tls = transport
+        transport.notify = partial(self._changed, conn)
+        when = self._timers.now + self.config.handshake_timeout
+        # The register timeout starts now as well: it includes the handshake.
+        self._handshakes[conn] = self._timers.call_at(when, partial(self._expired, conn))
+        return conn
+
+    def _changed(self, conn: Connection) -> None:
+        """`conn`'s transport changed what it waits for or holds."""
+        tls = conn.tls
+        if tls is None or conn.closed:
+            return
+        if tls.established:
+            timer = self._handshakes.pop(conn, None)
+            if timer is not None:
+                timer.cancel()
+                log.debug("%r: TLS handshake done (%s)", conn, tls.version())
+                if conn.out:  # queued while the handshake went on
+                    self._writer.dirty.add(conn)
+        if tls.holds_input:
+            self._reader.again[conn] = None
+        watch_connection(self._selector, conn)
+
+    def _expired(self, conn: Connection) -> None:
+        if self._handshakes.pop(conn, None) is not None and not conn.closed:
+            timeout = self.config.handshake_timeout
+            self._close(conn, "tls_handshake", f"not finished within {timeout:g} s")
+
+
+class Wakeup:
+    """Wakes the loop from a signal handler or another thread: `wake`
+    writes a byte to a socket pair whose other end is in the selector."""
+
+    def __init__(self, selector: DefaultSelector) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+        selector.register(self._reader, EVENT_READ, self)
+
+    def wake(self) -> None:
+        # Full means a wake-up is already pending; closed means we are done.
+        with contextlib.suppress(OSError):
+            self._writer.send(b"\0")
+
+    def drain(self) -> None:
+        try:
+            while self._reader.recv(4096):
+                pass
+        except OSError:  # drained (BlockingIOError) or closed
+            pass
+
+    def close(self, selector: DefaultSelector) -> None:
+        for sock in (self._reader, self._writer):
+            if sock.fileno() >= 0:
+                with contextlib.suppress(KeyError, ValueError):
+                    selector.unregister(sock)
+                sock.close()
+
+
 class ChatServer:
     """The reactor. Binds in the constructor (port 0 picks a free port, see
     `address`); `serve_forever` runs until `stop`, which is safe to call
@@ -609,57 +1043,54 @@ class ChatServer:
         clock: Clock = time.monotonic,
     ) -> None:
         # First, so that a bad certificate fails before anything is bound.
-        self._tls_config = tls
-        self._tls_context = None if tls is None else load_context(tls.cert, tls.key)
-        self._tls_listener: socket.socket | None = None
-        self.output_limit = output_limit
-        self.register_timeout = register_timeout
+        tls_context = None if tls is None else load_context(tls.cert, tls.key)
         self.stats = Stats()
         self._clock = clock
-        self._now = clock()  # read once per turn
         self._timers = Timers(clock)
         self._selector = DefaultSelector()
+        self._writer = Writer(
+            self._selector,
+            self._timers,
+            self.stats,
+            self._close,
+            output_limit=output_limit,
+            output_budget=output_budget,
+        )
+        self._reader = Reader(self._writer, self._close)
         self._door = Door(
             self._selector,
             self._timers,
             self.stats,
-            self._admit,
+            self._registration_expired,
             max_clients=max_clients,
             max_per_address=max_per_address,
+            register_timeout=register_timeout,
         )
         self._listener = open_listener(host, port, reuse_port=reuse_port)
         tune_for_clients(self._listener, keepalive)
         self._door.open(self._listener)
-        self._wakeup_reader, self._wakeup_writer = socket.socketpair()
-        self._wakeup_reader.setblocking(False)
-        self._wakeup_writer.setblocking(False)
-        self._selector.register(self._wakeup_reader, EVENT_READ, _Wakeup)
+        self._wakeup = Wakeup(self._selector)
         self._stopping = False
-        # Connections with lines left to process, in round-robin order.
-        self._busy: dict[Connection, None] = {}
-        # Connections to send to at the end of the turn.
-        self._dirty: set[Connection] = set()
+        self._reload_requested = False  # SIGHUP: reload_tls
         # Connections to close once the turn's output is flushed, and why.
         self._finished: dict[Connection, str] = {}
         # Connections the room holds (in no other list, maybe not in the
         # selector either): closed too at shutdown.
         self._held: set[Connection] = set()
-        # Connections without a name yet, and their --register-timeout.
-        self._registering: dict[Connection, Timer] = {}
-        self._outbox = Outbox(output_budget)
-        self._stall_check: Timer | None = None
-        # TLS connections holding input that select cannot see: read again
-        # next turn without waiting. Only those, never a scan of everyone.
-        self._again: dict[Connection, None] = {}
-        # TLS connections still in their handshake, and its deadline.
-        self._handshakes: dict[Connection, Timer] = {}
-        self._reload_requested = False  # SIGHUP: reload_tls
+        self._tls: TLSPort | None = None
         self.metrics: MetricsServer | None = None
         try:
-            if tls is not None:
-                self._tls_listener = open_listener(host, tls.port, reuse_port=reuse_port)
-                tune_for_clients(self._tls_listener, keepalive)
-                self._door.open(self._tls_listener, self._admit_tls, plain=False)
+            if tls is not None and tls_context is not None:
+                self._tls = TLSPort(
+                    tls,
+                    tls_context,
+                    self._selector,
+                    self._timers,
+                    self._reader,
+                    self._writer,
+                    self._close,
+                )
+                self._tls.open(self._door, host, keepalive=keepalive, reuse_port=reuse_port)
             self._room: Room = room(self)
             if metrics_address is not None:
                 self.metrics = MetricsServer(self, metrics_address, self._metrics)
@@ -675,10 +1106,7 @@ class ChatServer:
     @property
     def tls_address(self) -> tuple[str, int] | None:
         """The TLS listener's address (its real port), if there is one."""
-        if self._tls_listener is None:
-            return None
-        host, port = self._tls_listener.getsockname()[:2]
-        return host, port
+        return None if self._tls is None else self._tls.address
 
     @property
     def open_count(self) -> int:
@@ -687,7 +1115,7 @@ class ChatServer:
     @property
     def unsent(self) -> int:
         """All connections' unsent output together."""
-        return self._outbox.total
+        return self._writer.outbox.total
 
     @property
     def member_count(self) -> int:
@@ -713,34 +1141,40 @@ class ChatServer:
 
     def stop(self) -> None:
         self._stopping = True
-        # Full means a wake-up is already pending; closed means we are done.
-        with contextlib.suppress(OSError):
-            self._wakeup_writer.send(b"\0")
+        self._wakeup.wake()
+
+    def reload_tls(self) -> None:
+        """Reload the certificate and key for new connections, in the loop
+        (safe from a signal handler or another thread: this only wakes it)."""
+        self._reload_requested = True
+        self._wakeup.wake()
 
     def run_once(self, max_wait: float | None = None) -> None:
         """One turn: select, read, timers, process, flush, close. Waits at
         most `max_wait` seconds for something to happen (None: until the
         next timer, or for ever)."""
         events = self._selector.select(self._select_timeout(max_wait))
-        self._now = self._clock()
+        self._timers.tick()
+        reader = self._reader
+        read, writable = reader.read, self._writer.dirty.add
         for key, mask in events:
             tag = key.data
             if isinstance(tag, Connection):
                 if mask & EVENT_READ:
-                    self._read(tag)
+                    read(tag)
                 if mask & EVENT_WRITE:
-                    self._dirty.add(tag)
+                    writable(tag)
             elif isinstance(tag, _Listener):
                 self._door.accept(tag)
-            elif tag is _Wakeup:
-                self._drain_wakeup()
+            elif tag is self._wakeup:
+                self._woken()
             else:
                 self._run_handler(tag, mask)
-        if self._again:
-            self._read_again()
+        if reader.again:
+            reader.read_again()
         self._timers.run_due()
         self._process_backlogs()
-        self._flush()
+        self._writer.flush(self._room)
         for conn, reason in self._finished.items():
             self._close(conn, reason)
         self._finished.clear()
@@ -755,13 +1189,22 @@ class ChatServer:
             log.exception("internal error in the handler of a socket of the room")
 
     def _select_timeout(self, max_wait: float | None) -> float | None:
-        if self._busy or self._again:
+        if self._reader.busy or self._reader.again:
             return 0
         due = self._timers.next_due()
         if due is None:
             return max_wait
         timeout = max(0.0, due - self._clock())
         return timeout if max_wait is None else min(timeout, max_wait)
+
+    def _woken(self) -> None:
+        self._wakeup.drain()
+        if self._reload_requested:
+            self._reload_requested = False
+            if self._tls is None:
+                log.warning("SIGHUP ignored: there is no TLS port, so no certificate to reload")
+            else:
+                self._tls.reload()
 
     def close(self) -> None:
         """Close every connection and the listener. Idempotent."""
@@ -775,26 +1218,11 @@ class ChatServer:
             self._close(conn, "server_shutdown")
         if hasattr(self, "_room"):
             self._room.close()  # after the closes above queued their releases
-        metrics = getattr(self, "metrics", None)
-        if metrics is not None:
-            metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self._door.close()
-        for sock in (self._wakeup_reader, self._wakeup_writer):
-            if sock.fileno() >= 0:
-                with contextlib.suppress(KeyError, ValueError):
-                    self._selector.unregister(sock)
-                sock.close()
+        self._wakeup.close(self._selector)
         self._selector.close()
-
-    def _drain_wakeup(self) -> None:
-        try:
-            while self._wakeup_reader.recv(4096):
-                pass
-        except OSError:  # drained (BlockingIOError) or closed
-            pass
-        if self._reload_requested:
-            self._reload_requested = False
-            self._reload_tls()
 
     # --- what the room may ask (room.Host) ----------------------------------
 
@@ -807,25 +1235,24 @@ class ChatServer:
     def reply(self, member: Member, line: bytes) -> None:
         conn = cast(Connection, member)
         if not conn.closed and not self._room.batch.reply(conn, line):
-            self._queue(conn, line)
-            self._dirty.add(conn)
+            self._writer.send_later(conn, line)
 
     def hold(self, member: Member) -> None:
         conn = cast(Connection, member)
         conn.waiting = True
         self._held.add(conn)
-        self._watch(conn)
+        watch_connection(self._selector, conn)
 
     def resume(self, member: Member) -> None:
         conn = cast(Connection, member)
         conn.waiting = False
         self._held.discard(conn)
         if not conn.closed:
-            self._registered(conn)
-            self._watch(conn)
-            self._busy[conn] = None
+            self._door.named(conn)
+            watch_connection(self._selector, conn)
+            self._reader.busy[conn] = None
             if conn.tls is not None and conn.tls.holds_input:
-                self._again[conn] = None  # was not read while held
+                self._reader.again[conn] = None  # was not read while held
 
     def disconnect(self, member: Member, detail: str) -> None:
         conn = cast(Connection, member)
@@ -844,72 +1271,25 @@ class ChatServer:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(sock)  # type: ignore[arg-type]
 
-    # --- admitting -------------------------------------------------------
+    # --- finishing -----------------------------------------------------
 
-    def _admit(self, sock: socket.socket, peer: str, key: str | None) -> None:
-        self._welcome(Connection(sock, peer, key))
-
-    def _welcome(self, conn: Connection) -> None:
-        self._selector.register(conn.sock, EVENT_READ, conn)
-        if self.register_timeout:
-            when = self._now + self.register_timeout
-            self._registering[conn] = self._timers.call_at(when, partial(self._expire, conn))
-        log.info("%r connected%s", conn, "" if conn.tls is None else " on the TLS port")
-
-    def _registered(self, conn: Connection) -> None:
-        """Called after a USERNAME: the register timeout ends with a name."""
-        if conn.name is not None:
-            timer = self._registering.pop(conn, None)
-            if timer is not None:
-                timer.cancel()
-
-    def _expire(self, conn: Connection) -> None:
-        if self._registering.pop(conn, None) is not None and not conn.closed:
-            self._queue(conn, protocol.TIMED_OUT_WAITING)
-            self._finish(conn, "registration_timeout")
+    def _registration_expired(self, conn: Connection) -> None:
+        self._writer.queue(conn, protocol.TIMED_OUT_WAITING)
+        self._finish(conn, "registration_timeout")
 
     def _finish(self, conn: Connection, reason: str) -> None:
         """Process nothing more from `conn`, and close it at the end of the
         turn, once its output is flushed."""
-        self._dirty.add(conn)
+        self._writer.dirty.add(conn)
         conn.at_eof = True  # read no more
         conn.lines = None
-        self._busy.pop(conn, None)
+        self._reader.busy.pop(conn, None)
         self._finished[conn] = reason
 
     # --- reading and processing ------------------------------------------
 
-    def _read(self, conn: Connection) -> None:
-        if conn.closed or conn.at_eof or conn.backlog() > LINES_PER_TURN:
-            return  # its backlog is processed first: it is on the busy list
-        try:
-            data = conn.sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as error:
-            self._close_on_error(conn, error)
-            return
-        if data:
-            lines, conn.partial, conn.discarding, conn.telnet, replies = protocol.receive(
-                data, conn.partial, conn.discarding, conn.telnet
-            )
-            if replies:
-                # Telnet's answers (WILL TIMING-MARK after Ctrl-C) are not
-                # lines of the protocol: they go out at once.
-                self._queue(conn, replies)
-                self._dirty.add(conn)
-            if not lines:
-                return
-            conn.enqueue_lines(lines)
-        else:
-            conn.at_eof = True
-            if conn.partial:  # a final line without "\n" is still a line
-                conn.enqueue_lines([conn.partial])
-                conn.partial = b""
-        self._busy[conn] = None
-
     def _process_backlogs(self) -> None:
-        busy = self._busy
+        busy = self._reader.busy
         room = self._room
         for conn in list(busy):
             if room.turn_size() >= BATCH_BYTES:
@@ -966,7 +1346,7 @@ class ChatServer:
                     if conn.waiting:  # held by the room: the rest waits with it
                         end = index + 1
                         break
-                    self._registered(conn)
+                    self._door.named(conn)
                 case Send():
                     self.reply(conn, protocol.NAME_REQUIRED)
                 case BadSend(line):
@@ -978,187 +1358,7 @@ class ChatServer:
         else:
             conn.next_line = end
 
-    # --- writing --------------------------------------------------------
-
-    def _flush(self) -> None:
-        batch = self._room.batch
-        if batch.lines:
-            self._deliver()
-            batch.clear()
-        for conn in self._dirty:
-            if not conn.closed and conn.out:
-                self._send_buffered(conn)
-            elif conn.tls is not None and not conn.closed:
-                self._flush_tls(conn)  # writable: ciphertext left from before
-        self._dirty.clear()
-        if self._outbox.over_budget:
-            for conn in self._over_budget():
-                self._close(conn, "memory_budget")
-
-    def _deliver(self) -> None:
-        """Hand the turn's batch to every member, in one send each where the
-        member has nothing queued already."""
-        batch = self._room.batch
-        shared = b"".join(batch.lines)
-        needs_own_copy = batch.needs_own_copy()
-        offsets: list[int] = []
-        if needs_own_copy:
-            offsets = list(accumulate(map(len, batch.lines), initial=0))
-        shared_view = memoryview(shared)
-        dirty = self._dirty
-        members = cast("Collection[Connection]", self._room.members)
-        self._count_deliveries(len(members))
-        backed_up: list[Connection] = []
-        # Over the budget mid-broadcast: these are dropped now (their output
-        # with them) and closed after it, as the room must not change during it.
-        shed: set[Connection] = set()
-        failed: dict[Connection, OSError] = {}
-        outbox = self._outbox
-        sent_total = 0
-        for conn in members:
-            data = shared
-            if conn in needs_own_copy:
-                data = batch.copy_for(conn, shared_view, offsets)
-                if not data:
-                    continue
-            if conn.out:
-                self._queue(conn, data)  # behind what is queued; sent by _flush
-                dirty.add(conn)
-            else:
-                try:
-                    sent = conn.sock.send(data)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError as error:
-                    # Closed after the loop, for this error: the kernel
-                    # reports it once (a dead peer's ETIMEDOUT), and any
-                    # later call would only say EPIPE.
-                    failed[conn] = error
-                    continue
-                sent_total += sent
-                if sent == len(data):
-                    continue
-                if conn in shed:
-                    continue
-                self._queue(conn, memoryview(data)[sent:])
-                backed_up.append(conn)
-            if outbox.over_budget:
-                shed.update(self._over_budget())
-        self.stats.bytes_sent += sent_total
-        # Not during the loop above: closing a slow consumer changes the room.
-        for conn in shed:
-            self._close(conn, "memory_budget")
-        for conn, failure in failed.items():
-            self._close_on_error(conn, failure)
-        for conn in backed_up:
-            if not conn.closed:
-                self._settle(conn)
-
-    def _count_deliveries(self, members: int) -> None:
-        """RECEIVE lines the batch hands to members: every line to every
-        member, but none of its own, nor any before it joined."""
-        batch = self._room.batch
-        count = len(batch.lines) * members
-        count -= sum(len(own) for sender, own in batch.own.items() if not sender.closed)
-        count -= sum(batch.joined_at.values())
-        self.stats.deliveries += count
-
-    def _queue(self, conn: Connection, data: bytes | memoryview) -> None:
-        """Output for `conn` behind what it has unsent already."""
-        self._outbox.queue(conn, data, self._now)
-        if self._stall_check is None:
-            self._stall_check = self._timers.call_at(self._now + STALL_CHECK, self._close_stalled)
-
-    def _send_buffered(self, conn: Connection) -> None:
-        """One send of what `conn` has queued."""
-        out = conn.out
-        if out is None:
-            return
-        try:
-            sent = conn.sock.send(out)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as error:
-            self._close_on_error(conn, error)
-            return
-        self._outbox.took(conn, sent, self._now)
-        self.stats.bytes_sent += sent
-        self._settle(conn)
-
-    def _settle(self, conn: Connection) -> None:
-        """After a send: close `conn` as a slow consumer if what it left
-        unsent is over the limit, else watch for writability while (and
-        only while) something is left."""
-        unsent = 0 if conn.out is None else len(conn.out)
-        if unsent > self.output_limit:
-            log.warning(
-                "%r is a slow consumer: %d bytes unsent (limit %d); closing it",
-                conn,
-                unsent,
-                self.output_limit,
-            )
-            self._close(conn, "slow_consumer")
-            return
-        if not unsent:
-            self._outbox.drop(conn)
-        wants_write = unsent > 0
-        if wants_write != conn.wants_write:
-            conn.wants_write = wants_write
-            self._watch(conn)
-
-    def _over_budget(self) -> list[Connection]:
-        """Over --output-budget: the connections to close, their output
-        dropped already."""
-        log.warning(
-            "%d bytes of output buffers in all, over the output budget of %d: closing "
-            "the largest slow consumers",
-            self._outbox.held,
-            self._outbox.budget,
-        )
-        return self._outbox.shed()
-
-    def _close_stalled(self) -> None:
-        """Timer: close the connections whose unsent output has not shrunk
-        for STALL_TIMEOUT."""
-        now = self._clock()
-        for conn in self._outbox.stalled(now, STALL_TIMEOUT):
-            log.warning("%r is a slow consumer: no output taken for %g s", conn, STALL_TIMEOUT)
-            self._close(conn, "slow_consumer")
-        self._stall_check = None
-        if self._outbox:
-            self._stall_check = self._timers.call_at(now + STALL_CHECK, self._close_stalled)
-
-    def _watch(self, conn: Connection) -> None:
-        """Watch `conn` for what it needs now: reading, unless the room holds
-        it (its input would pile up, and a readable socket nobody reads
-        would make select spin); writing, while output is left."""
-        events = 0 if conn.waiting else EVENT_READ
-        if conn.wants_write:
-            events |= EVENT_WRITE
-        tls = conn.tls
-        if tls is not None:
-            if not tls.established:
-                events &= ~EVENT_WRITE  # output waits for the handshake: for reads
-            if tls.wants_write:
-                events |= EVENT_WRITE  # ciphertext left, whatever `out` holds
-        if not events:
-            with contextlib.suppress(KeyError):
-                self._selector.unregister(conn.sock)
-            return
-        try:
-            self._selector.modify(conn.sock, events, conn)
-        except KeyError:  # unregistered while it waited
-            self._selector.register(conn.sock, events, conn)
-
     # --- closing --------------------------------------------------------
-
-    def _close_on_error(self, conn: Connection, error: OSError) -> None:
-        if conn.tls is not None and not conn.tls.established:
-            self._close(conn, "tls_handshake", error_detail(error))
-        elif error.errno == errno.ETIMEDOUT:  # keepalive or TCP_USER_TIMEOUT
-            self._close(conn, "timed_out")
-        else:
-            self._close(conn, "reset", error.strerror or str(error))
 
     def _close(self, conn: Connection, reason: str, detail: str = "") -> None:
         """Close `conn` now and free its name. Safe to call twice. `reason`
@@ -1168,11 +1368,8 @@ class ChatServer:
         conn.closed = True
         self._room.leave(conn)
         self._held.discard(conn)
-        timer = self._registering.pop(conn, None)
-        if timer is not None:
-            timer.cancel()
-        self._outbox.drop(conn)
-        self._door.left(conn.address_key)
+        self._writer.outbox.drop(conn)
+        self._door.left(conn)
         self.stats.disconnections[reason] += 1
         words = CLOSE_REASONS[reason]
         log.info("%r disconnected: %s", conn, f"{words} ({detail})" if detail else words)
@@ -1182,77 +1379,6 @@ class ChatServer:
             _discard_input(conn.sock)
         conn.sock.close()
         conn.lines = None
-
-    # --- TLS ------------------------------------------------------------
-
-    def reload_tls(self) -> None:
-        """Reload the certificate and key for new connections, in the loop
-        (safe from a signal handler or another thread: this only wakes it)."""
-        self._reload_requested = True
-        with contextlib.suppress(OSError):
-            self._wakeup_writer.send(b"\0")
-
-    def _reload_tls(self) -> None:
-        config = self._tls_config
-        if config is None:
-            log.warning("SIGHUP ignored: there is no TLS port, so no certificate to reload")
-            return
-        try:
-            context = load_context(config.cert, config.key)
-        except TLSConfigError as error:
-            log.error("cannot reload the TLS certificate: %s; keeping the old one", error)
-            return
-        self._tls_context = context  # connections already open keep theirs
-        log.info("reloaded the TLS certificate %s and key %s", config.cert, config.key)
-
-    def _admit_tls(self, sock: socket.socket, peer: str, key: str | None) -> None:
-        assert self._tls_config is not None and self._tls_context is not None
-        transport = TLSTransport(sock, self._tls_context)
-        conn = Connection(transport, peer, key)
-        conn.tls = transport
-        transport.notify = partial(self._tls_changed, conn)
-        when = self._now + self._tls_config.handshake_timeout
-        self._handshakes[conn] = self._timers.call_at(when, partial(self._handshake_expired, conn))
-        # The register timeout starts now as well: it includes the handshake.
-        self._welcome(conn)
-
-    def _tls_changed(self, conn: Connection) -> None:
-        """`conn`'s transport changed what it waits for or holds."""
-        tls = conn.tls
-        if tls is None or conn.closed:
-            return
-        if tls.established:
-            timer = self._handshakes.pop(conn, None)
-            if timer is not None:
-                timer.cancel()
-                log.debug("%r: TLS handshake done (%s)", conn, tls.version())
-                if conn.out:  # queued while the handshake went on
-                    self._dirty.add(conn)
-        if tls.holds_input:
-            self._again[conn] = None
-        self._watch(conn)
-
-    def _read_again(self) -> None:
-        again, self._again = self._again, {}
-        for conn in again:
-            if conn.closed or conn.waiting:
-                continue  # a held one is put back by `resume`
-            self._read(conn)
-            # Still holding: its backlog was too long to read this turn.
-            if conn.tls is not None and conn.tls.holds_input and not conn.closed:
-                self._again[conn] = None
-
-    def _flush_tls(self, conn: Connection) -> None:
-        assert conn.tls is not None
-        try:
-            conn.tls.flush()
-        except OSError as error:
-            self._close_on_error(conn, error)
-
-    def _handshake_expired(self, conn: Connection) -> None:
-        if self._handshakes.pop(conn, None) is not None and not conn.closed:
-            timeout = self._tls_config.handshake_timeout if self._tls_config else 0
-            self._close(conn, "tls_handshake", f"not finished within {timeout:g} s")
 
 
 def _discard_input(sock: Transport) -> None:

@@ -974,7 +974,8 @@ def test_replies_count_towards_the_budget() -> None:
 def test_stalled_output_is_closed_as_a_slow_consumer() -> None:
     """Total memory: unsent output that has not shrunk for 60 s: closed as a slow consumer."""
     clock = FakeClock()
-    with in_process(clock=clock, output_limit=8 << 20) as server:
+    output_limit = 8 << 20
+    with in_process(clock=clock, output_limit=output_limit) as server:
         alice = Pumped(server)
         alice.register("alice")
         stalled = Pumped(server, rcvbuf=4096)
@@ -987,8 +988,8 @@ def test_stalled_output_is_closed_as_a_slow_consumer() -> None:
             alice.send(chunk)
             assert alice.sync() == []
         backed_up = clock.now
-        assert 1 << 20 < len(stalled_conn.out or b"") < server.output_limit
-        assert 1 << 20 < len(reading_conn.out or b"") < server.output_limit
+        assert 1 << 20 < len(stalled_conn.out or b"") < output_limit
+        assert 1 << 20 < len(reading_conn.out or b"") < output_limit
         steps = 0
         while not stalled_conn.closed:
             steps += 1

@@ -2747,8 +2747,8 @@ def test_a_read_that_must_write_switches_interest_to_writing(
     config = TLSConfig(0, str(chain), str(tls_files.key))
     server = chat.ChatServer("127.0.0.1", 0, tls=config, clock=clock)
     try:
-        assert server._tls_listener is not None
-        server._tls_listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        assert server._tls is not None and server._tls.listener is not None
+        server._tls.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         client = BioClient(("127.0.0.1", tls_port_of(server)), receive_buffer=4096)
         client.start_handshake()  # and read nothing yet
         pump(server, lambda: server.open_count == 1, "the connection to be accepted")

@@ -4,7 +4,7 @@ PROTOCOL.md, "TLS (v2)". chat.py's reactor reads and writes every
 connection through `conn.sock` (`recv`, `send`, `close`, `fileno`). A plain
 connection's `sock` is its socket; a TLS connection's is a `TLSTransport`:
 an `ssl.SSLObject` between two `ssl.MemoryBIO`s, over the raw non-blocking
-socket. So the broadcast (`ChatServer._deliver`) calls `conn.sock.send(data)`
+socket. So the broadcast (`chat.Writer`) calls `conn.sock.send(data)`
 for both kinds without a branch, and every TLS member encrypts the turn's
 batch once, in one write.
 
