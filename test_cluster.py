@@ -10,6 +10,7 @@ conftest's table, not from protocol.py.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -1063,14 +1064,18 @@ def fake_clock_server(
     return server, clock, room
 
 
-def turns(server: ChatServer, until: Callable[[], bool], count: int = 100) -> bool:
-    """Run up to `count` loop turns (in real time; the fake clock stands
-    still) until `until()`; whether it came true."""
-    for _ in range(count):
+def turns(server: ChatServer, until: Callable[[], bool], count: int | None = None) -> bool:
+    """Run loop turns (in real time; the fake clock stands still) until
+    `until()`: `count` of them, or by default for up to TIMEOUT seconds (a
+    round trip to Redis on a loaded machine); whether it came true."""
+    deadline = time.monotonic() + TIMEOUT
+    for done in itertools.count():
         if until():
             return True
+        if done == count or (count is None and time.monotonic() >= deadline):
+            return False
         server.run_once(max_wait=0.01)
-    return until()
+    raise AssertionError("unreachable")
 
 
 def answer(client: socket.socket) -> bytes:
