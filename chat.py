@@ -422,13 +422,20 @@ class Reader:
     is read again next turn without waiting (`again`): only those, never a
     scan of every connection."""
 
-    def __init__(self, writer: Writer, close: Close) -> None:
+    def __init__(self, selector: DefaultSelector, writer: Writer, close: Close) -> None:
         self.busy: dict[Connection, None] = {}
         self.again: dict[Connection, None] = {}
+        self._selector = selector
         self._writer = writer
         self._close = close
 
     def read(self, conn: Connection) -> None:
+        if conn.waiting:
+            # Held by the room: its input waits in the kernel. Read interest
+            # is dropped now that there is some, not at every hold (see
+            # ChatServer.hold).
+            watch_connection(self._selector, conn)
+            return
         if conn.closed or conn.at_eof or conn.backlog() > LINES_PER_TURN:
             return  # its backlog is processed first: it is on the busy list
         try:
@@ -1056,7 +1063,7 @@ class ChatServer:
             output_limit=output_limit,
             output_budget=output_budget,
         )
-        self._reader = Reader(self._writer, self._close)
+        self._reader = Reader(self._selector, self._writer, self._close)
         self._door = Door(
             self._selector,
             self._timers,
@@ -1238,10 +1245,13 @@ class ChatServer:
             self._writer.send_later(conn, line)
 
     def hold(self, member: Member) -> None:
+        # Its read interest stays until it is readable (Reader.read): in
+        # cluster mode every sender is held until Redis stores its turn, and
+        # dropping and restoring it each time cost two epoll_ctl per sender
+        # per turn. `resume` restores it only if it was dropped.
         conn = cast(Connection, member)
         conn.waiting = True
         self._held.add(conn)
-        watch_connection(self._selector, conn)
 
     def resume(self, member: Member) -> None:
         conn = cast(Connection, member)

@@ -21,12 +21,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from selectors import EVENT_READ
 from typing import Any
 
 import pytest
 
 import protocol
-from chat import ChatServer
+from chat import ChatServer, Connection
 from conftest import (
     HERE,
     NAME_HAS_SPACES,
@@ -1083,6 +1084,47 @@ def answer(client: socket.socket) -> bytes:
     with contextlib.suppress(TimeoutError):
         return client.recv(4096)
     return b""
+
+
+def test_a_held_sender_is_not_read_and_not_watched_once_it_has_input(redis: Redis) -> None:
+    """Cluster mode: a sender held until Redis stores its turn keeps its read
+    interest (no epoll_ctl per hold) until input arrives; that input is not
+    read, and the connection is no longer watched for reading (select would
+    spin on it), until it is resumed."""
+    timeout = 2.0
+    server, clock, _ = fake_clock_server(redis, timeout)
+    try:
+        with socket.create_connection(server.address, timeout=TIMEOUT) as client:
+            client.sendall(b"USERNAME alice\nPING\n")
+            got = b""
+
+            def replied() -> bool:
+                nonlocal got
+                got += answer(client)
+                return got.endswith(b"\n")
+
+            def watched_for_reading(conn: Connection) -> bool:
+                key = server._selector.get_map().get(conn.sock)
+                return key is not None and bool(key.events & EVENT_READ)
+
+            assert turns(server, replied) and got == SYNC_REPLY + b"\n"
+            got = b""
+            assert redis.command(b"CLIENT", b"PAUSE", b"10000", b"ALL") == b"OK"
+            client.sendall(b"SEND hello\n")
+            assert turns(server, lambda: len(server._held) == 1)
+            (conn,) = server._held
+            assert watched_for_reading(conn)  # held, but no input yet
+            client.sendall(b"PING\n")
+            assert turns(server, lambda: not watched_for_reading(conn))
+            assert conn.backlog() == 0 and conn.partial == b""  # left in the kernel
+            assert not turns(server, replied, 30)
+            assert server._select_timeout(None) > 0  # select waits for the next timer
+            clock.advance(timeout)
+            assert turns(server, lambda: replied() and got.count(b"\n") == 2)
+            assert got == SERVICE_UNAVAILABLE + b"\n" + SYNC_REPLY + b"\n"
+            assert watched_for_reading(conn) and not server._held
+    finally:
+        server.close()
 
 
 def test_a_send_not_stored_within_the_deadline_is_answered_unavailable(redis: Redis) -> None:
