@@ -527,11 +527,13 @@ def test_unregistered_connection_is_timed_out_however_active() -> None:
         member = Pumped(server)
         member.register("member")
         for _ in range(6):  # 0, 10, ..., 50 s: busy all along
-            busy.send(b"SEND hello\nUSERNAME\nUSERNAME a b\n")
+            # A USERNAME refused as taken is a name asked for, not a name.
+            busy.send(b"SEND hello\nUSERNAME\nUSERNAME a b\nUSERNAME member\n")
             assert busy.sync() == [
                 NAME_REQUIRED,
                 b"ERROR Username cannot be empty.",
                 b"ERROR Username contains empty spaces.",
+                NAME_TAKEN,
             ]
             clock.advance(10)
         clock.now = start + 59.5
@@ -584,6 +586,24 @@ def test_registered_connection_is_never_timed_out() -> None:
         clock.advance(1000)
         assert late.sync() == []
         assert server.stats.disconnections == {}
+
+
+def test_a_connection_closed_in_time_leaves_no_register_timeout_behind() -> None:
+    """Unregistered: a connection that closes before its deadline takes its timer with it."""
+    clock = FakeClock()
+    with in_process(clock=clock, register_timeout=60) as server:
+        client = Pumped(server)
+        assert client.sync() == []
+        client.close()
+        deadline = time.monotonic() + TIMEOUT
+        while server.open_count:
+            assert time.monotonic() < deadline, "the close was never noticed"
+            server.run_once(max_wait=0.005)
+        # The reply to PING started the stall check: it runs and finds nothing.
+        clock.advance(chat.STALL_CHECK)
+        server.run_once(max_wait=0)
+        # Left behind, the timer would keep the connection until the deadline.
+        assert server._timers.next_due() is None
 
 
 def test_register_timeout_zero_never_closes() -> None:
@@ -969,6 +989,46 @@ def test_replies_count_towards_the_budget() -> None:
             server.run_once(max_wait=0.005)
         assert server.stats.disconnections == {"memory_budget": 1}
         assert server.unsent <= budget
+
+
+def test_output_the_kernel_takes_at_once_never_counts_against_the_budget() -> None:
+    """Total memory: replies queued in a turn and all sent at its end are not over the budget."""
+    budget = 8192
+    with in_process(output_budget=budget) as server:
+        client = Pumped(server)
+        # 500 replies, about 20 KB, queued in one turn: over the budget
+        # until the turn sends them, and a reading client takes them all.
+        client.send(b"SEND x\n" * 500)
+        assert client.sync() == [NAME_REQUIRED] * 500
+        assert server.stats.disconnections == {}
+        assert server.unsent == 0
+
+
+def test_stalled_output_in_a_quiet_room_is_closed_too() -> None:
+    """Total memory: output stalled for 60 s with nothing new queued meanwhile: closed."""
+    clock = FakeClock()
+    with in_process(clock=clock) as server:
+        alice = Pumped(server)
+        alice.register("alice")
+        stalled = Pumped(server, rcvbuf=4096)
+        stalled.register("stalled")
+        stalled_conn = server_side(stalled)
+        chunk = b"".join(f"SEND {index:04} {'x' * 4000}\n".encode() for index in range(16))
+        for _ in range(8):  # 512 KiB: more than the kernel holds, under the output limit
+            alice.send(chunk)
+            assert alice.sync() == []
+        backed_up = clock.now
+        assert len(stalled_conn.out or b"") > 64 * 1024
+        # Nobody says anything more: no reply or line queued restarts the
+        # check, which must go on by itself.
+        steps = 0
+        while not stalled_conn.closed:
+            steps += 1
+            assert steps <= chat.STALL_TIMEOUT / chat.STALL_CHECK + 2
+            clock.advance(chat.STALL_CHECK)
+            server.run_once(max_wait=0)
+        assert chat.STALL_TIMEOUT <= clock.now - backed_up <= chat.STALL_TIMEOUT + chat.STALL_CHECK
+        assert server.stats.disconnections == {"slow_consumer": 1}
 
 
 def test_stalled_output_is_closed_as_a_slow_consumer() -> None:

@@ -82,6 +82,7 @@ Limits and failures
                                 test_stalled_handshake_is_closed_at_the_deadline,
                                 test_register_timeout_includes_the_handshake,
                                 test_tls_burst_beyond_one_read_is_processed_without_more_input,
+                                test_tls_input_left_behind_a_long_backlog_is_read_without_more_input,
                                 test_tls_end_of_input_with_the_last_lines_in_one_packet,
                                 test_tls_output_the_kernel_cannot_take_waits_in_order,
                                 test_a_read_that_must_write_switches_interest_to_writing,
@@ -100,7 +101,8 @@ The program
   Usage, --help, --log-level    test_help_explains_every_option, test_log_level_in_any_case,
                                 test_log_level_above_info_hides_connections,
                                 test_cluster_options_without_redis_are_ignored_with_a_warning
-  One thread, one loop          test_closing_a_server_twice_is_harmless (ChatServer embedded)
+  One thread, one loop          test_closing_a_server_twice_is_harmless (ChatServer embedded),
+                                test_a_wake_up_is_drained_so_the_loop_waits_again
   Logs                          test_logs_show_events_but_never_message_text,
                                 test_log_name_starts_every_line
   Ctrl-C or SIGTERM             test_signal_stops_the_server_within_a_second,
@@ -2693,6 +2695,35 @@ def test_tls_burst_beyond_one_read_is_processed_without_more_input(
         server.close()
 
 
+def test_tls_input_left_behind_a_long_backlog_is_read_without_more_input(
+    tls_files: TLSFiles,
+) -> None:
+    """TLS, fairness: 300,000 blank lines, then a SEND, in one burst: the SEND is relayed."""
+    # One read of blank lines queues far more than LINES_PER_TURN, so the
+    # connection is not read again until they are processed; by then the
+    # rest of the burst is decrypted in the transport and the kernel is
+    # empty, and no event will come: only the read-again list brings it back.
+    server = chat.ChatServer("127.0.0.1", 0, tls=tls_config(tls_files))
+    address = ("127.0.0.1", tls_port_of(server))
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            clients = [pool.submit(TLSClient, address) for _ in range(2)]
+            pump(server, lambda: all(client.done() for client in clients), "the handshakes")
+            sender, reader = (client.result() for client in clients)
+            for client, name in ((sender, "sender"), (reader, "reader")):
+                done = pool.submit(client.register, name)
+                pump(server, done.done, "a name")
+                done.result()
+            pool.submit(sender.send, b"\n" * 300_000 + b"SEND done\n").result(TIMEOUT)
+            relayed = pool.submit(reader.lines, 1)
+            pump(server, relayed.done, "the line after the blank ones")
+            assert relayed.result() == receives("sender", [b"done"])
+            sender.close()
+            reader.close()
+    finally:
+        server.close()
+
+
 def test_tls_end_of_input_with_the_last_lines_in_one_packet(tls_server: RunningServer) -> None:
     """End of input over TLS: close_notify with the last lines, TCP open: processed, then closed."""
     reader = tls_server.member("reader")
@@ -3151,6 +3182,17 @@ def test_closing_a_server_twice_is_harmless() -> None:
     server.close()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+
+
+def test_a_wake_up_is_drained_so_the_loop_waits_again() -> None:
+    """One loop: after a wake-up (what stop and SIGHUP do) select has nothing ready, so it waits."""
+    server = chat.ChatServer("127.0.0.1", 0)
+    try:
+        server.reload_tls()  # without TLS: logged and ignored, but it wakes the loop
+        server.run_once(max_wait=TIMEOUT)
+        assert server._selector.select(0) == []  # the wake-up socket would spin it
+    finally:
+        server.close()
 
 
 # --- Timers: one heap, one clock (a fake one here) ---------------------------
