@@ -820,6 +820,32 @@ def test_send_buffer_is_fixed() -> None:
     assert found["sndbuf"] <= 256 * 1024
 
 
+def test_freed_output_buffers_go_back_to_the_system() -> None:
+    """Total memory: chat.py fixes glibc's mmap threshold: freed buffers go back to the system."""
+    # In a fresh interpreter, as chat.py's main does it: after one large
+    # block is freed, glibc would serve 100 KiB buffers from its heap, and
+    # freeing every other one would give nothing back.
+    script = """
+import os, sys
+import chat
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+assert chat.return_large_buffers_to_the_system()
+large = bytearray(4 << 20)
+del large
+buffers = [bytearray(b"x" * (100 * 1024)) for _ in range(400)]
+before = rss()
+del buffers[::2]
+print(before - rss())
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert result.returncode == 0, result.stderr
+    returned = int(result.stdout)
+    assert returned >= 15 << 20, f"{returned} bytes of 20 MiB freed went back to the system"
+
+
 def test_over_the_budget_the_largest_is_closed_first_until_it_fits() -> None:
     """Total memory: over the budget, the largest are closed first, until it fits."""
     budget = 800 * 1024
