@@ -137,13 +137,13 @@ def name_keys(command: SetName) -> tuple[str, ...]:
     """Every form under which a name is held, one per FORMS: two names are
     the same when any of their forms are equal (PROTOCOL.md, USERNAME): the
     NFKC+casefold key, or what the name looks like as typed, or what its key
-    looks like. Equal forms share one string: with 10,000 members, every
-    object per name counts."""
-    key, look, key_look = command.key, command.skeleton, command.key_skeleton
-    if look == key:
-        look = key
-    if key_look == look:
-        key_look = look
+    looks like. A form equal to the name as typed, or to another form,
+    shares its string: with 10,000 members, every object per name counts."""
+    shared = {command.name: command.name}
+    key, look, key_look = (
+        shared.setdefault(form, form)
+        for form in (command.key, command.skeleton, command.key_skeleton)
+    )
     return (key, look, key_look)
 
 

@@ -184,6 +184,20 @@ def test_dropping_a_name_leaves_the_member_without_one() -> None:
     assert list(room.members) == []
 
 
+@pytest.mark.parametrize(
+    ("typed", "distinct_forms"), [("alice", 1), ("u123", 2), ("Alice", 2), ("ＴＥＩＸＥ", 3)]
+)
+def test_equal_forms_of_a_name_share_one_string(typed: str, distinct_forms: int) -> None:
+    """The table of names: a form equal to the name as typed, or to another form, is that
+    string, not a copy (10,000 idle members each hold their forms)."""
+    room, _ = make_room()
+    member = FakeMember("m")
+    set_name(room, member, typed)
+    assert member.name == typed
+    forms = [member.name, *member.keys]
+    assert len({id(form) for form in forms}) == len(set(forms)) == distinct_forms
+
+
 # --- The turn's batch ------------------------------------------------------
 
 
