@@ -879,7 +879,7 @@ class Door:
         self._stats.disconnections[reason] += 1
         try:
             if line:
-                sock.send(line)
+                self._stats.bytes_sent += sock.send(line)
             # Unread input would turn close() into a reset that can destroy
             # the reply in flight; drop what already arrived.
             sock.recv(READ_SIZE)

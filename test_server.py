@@ -3037,7 +3037,10 @@ def test_metrics_count_what_happens(monitored: RunningServer) -> None:
     assert samples["chat_connections_accepted_total"] == 3
     assert samples["chat_messages_total"] == 2
     assert samples["chat_deliveries_total"] == 2  # each to bob only
-    assert samples["chat_bytes_sent_total"] >= 2 * len(receive("alice", "one"))
+    # Four replies to PING (two syncs each), two RECEIVE lines, the refusal.
+    replies = 4 * len(SYNC_REPLY + b"\n")
+    lines = len(receive("alice", "one") + receive("alice", "two")) + 2
+    assert samples["chat_bytes_sent_total"] == replies + lines + len(SERVER_FULL + b"\n")
     assert samples["chat_unsent_bytes"] == 0
     assert samples["chat_connections_refused_total{server_full}"] == 1
     assert samples["chat_disconnections_total{server_full}"] == 1
