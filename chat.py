@@ -2,10 +2,12 @@
 
     python3 chat.py 8080        then, in two terminals: nc localhost 8080
 
-PROTOCOL.md is the contract. Three modules share the work: protocol.py
-knows what a line means, room.py knows who holds which name and what the
-turn says to whom, and this module, the reactor, moves bytes and keeps
-time. One turn of the loop (`ChatServer.run_once`):
+PROTOCOL.md is the contract. protocol.py knows what a line means, room.py
+knows who holds which name and what the turn says to whom, and this
+module, the reactor, moves bytes and keeps time. Beside them, tls.py is
+TLS as a transport, metrics.py renders the counts for GET /metrics, and
+cluster.py (imported only with --redis) is the room over Redis. One turn
+of the loop (`ChatServer.run_once`):
 
 1. select: wait for readable and writable sockets until the next timer is
    due, without waiting at all while some connection still has received
@@ -16,8 +18,9 @@ time. One turn of the loop (`ChatServer.run_once`):
    until it shrinks. New connections come in through the `Door`, which
    applies --max-clients and --max-per-address.
 3. timers: run the callbacks that are due (the accept pause, register
-   timeouts, the check for stalled output, TLS handshake deadlines, cluster
-   mode's renewals and retries), from one heap read against one clock.
+   timeouts, the check for stalled output, TLS handshake deadlines, metrics
+   requests' deadlines, cluster mode's renewals and retries), from one heap
+   read against one clock.
 4. process: up to LINES_PER_TURN queued lines per connection, round robin,
    each parsed by protocol.parse_line and handed to the room: `publish` for
    an accepted SEND, `set_name` for a valid USERNAME. Answers go to the
@@ -110,7 +113,7 @@ ACCEPT_PAUSE: Final = 0.1
 # one connection failed".
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
-# PROTOCOL.md, "Real networks (v2)".
+# PROTOCOL.md, "Real networks".
 # Dead peers: keepalive probes after this long idle (--keepalive), and the
 # bound on unacknowledged output with keepalive off.
 DEFAULT_KEEPALIVE: Final = 30
@@ -1444,7 +1447,7 @@ def _at_least(minimum: int) -> Callable[[str], int]:
         try:
             number = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+            raise argparse.ArgumentTypeError(f"invalid number {text!r}: a whole number") from None
         if number < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {number}")
         return number
@@ -1555,7 +1558,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_KEEPALIVE,
         metavar="SECONDS",
         help="probe a client that has been quiet this long, so that one that vanished "
-        "(network cut, laptop closed) is disconnected within about 2 x SECONDS; 0: no "
+        "(network cut, laptop closed) is disconnected after about 2 x SECONDS (at most "
+        "4 x SECONDS + 10 s); 0: no "
         f"probes, and unacknowledged output gives up after {UNACKED_LIMIT_WITHOUT_KEEPALIVE} s "
         f"(default: {DEFAULT_KEEPALIVE})",
     )
@@ -1612,7 +1616,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         metavar="NAME",
         help="start every log line with [NAME], to tell servers apart in one log "
-        "(default: none; with --redis, the port)",
+        "(default: none; with --redis, the port it listens on)",
     )
     parser.add_argument(
         "--metrics-port",
@@ -1659,7 +1663,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_LEASE_MS,
         metavar="MS",
         help="with --redis: how long a name stays taken in Redis after its server "
-        f"stops renewing it, e.g. because it died (default: {DEFAULT_LEASE_MS})",
+        f"stops renewing it, e.g. because it died; at least {MIN_LEASE_MS} "
+        f"(default: {DEFAULT_LEASE_MS})",
     )
     cluster.add_argument(
         "--redis-timeout",
@@ -1668,7 +1673,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="SECONDS",
         help="with --redis: every request to Redis must be answered within SECONDS; "
         "if one is not, Redis counts as unreachable and SENDs waiting for it get "
-        f"'ERROR Service unavailable.' (default: {DEFAULT_REDIS_TIMEOUT:g})",
+        f"'ERROR Service unavailable.'; {MIN_REDIS_TIMEOUT:g} to {MAX_REDIS_TIMEOUT:g} "
+        f"(default: {DEFAULT_REDIS_TIMEOUT:g})",
     )
     args = parser.parse_args(argv)
     given = [args.tls_port is not None, args.tls_cert is not None, args.tls_key is not None]
@@ -1731,7 +1737,7 @@ _M_MMAP_THRESHOLD: Final = -3
 # system when they are freed. Left to itself, glibc raises its threshold to
 # the size of every large block freed (up to 32 MiB), so slow consumers'
 # growing buffers come from the heap and fragment it: 2,000 of them under
-# the default output budget of 256 MiB peaked at 370 MiB of memory, and
+# the default output budget of 256 MiB peaked at 365 MiB of memory, and
 # 300 MiB stayed after they were closed. Just above READ_SIZE, so that
 # reads stay on the heap.
 MMAP_THRESHOLD: Final = READ_SIZE + 4096

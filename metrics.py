@@ -1,7 +1,7 @@
 """Monitoring: `GET /metrics` in the Prometheus text format (0.0.4).
 
-PROTOCOL.md, "Monitoring (v2)". The server counts events where they happen
-(chat.Stats); this module only renders a snapshot of those counts and
+PROTOCOL.md, "Monitoring". The server counts events where they happen
+(`Stats`, below); this module only renders a snapshot of those counts and
 serves it over a minimal HTTP/1.x, in the reactor's own loop, with the same
 care as chat connections: each request is read in a bounded buffer, has a
 deadline, and is answered and closed. A slow or broken HTTP client costs

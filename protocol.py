@@ -21,7 +21,7 @@ from typing import Final, NamedTuple
 
 from confusables_table import CONFUSABLES
 
-# PROTOCOL.md, "Transport and framing": the longest line, not counting its
+# PROTOCOL.md, "Lines": the longest line, not counting its
 # "\r\n" or "\n". Longer lines are answered once with LINE_TOO_LONG.
 MAX_LINE_BYTES: Final = 4096
 # PROTOCOL.md, "USERNAME": counted in code points, not bytes.
@@ -57,7 +57,7 @@ MESSAGE_EMPTY: Final = format_error("Message cannot be empty.")
 MESSAGE_INVALID: Final = format_error("Message contains invalid characters.")
 UNRECOGNISED: Final = format_error("Unrecognised command.")
 SERVER_FULL: Final = format_error("Server is full.")
-# PROTOCOL.md, "Real networks (v2)".
+# PROTOCOL.md, "Real networks".
 TOO_MANY_FROM_ADDRESS: Final = format_error("Too many connections from your address.")
 TIMED_OUT_WAITING: Final = format_error("Timed out waiting for USERNAME.")
 # Cluster mode only: the server cannot reach Redis just now.
@@ -274,7 +274,7 @@ def split_lines(data: bytes, partial: bytes = b"", discarding: bool = False) -> 
     return LineSplit(lines, tail, False)
 
 
-# Telnet (RFC 854), as PROTOCOL.md's "Telnet (v2)" has it. IAC is 0xFF,
+# Telnet (RFC 854), as PROTOCOL.md's "Telnet" has it. IAC is 0xFF,
 # which UTF-8 never uses, so a netcat user can never send one by accident.
 IAC: Final = 0xFF
 _DONT: Final = 0xFE

@@ -1,4 +1,4 @@
-"""PROTOCOL.md, "Real networks (v2)": dead peers, unregistered connections,
+"""PROTOCOL.md, "Real networks": dead peers, unregistered connections,
 per-address limits, the total output budget and stalled output.
 
 Three ways of holding time here, none of them sleep-and-hope:

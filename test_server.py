@@ -9,13 +9,13 @@ has been handed to the recipients' sockets. Tests wait on such replies
 read has a timeout. The contract's lines, the clients and the servers
 (`server`, `start_server`, `launch`) are in conftest.py.
 
-The sections follow PROTOCOL.md's headings, in its order; each test's
-docstring names the contract row it holds. Index:
+The sections follow the headings of this repository's PROTOCOL.md, in its
+order; each test's docstring names the contract row it holds. Index:
 
-The chat protocol (v2), its preamble: "what a person typing into nc expects"
+Its opening: "what a person typing into nc localhost 8080 would expect"
     test_seed_session_one, test_seed_session_two (the README's sessions)
     test_nc_seed_session_two, test_nc_seed_session_one (the real nc)
-Transport and framing
+Connecting; Lines
   TCP, dual-stack; --host       test_default_host_serves_ipv4_and_ipv6_together,
                                 test_program_without_host_serves_ipv4_and_ipv6
   Port, PORT, port 0            test_module_port_is_the_default,
@@ -30,7 +30,7 @@ Transport and framing
                                 test_ten_megabyte_line_is_refused_once_in_bounded_memory
   An empty line is ignored      test_blank_lines_get_no_reply,
                                 test_megabytes_of_blank_lines_cost_linear_time
-  Telnet (v2)                   test_telnet_ctrl_c_is_answered_and_drops_the_unfinished_line,
+  Telnet                        test_telnet_ctrl_c_is_answered_and_drops_the_unfinished_line,
                                 test_telnet_interrupt_or_abort_output_drops_the_unfinished_line,
                                 test_telnet_every_ctrl_c_is_answered,
                                 test_telnet_options_are_refused_once_per_verb_and_option,
@@ -74,8 +74,8 @@ Limits and failures
                                 test_resets_in_the_middle_of_a_broadcast_spare_the_others,
                                 test_connect_reset_cycles_leak_no_descriptors
   No input can crash it         see "Model-based and fuzz tests"
-  Real networks (v2)            test_real_networks.py (network namespaces, the fake clock)
-  TLS (v2)                      test_tls_seed_session_one, test_tls_seed_session_two,
+Real networks                   test_real_networks.py (network namespaces, the fake clock)
+TLS                             test_tls_seed_session_one, test_tls_seed_session_two,
                                 test_tls_and_plain_users_share_one_room,
                                 test_openssl_s_client_session, test_ncat_ssl_session,
                                 test_failed_handshake_closes_that_connection_only,
@@ -92,7 +92,7 @@ Limits and failures
                                 test_tls_slow_consumer_is_disconnected_others_unaffected,
                                 test_tls_options_are_explained_and_checked,
                                 test_state_machine_with_tls_clients
-  Monitoring (v2)               test_metrics_has_every_metric_of_the_contract,
+Monitoring                      test_metrics_has_every_metric_of_the_contract,
                                 test_metrics_count_what_happens,
                                 test_metrics_other_requests_get_404,
                                 test_a_slow_metrics_client_is_dropped_at_its_deadline_and_never_blocks_the_chat,
@@ -252,7 +252,7 @@ def take_name_within(client: Client, name: str, seconds: float) -> None:
 
 
 # ============================================================================
-# The chat protocol (v2): the README's sessions, as a person types them into nc
+# The opening: the README's sessions, as a person types them into nc
 # ============================================================================
 
 
@@ -336,7 +336,7 @@ def test_nc_seed_session_one(server: RunningServer, crlf: bool) -> None:
 
 
 # ============================================================================
-# Transport and framing
+# Connecting; Lines
 # ============================================================================
 
 
@@ -698,7 +698,7 @@ def test_megabytes_of_blank_lines_cost_linear_time() -> None:
         server.finish()
 
 
-# --- Telnet (v2) -------------------------------------------------------------
+# --- Telnet ------------------------------------------------------------------
 #
 # The telnet bytes are typed here from RFC 854 and 860, never imported from
 # protocol.py. The raw-socket tests speak telnet by hand; the last two run the
@@ -945,7 +945,7 @@ def test_plain_clients_never_receive_an_iac_byte(server: RunningServer) -> None:
         assert b"\xff" not in stream, (name, bytes(stream))
 
 
-# --- Telnet (v2): the real `telnet` client ------------------------------------
+# --- Telnet: the real `telnet` client -----------------------------------------
 
 
 @pytest.fixture
@@ -2381,12 +2381,16 @@ def test_connect_reset_cycles_leak_no_descriptors() -> None:
 # See "Model-based and fuzz tests" at the end of this file.
 
 
-# --- Real networks (v2) ------------------------------------------------------
+# ============================================================================
+# Real networks
+# ============================================================================
 # In test_real_networks.py: dead peers (network namespaces), unregistered
 # connections, per address, total memory, stalled output.
 
 
-# --- TLS (v2) ----------------------------------------------------------------
+# ============================================================================
+# TLS
+# ============================================================================
 # Certificates: the `tls_files` fixture (conftest.py), made with openssl.
 
 
@@ -2930,7 +2934,9 @@ def test_tls_options_are_explained_and_checked(tls_files: TLSFiles) -> None:
     assert mismatched.stderr.count(b"\n") == 1
 
 
-# --- Monitoring (v2) ---------------------------------------------------------
+# ============================================================================
+# Monitoring
+# ============================================================================
 
 
 def scrape(address: tuple[str, int], request: bytes = b"GET /metrics HTTP/1.1\r\n\r\n") -> bytes:

@@ -1,6 +1,6 @@
 """TLS for the reactor: a `Transport` that speaks TLS over a plain socket.
 
-PROTOCOL.md, "TLS (v2)". chat.py's reactor reads and writes every
+PROTOCOL.md, "TLS". chat.py's reactor reads and writes every
 connection through `conn.sock` (`recv`, `send`, `close`, `fileno`). A plain
 connection's `sock` is its socket; a TLS connection's is a `TLSTransport`:
 an `ssl.SSLObject` between two `ssl.MemoryBIO`s, over the raw non-blocking
