@@ -2932,6 +2932,18 @@ def test_tls_options_are_explained_and_checked(tls_files: TLSFiles) -> None:
     assert mismatched.returncode == 2
     assert mismatched.stderr.startswith(b"chat.py: cannot load the TLS certificate: ")
     assert mismatched.stderr.count(b"\n") == 1
+    missing = tls_files.key.with_name("missing.pem")
+    unreadable = run_chat(
+        *("0", "--host", "127.0.0.1", "--tls-port", "0"),
+        *("--tls-cert", str(tls_files.cert), "--tls-key", str(missing)),
+    )
+    assert unreadable.returncode == 2
+    assert (
+        unreadable.stderr
+        == (
+            f"chat.py: cannot load the TLS certificate: {missing}: No such file or directory\n"
+        ).encode()
+    )
 
 
 # ============================================================================

@@ -39,6 +39,7 @@ renegotiation, and TLS 1.2 renegotiation is refused (OP_NO_RENEGOTIATION).
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -99,7 +100,9 @@ def load_context(cert: str, key: str) -> ssl.SSLContext:
         raise TLSConfigError(f"{cert} and {key}: {error.reason or error}") from None
     except OSError as error:
         # load_cert_chain does not say which of the two files it was.
-        raise TLSConfigError(f"{cert} or {key}: {error.strerror or error}") from None
+        unreadable = [path for path in dict.fromkeys((cert, key)) if not os.access(path, os.R_OK)]
+        where = " and ".join(unreadable) or f"{cert} or {key}"
+        raise TLSConfigError(f"{where}: {error.strerror or error}") from None
     return context
 
 
