@@ -140,11 +140,8 @@ def name_keys(command: SetName) -> tuple[str, ...]:
     looks like. A form equal to the name as typed, or to another form,
     shares its string: with 10,000 members, every object per name counts."""
     shared = {command.name: command.name}
-    key, look, key_look = (
-        shared.setdefault(form, form)
-        for form in (command.key, command.skeleton, command.key_skeleton)
-    )
-    return (key, look, key_look)
+    forms = (command.key, command.skeleton, command.key_skeleton)
+    return tuple(shared.setdefault(form, form) for form in forms)
 
 
 class Batch:

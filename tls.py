@@ -6,7 +6,7 @@ connection's `sock` is its socket; a TLS connection's is a `TLSTransport`:
 an `ssl.SSLObject` between two `ssl.MemoryBIO`s, over the raw non-blocking
 socket. So the broadcast (`chat.Writer`) calls `conn.sock.send(data)`
 for both kinds without a branch, and every TLS member encrypts the turn's
-batch once, in one write.
+batch once, in that call (one write per WRITE_CHUNK).
 
 Why memory BIOs rather than an `ssl.SSLSocket`: with an SSLSocket, OpenSSL
 writes to the socket itself, and a write that raises SSLWantWriteError has
