@@ -1086,6 +1086,34 @@ def answer(client: socket.socket) -> bytes:
     return b""
 
 
+class Replies:
+    """What the server has sent a plain client so far, gathered as turns go by."""
+
+    def __init__(self, client: socket.socket) -> None:
+        self.client = client
+        self.got = b""
+
+    def complete(self) -> bool:
+        """Take what has come; whether it ends with a whole line."""
+        self.got += answer(self.client)
+        return self.got.endswith(b"\n")
+
+
+@contextlib.contextmanager
+def alice_with_redis_paused(
+    server: ChatServer, redis: Redis
+) -> Iterator[tuple[socket.socket, Replies]]:
+    """A client of `server` named alice, then Redis paused (CLIENT PAUSE, for
+    10 s): what she sends next waits on Redis."""
+    with socket.create_connection(server.address, timeout=TIMEOUT) as client:
+        client.sendall(b"USERNAME alice\nPING\n")
+        replies = Replies(client)
+        assert turns(server, replies.complete) and replies.got == SYNC_REPLY + b"\n"
+        replies.got = b""
+        assert redis.command(b"CLIENT", b"PAUSE", b"10000", b"ALL") == b"OK"
+        yield client, replies
+
+
 def test_a_held_sender_is_not_read_and_not_watched_once_it_has_input(redis: Redis) -> None:
     """Cluster mode: a sender held until Redis stores its turn keeps its read
     interest (no epoll_ctl per hold) until input arrives; that input is not
@@ -1093,23 +1121,13 @@ def test_a_held_sender_is_not_read_and_not_watched_once_it_has_input(redis: Redi
     spin on it), until it is resumed."""
     timeout = 2.0
     server, clock, _ = fake_clock_server(redis, timeout)
+
+    def watched_for_reading(conn: Connection) -> bool:
+        key = server._selector.get_map().get(conn.sock)
+        return key is not None and bool(key.events & EVENT_READ)
+
     try:
-        with socket.create_connection(server.address, timeout=TIMEOUT) as client:
-            client.sendall(b"USERNAME alice\nPING\n")
-            got = b""
-
-            def replied() -> bool:
-                nonlocal got
-                got += answer(client)
-                return got.endswith(b"\n")
-
-            def watched_for_reading(conn: Connection) -> bool:
-                key = server._selector.get_map().get(conn.sock)
-                return key is not None and bool(key.events & EVENT_READ)
-
-            assert turns(server, replied) and got == SYNC_REPLY + b"\n"
-            got = b""
-            assert redis.command(b"CLIENT", b"PAUSE", b"10000", b"ALL") == b"OK"
+        with alice_with_redis_paused(server, redis) as (client, replies):
             client.sendall(b"SEND hello\n")
             assert turns(server, lambda: len(server._held) == 1)
             (conn,) = server._held
@@ -1117,12 +1135,12 @@ def test_a_held_sender_is_not_read_and_not_watched_once_it_has_input(redis: Redi
             client.sendall(b"PING\n")
             assert turns(server, lambda: not watched_for_reading(conn))
             assert conn.backlog() == 0 and conn.partial == b""  # left in the kernel
-            assert not turns(server, replied, 30)
+            assert not turns(server, replies.complete, 30)
             wait = server._select_timeout(None)
             assert wait is not None and wait > 0  # select waits for the next timer
             clock.advance(timeout)
-            assert turns(server, lambda: replied() and got.count(b"\n") == 2)
-            assert got == SERVICE_UNAVAILABLE + b"\n" + SYNC_REPLY + b"\n"
+            assert turns(server, lambda: replies.complete() and replies.got.count(b"\n") == 2)
+            assert replies.got == SERVICE_UNAVAILABLE + b"\n" + SYNC_REPLY + b"\n"
             assert watched_for_reading(conn) and not server._held
     finally:
         server.close()
@@ -1135,25 +1153,14 @@ def test_a_send_not_stored_within_the_deadline_is_answered_unavailable(redis: Re
     timeout = 2.0
     server, clock, room = fake_clock_server(redis, timeout)
     try:
-        with socket.create_connection(server.address, timeout=TIMEOUT) as client:
-            client.sendall(b"USERNAME alice\nPING\n")
-            got = b""
-
-            def replied() -> bool:
-                nonlocal got
-                got += answer(client)
-                return got.endswith(b"\n")
-
-            assert turns(server, replied) and got == SYNC_REPLY + b"\n"
-            got = b""
-            assert redis.command(b"CLIENT", b"PAUSE", b"10000", b"ALL") == b"OK"
+        with alice_with_redis_paused(server, redis) as (client, replies):
             client.sendall(b"SEND hello\nPING\n")
-            assert not turns(server, replied, 30)  # held: the PING waits too
+            assert not turns(server, replies.complete, 30)  # held: the PING waits too
             clock.advance(timeout - 0.01)
-            assert not turns(server, replied, 30)
+            assert not turns(server, replies.complete, 30)
             clock.advance(0.01)
-            assert turns(server, lambda: replied() and got.count(b"\n") == 2)
-            assert got == SERVICE_UNAVAILABLE + b"\n" + SYNC_REPLY + b"\n"
+            assert turns(server, lambda: replies.complete() and replies.got.count(b"\n") == 2)
+            assert replies.got == SERVICE_UNAVAILABLE + b"\n" + SYNC_REPLY + b"\n"
             assert not room.available
     finally:
         server.close()
