@@ -123,6 +123,7 @@ def last_json(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 
 @pytest.mark.parametrize(("target", "scenario"), CASES, ids=[f"{t}-{s}" for t, s in CASES])
 def test_bench_scenario_runs_and_loses_nothing(target: str, scenario: str) -> None:
+    """bench.py: each scenario runs at a tiny size against each target and loses nothing."""
     require(target)
     if target == "redis":  # target options after the scenario
         args = [*SCENARIOS[scenario], *TARGETS[target], "--timeout", "30"]
@@ -158,6 +159,7 @@ def test_bench_scenario_runs_and_loses_nothing(target: str, scenario: str) -> No
 
 
 def test_no_server_is_one_clear_line() -> None:
+    """bench.py: with no server at the port, one line on stderr and a failing status."""
     with socket.socket() as sock:  # a port where nothing listens
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -169,18 +171,21 @@ def test_no_server_is_one_clear_line() -> None:
 
 
 def test_help_names_the_default_target() -> None:
+    """bench.py: --help names the default host and port."""
     out = run_bench("--help").stdout
     assert "127.0.0.1" in out
     assert "8080" in out
 
 
 def test_server_arg_needs_spawn() -> None:
+    """bench.py: --server-arg without --spawn is refused, saying so."""
     done = run_bench("--server-arg=--keepalive=5", "conns", check=False)
     assert done.returncode != 0
     assert "--spawn" in done.stderr
 
 
 def test_server_args_before_and_after_the_scenario_add_up() -> None:
+    """bench.py: target options count on either side of the scenario."""
     args = bench.parse_args(["--spawn", "--server-arg=a", "conns", "--server-arg=b", "--port", "9"])
     assert args.server_args == ["a", "b"]
     assert args.port == 9

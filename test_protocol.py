@@ -532,6 +532,7 @@ CONTRACT_LOOKALIKES = [
 
 @pytest.mark.parametrize(("name", "same", "other"), CONTRACT_LOOKALIKES)
 def test_contract_lookalike_examples(name: str, same: str, other: str | None) -> None:
+    """USERNAME (v2): each look-alike example of the contract is the same name, both ways."""
     held = parse_line(b"USERNAME " + name.encode())
     lookalike = parse_line(b"USERNAME " + same.encode())
     assert isinstance(held, SetName)
@@ -609,6 +610,7 @@ LOOKALIKE_ATTEMPTS = [
 
 @pytest.mark.parametrize(("held", "attempt", "refusal"), LOOKALIKE_ATTEMPTS)
 def test_lookalike_name_is_refused(held: str, attempt: str, refusal: bytes) -> None:
+    """USERNAME (v2): a look-alike of a held name is refused (taken, or invalid characters)."""
     holder = parse_line(b"USERNAME " + held.encode())
     assert isinstance(holder, SetName)
     command = parse_line(b"USERNAME " + attempt.encode())
@@ -633,6 +635,7 @@ DISTINCT_NAMES = [
 
 @pytest.mark.parametrize(("first", "second"), DISTINCT_NAMES)
 def test_different_names_stay_apart(first: str, second: str) -> None:
+    """USERNAME (v2): names that differ to the eye stay two names (café and cafe, r00t and root)."""
     one = parse_line(b"USERNAME " + first.encode())
     other = parse_line(b"USERNAME " + second.encode())
     assert isinstance(one, SetName)
@@ -718,6 +721,7 @@ def test_skeleton_ascii_shortcut(text: str) -> None:
 
 
 def test_skeleton_ascii_shortcut_on_every_ascii_character() -> None:
+    """Skeletons: the ASCII shortcut agrees with UTS #39 on every ASCII character."""
     for point in range(128):
         char = chr(point)
         assert skeleton(char) == model_skeleton(char)
@@ -1311,6 +1315,7 @@ def test_other_commands_are_dropped_silently(command: bytes) -> None:
 
 
 def test_subnegotiation_is_skipped_whatever_it_holds() -> None:
+    """Telnet: a subnegotiation is skipped whole, newlines and IAC IAC in it included."""
     body = b"\x00xterm\n\r\nSEND no\n" + cmd(IAC) + b"\xf0" + cmd(NOP)
     got = feed_receive([b"SEND a" + cmd(SB, TTYPE) + body + cmd(SE) + b"b\n"])
     assert (got.lines, got.replies) == ([b"SEND ab"], b"")
@@ -1334,6 +1339,7 @@ def test_interrupt_ends_an_over_long_line() -> None:
 
 
 def test_interrupt_drops_only_the_unfinished_line() -> None:
+    """Telnet: Abort Output drops the unfinished line only; the lines around it stay."""
     got = feed_receive([b"SEND one\nSEND tw", b"o\r" + cmd(AO) + b"\nSEND three\n"])
     assert got.lines == [b"SEND one", b"", b"SEND three"]
 
