@@ -80,9 +80,10 @@ from types import FrameType
 from typing import Final, NoReturn, Protocol, cast
 
 import protocol
+from host import CLOSE_REASONS, Host, Member
 from metrics import Metric, MetricsServer, Stats, chat_metrics
 from protocol import BadSend, Blank, Reply, Send, SetName
-from room import NO_KEYS, Batch, ConfigurationError, Host, LocalRoom, Member, Room
+from room import NO_KEYS, Batch, ConfigurationError, LocalRoom, Room
 from tls import TLSConfig, TLSConfigError, TLSTransport, error_detail, load_context
 
 PORT = 8080
@@ -359,23 +360,6 @@ class Outbox:
     def stalled(self, now: float, after: float) -> list[Connection]:
         """Connections whose output has not shrunk for `after` seconds."""
         return [conn for conn, when in self._shrank_at.items() if now - when >= after]
-
-
-# Why a connection was closed: the label of chat_disconnections_total, and
-# the words of the log line.
-CLOSE_REASONS: Final = {
-    "client_closed": "client closed the connection",
-    "reset": "connection reset",
-    "slow_consumer": "slow consumer",
-    "memory_budget": "slow consumer: over the total output budget",
-    "timed_out": "timed out: the peer stopped answering",
-    "registration_timeout": "no USERNAME in time",
-    "per_address": "too many connections from its address",
-    "server_full": "server is full",
-    "tls_handshake": "TLS handshake failed",
-    "server_shutdown": "server shutting down",
-    "internal_error": "internal error",
-}
 
 
 def error_reason(conn: Connection, error: OSError) -> tuple[str, str]:

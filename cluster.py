@@ -76,9 +76,10 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 
 import protocol
+from host import Host, Member, Timer
 from metrics import Metric, counter, gauge
 from protocol import SetName
-from room import FORMS, ConfigurationError, Host, LocalRoom, Member, Room, Timer, name_keys
+from room import FORMS, ConfigurationError, LocalRoom, Room, name_keys
 
 log = logging.getLogger("chat")
 

@@ -18,10 +18,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from selectors import EVENT_READ, EVENT_WRITE
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
-if TYPE_CHECKING:  # room.py imports Metric from here
-    from room import Host, Timer
+from host import CLOSE_REASONS, REFUSAL_REASONS, Host, Timer
 
 log = logging.getLogger("chat")
 
@@ -33,22 +32,8 @@ REQUEST_DEADLINE: Final = 5.0
 MAX_SCRAPERS: Final = 16
 
 
-# The label values of chat_connections_refused_total and
-# chat_disconnections_total, in the contract's order.
-REFUSAL_REASONS: Final = ("server_full", "per_address")
-DISCONNECTION_REASONS: Final = (
-    "client_closed",
-    "reset",
-    "slow_consumer",
-    "memory_budget",
-    "timed_out",
-    "registration_timeout",
-    "per_address",
-    "server_full",
-    "tls_handshake",
-    "server_shutdown",
-    "internal_error",
-)
+# The label values of chat_disconnections_total, in the contract's order.
+DISCONNECTION_REASONS: Final = tuple(CLOSE_REASONS)
 
 
 @dataclass

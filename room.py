@@ -27,6 +27,7 @@ from collections.abc import Callable, Collection
 from typing import Final, Protocol
 
 import protocol
+from host import Host, Member
 from metrics import Metric
 from protocol import SetName
 
@@ -37,59 +38,6 @@ class ConfigurationError(Exception):
     """The room cannot be set up as configured (cluster mode: a bad Redis
     URL, a host that does not resolve, a refused password). `main` prints
     it as one line and exits non-zero."""
-
-
-class Member(Protocol):
-    """A connection, as the room sees it. The room is the only writer of
-    `name`, `keys` and `receive_prefix`."""
-
-    name: str | None  # as typed; None until the first accepted USERNAME
-    # Every form under which the room holds the name (see `name_keys`);
-    # empty while there is no name.
-    keys: tuple[str, ...]
-    receive_prefix: bytes  # b"RECEIVE <name> ", made once per name
-    closed: bool
-
-
-class Timer(Protocol):
-    def cancel(self) -> None: ...
-
-
-class Host(Protocol):
-    """What a room may ask of the reactor that runs it."""
-
-    def now(self) -> float:
-        """The reactor's clock (time.monotonic, or a test's fake clock)."""
-        ...
-
-    def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
-        """Run `callback` once the clock reaches `when`, unless cancelled."""
-        ...
-
-    def reply(self, member: Member, line: bytes) -> None:
-        """Answer `member`, in its place among the turn's lines."""
-        ...
-
-    def hold(self, member: Member) -> None:
-        """Stop processing `member`'s lines (its USERNAME waits for an
-        answer; in cluster mode, its SENDs too) until `resume`. Lines after
-        SENDs held this way are still processed if they are SENDs too."""
-        ...
-
-    def resume(self, member: Member) -> None: ...
-
-    def disconnect(self, member: Member, detail: str) -> None:
-        """Close `member` at the end of the turn, once its output is flushed,
-        as a slow consumer (cluster mode: its server fell behind); `detail`
-        says why in the log."""
-        ...
-
-    def watch(self, sock: object, events: int, handler: Callable[[int], None]) -> None:
-        """Watch a socket of the room's own (Redis) for `events`;
-        `handler(mask)` runs when it is ready."""
-        ...
-
-    def unwatch(self, sock: object) -> None: ...
 
 
 class Room(Protocol):

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 import protocol
 from conftest import NAME_TAKEN
-from room import NO_KEYS, Batch, LocalRoom, Member
+from host import Member
+from room import NO_KEYS, Batch, LocalRoom
 
 
 @dataclass(eq=False)  # hashed by identity, as connections are
