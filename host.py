@@ -11,7 +11,7 @@ can all import it without any of them importing another back.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 
 class Member(Protocol):
@@ -65,6 +65,27 @@ class Host(Protocol):
         ...
 
     def unwatch(self, sock: object) -> None: ...
+
+
+class WritesWatched(Protocol):
+    """Something whose socket is watched for writing while `wants_write`."""
+
+    wants_write: bool
+
+
+Watched = TypeVar("Watched", bound=WritesWatched)
+
+
+def watch_writes_while(watched: Watched, unsent: bool, rewatch: Callable[[Watched], None]) -> None:
+    """Watch for writing while, and only while, bytes remain: after a send,
+    `unsent` says whether any are left; when that is not what is watched
+    already, `wants_write` takes it and `rewatch(watched)` changes the
+    selector (an epoll_ctl, so only on a change: a writable socket nobody
+    writes to would make select spin, and re-asking every send would cost
+    a system call each)."""
+    if unsent != watched.wants_write:
+        watched.wants_write = unsent
+        rewatch(watched)
 
 
 # Why a connection was closed, in the contract's order: the label of

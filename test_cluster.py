@@ -1006,10 +1006,10 @@ def test_redis_back_off_doubles_up_to_its_cap_with_jitter() -> None:
             # The refused connect shows as an event; its _fail sets the retry.
             for _ in range(50):
                 server.run_once(max_wait=0.1)
-                due = server._timers.next_due()
+                due = server.view.next_timer_due()
                 if due is not None and due - clock.now != timeout:
                     break
-            due = server._timers.next_due()
+            due = server.view.next_timer_due()
             assert due is not None
             waits.append(due - clock.now)
             clock.advance(due - clock.now)
@@ -1037,12 +1037,12 @@ def test_leases_are_renewed_every_third_of_the_lease(redis: Redis) -> None:
         key = redis_keys("alice")[0]
         assert 0 < redis.command(b"PTTL", key) <= 3000
         # The renewal is due a third of the lease after connecting.
-        assert server._timers.next_due() == pytest.approx(clock.now + 1.0)
+        assert server.view.next_timer_due() == pytest.approx(clock.now + 1.0)
         redis.command(b"PEXPIRE", key, b"100000")
         clock.advance(1.0)
         renewed = turns(server, lambda: 0 < redis.command(b"PTTL", key) <= 3000)
         assert renewed  # to the lease
-        assert server._timers.next_due() == pytest.approx(clock.now + 1.0)
+        assert server.view.next_timer_due() == pytest.approx(clock.now + 1.0)
         alice.close()
     finally:
         server.close()
@@ -1055,7 +1055,7 @@ def fake_clock_server(
     clock = FakeClock()
     factory = cluster_module.room_factory(redis.url, room="chat", lease_ms=30_000, timeout=timeout)
     server = ChatServer("127.0.0.1", 0, clock=clock, room=factory)
-    room = server._room
+    room = server.view.room
     assert isinstance(room, cluster_module.RedisRoom)
     for _ in range(200):
         if room.available:
@@ -1123,25 +1123,24 @@ def test_a_held_sender_is_not_read_and_not_watched_once_it_has_input(redis: Redi
     server, clock, _ = fake_clock_server(redis, timeout)
 
     def watched_for_reading(conn: Connection) -> bool:
-        key = server._selector.get_map().get(conn.sock)
-        return key is not None and bool(key.events & EVENT_READ)
+        return bool(server.view.events(conn) & EVENT_READ)
 
     try:
         with alice_with_redis_paused(server, redis) as (client, replies):
             client.sendall(b"SEND hello\n")
-            assert turns(server, lambda: len(server._held) == 1)
-            (conn,) = server._held
+            assert turns(server, lambda: len(server.view.held()) == 1)
+            (conn,) = server.view.held()
             assert watched_for_reading(conn)  # held, but no input yet
             client.sendall(b"PING\n")
             assert turns(server, lambda: not watched_for_reading(conn))
             assert conn.backlog() == 0 and conn.partial == b""  # left in the kernel
             assert not turns(server, replies.complete, 30)
-            wait = server._select_timeout(None)
+            wait = server.view.select_timeout()
             assert wait is not None and wait > 0  # select waits for the next timer
             clock.advance(timeout)
             assert turns(server, lambda: replies.complete() and replies.got.count(b"\n") == 2)
             assert replies.got == SERVICE_UNAVAILABLE + b"\n" + SYNC_REPLY + b"\n"
-            assert watched_for_reading(conn) and not server._held
+            assert watched_for_reading(conn) and not server.view.held()
     finally:
         server.close()
 
@@ -1179,7 +1178,7 @@ def test_the_first_retry_after_redis_closed_a_working_link_is_at_once(redis: Red
         # At once again, refused this time: then the back-off.
         assert turns(server, lambda: not room.available)
         assert turns(server, lambda: room._retry is not None)
-        due = server._timers.next_due()
+        due = server.view.next_timer_due()
         assert due is not None
         first = cluster_module.BACKOFF_FIRST
         assert first / 2 <= due - clock.now <= first

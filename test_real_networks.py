@@ -87,9 +87,7 @@ def server_side(client: Pumped) -> chat.Connection:
 
 
 def connections(server: ChatServer) -> list[chat.Connection]:
-    selector_map = server._selector.get_map()
-    assert selector_map is not None
-    return [key.data for key in selector_map.values() if isinstance(key.data, chat.Connection)]
+    return server.view.connections()
 
 
 def connection_of(server: ChatServer, client_port: int) -> chat.Connection:
@@ -603,7 +601,7 @@ def test_a_connection_closed_in_time_leaves_no_register_timeout_behind() -> None
         clock.advance(chat.STALL_CHECK)
         server.run_once(max_wait=0)
         # Left behind, the timer would keep the connection until the deadline.
-        assert server._timers.next_due() is None
+        assert server.view.next_timer_due() is None
 
 
 def test_register_timeout_zero_never_closes() -> None:

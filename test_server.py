@@ -204,7 +204,7 @@ from conftest import (
     username,
 )
 from confusables_table import CONFUSABLES
-from tls import TLSConfig
+from tls import TLSConfig, TLSTransport
 
 # ============================================================================
 # Helpers of this file (the shared ones are in conftest.py)
@@ -2186,13 +2186,13 @@ def test_accept_pauses_for_exactly_accept_pause_after_emfile() -> None:
     clock = FakeClock()
     server = chat.ChatServer("127.0.0.1", 0, clock=clock)
     try:
-        listener = FailingListener(server._door._listeners[0].sock)
-        server._door._listeners[0].sock = listener  # type: ignore[assignment]
+        listener = FailingListener(server.view.listeners[0].sock)
+        server.view.listeners[0].sock = listener  # type: ignore[assignment]
         with socket.create_connection(server.address, timeout=TIMEOUT) as client:
             server.run_once(max_wait=TIMEOUT)  # readable listener: EMFILE
             assert listener.accepts == 1
             # The loop would sleep until the pause ends, not spin.
-            assert server._select_timeout(None) == pytest.approx(chat.ACCEPT_PAUSE)
+            assert server.view.select_timeout() == pytest.approx(chat.ACCEPT_PAUSE)
             for _ in range(5):
                 server.run_once(max_wait=0)
             assert listener.accepts == 1  # not watched meanwhile
@@ -2487,8 +2487,7 @@ def pump(server: chat.ChatServer, until: Callable[[], bool], what: str) -> None:
 
 
 def only_connection(server: chat.ChatServer) -> chat.Connection:
-    conns = [key.data for key in server._selector.get_map().values()]
-    found = [conn for conn in conns if isinstance(conn, chat.Connection)]
+    found = server.view.connections()
     assert len(found) == 1, found
     return found[0]
 
@@ -2782,19 +2781,21 @@ def test_a_read_that_must_write_switches_interest_to_writing(
     config = TLSConfig(0, str(chain), str(tls_files.key))
     server = chat.ChatServer("127.0.0.1", 0, tls=config, clock=clock)
     try:
-        assert server._tls is not None and server._tls.listener is not None
-        server._tls.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        tls_listener = server.view.tls_listener
+        assert tls_listener is not None
+        tls_listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         client = BioClient(("127.0.0.1", tls_port_of(server)), receive_buffer=4096)
         client.start_handshake()  # and read nothing yet
         pump(server, lambda: server.open_count == 1, "the connection to be accepted")
         conn = only_connection(server)
-        assert conn.tls is not None
+        tls = conn.sock
+        assert isinstance(tls, TLSTransport)
 
         def watched() -> int:
-            return server._selector.get_key(conn.sock).events
+            return server.view.events(conn)
 
         pump(server, lambda: watched() & EVENT_WRITE != 0, "write interest")
-        assert conn.tls.wants_write and not conn.out
+        assert tls.wants_write and not conn.out
         with ThreadPoolExecutor(1) as pool:
             done: Future[None] = pool.submit(client.finish_handshake)
             pump(server, done.done, "the handshake")
@@ -3211,7 +3212,7 @@ def test_a_wake_up_is_drained_so_the_loop_waits_again() -> None:
     try:
         server.reload_tls()  # without TLS: logged and ignored, but it wakes the loop
         server.run_once(max_wait=TIMEOUT)
-        assert server._selector.select(0) == []  # the wake-up socket would spin it
+        assert server.view.ready_now() == []  # the wake-up socket would spin it
     finally:
         server.close()
 

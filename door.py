@@ -1,0 +1,406 @@
+"""The door: where connections come in, and the limits on who may.
+
+`Door` accepts from the listeners (`open_listener`, with the options
+`tune_for_clients` sets for every accepted socket), refuses connections
+over --max-clients and --max-per-address (`address_key`), pauses
+accepting when the process runs out of file descriptors, and starts each
+connection's --register-timeout. The `TLSPort` is the TLS listener, and
+`TLSKind` what its connections' transport (tls.TLSTransport) tells the
+loop: a new kind of transport comes in here, with its listener and its
+`Kind`, and the read path, the write path and the room stay as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from functools import partial
+from selectors import EVENT_READ, BaseSelector
+from typing import Final, cast
+
+import protocol
+from connection import (
+    HANDSHAKE,
+    READ_SIZE,
+    REGISTRATION,
+    Close,
+    Connection,
+    Kind,
+    Schedule,
+)
+from metrics import Stats
+from timers import Timers
+from tls import TLSConfig, TLSConfigError, TLSTransport, error_detail, load_context
+
+DEFAULT_MAX_CLIENTS: Final = 10_000
+DEFAULT_MAX_PER_ADDRESS: Final = 64
+# Connections accepted per turn, so a connection storm cannot starve the
+# clients already connected.
+ACCEPTS_PER_TURN: Final = 512
+# How long to stop accepting after running out of file descriptors: the
+# listener stays readable meanwhile, so retrying at once would spin.
+ACCEPT_PAUSE: Final = 0.1
+# Errors of accept() that mean "out of descriptors or memory", not "this
+# one connection failed".
+_RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# PROTOCOL.md, "Real networks".
+# Dead peers: keepalive probes after this long idle (--keepalive), and the
+# bound on unacknowledged output with keepalive off.
+DEFAULT_KEEPALIVE: Final = 30
+UNACKED_LIMIT_WITHOUT_KEEPALIVE: Final = 120
+MAX_KEEPALIVE: Final = 32767
+# Unregistered connections are told TIMED_OUT_WAITING and closed after this.
+DEFAULT_REGISTER_TIMEOUT: Final = 60
+# The kernel's send buffer of every connection, fixed so that a client that
+# never reads costs at most the output limit plus this. Linux doubles what
+# is asked for (for its bookkeeping): this gives 256 KiB.
+SEND_BUFFER: Final = 128 * 1024
+# Exempt from --max-per-address: the machine itself (tests, benchmarks, a
+# local proxy). Other loopback addresses count.
+_UNCOUNTED_HOSTS: Final = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
+
+log = logging.getLogger("chat")
+
+
+def format_peer(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = str(address[0]), address[1]
+        host = host.removeprefix("::ffff:")  # an IPv4 client of a dual-stack socket
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address)
+
+
+def address_key(host: str) -> str | None:
+    """What --max-per-address counts a client under: its IPv4 address, or
+    its IPv6 /64 network (one subscriber's share, typically); None for the
+    machine itself."""
+    if host in _UNCOUNTED_HOSTS:
+        return None
+    host = host.removeprefix("::ffff:")
+    if ":" not in host:
+        return host
+    network = ipaddress.IPv6Network((host.partition("%")[0], 64), strict=False)
+    return str(network)
+
+
+def open_listener(
+    host: str | None, port: int, backlog: int = 4096, *, reuse_port: bool = False
+) -> socket.socket:
+    """A non-blocking listening socket: dual-stack IPv6 + IPv4 when `host` is
+    None and the system allows it, else on `host` (a name or an address).
+    `reuse_port` sets SO_REUSEPORT, so that several processes can share the
+    port and the kernel spreads new connections over them."""
+    if host is None:
+        if socket.has_dualstack_ipv6():
+            sock = socket.create_server(
+                ("", port),
+                family=socket.AF_INET6,
+                dualstack_ipv6=True,
+                backlog=backlog,
+                reuse_port=reuse_port,
+            )
+        else:
+            sock = socket.create_server(("", port), backlog=backlog, reuse_port=reuse_port)
+    else:
+        family, _, _, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.create_server(address, family=family, backlog=backlog, reuse_port=reuse_port)
+    sock.setblocking(False)
+    return sock
+
+
+def tune_for_clients(listener: socket.socket, keepalive: int) -> None:
+    """Options every accepted socket inherits from the listener (Linux), so
+    that accepting costs no extra system call: no Nagle (the server
+    coalesces its writes itself), a fixed send buffer, and dead peers
+    noticed (PROTOCOL.md, "Real networks"): keepalive probes after
+    `keepalive` seconds idle, and a bound on unacknowledged output."""
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+    if keepalive:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive)
+        # Three probes a third of the idle time apart: a dead peer is closed
+        # about 2 x `keepalive` after it last spoke.
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, keepalive // 3))
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        unacked = 2 * keepalive
+    else:
+        unacked = UNACKED_LIMIT_WITHOUT_KEEPALIVE
+    # In milliseconds. With keepalive on, Linux also uses it to end probing.
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, unacked * 1000)
+
+
+# What a socket let in becomes: its socket, its peer's address for the
+# logs, and the key --max-per-address counts it under.
+Admit = Callable[[socket.socket, str, str | None], Connection]
+
+
+class Listener:
+    """Selector tag of a listening socket: what to do with the connections
+    it lets in, and whether a refusal may be told to them in plain text
+    (not on the TLS port: the client would read it as a broken record)."""
+
+    __slots__ = ("sock", "admit", "plain")
+
+    def __init__(self, sock: socket.socket, admit: Admit, plain: bool) -> None:
+        self.sock = sock
+        self.admit = admit
+        self.plain = plain
+
+
+class Door:
+    """Where connections come in: accepting from the listeners, refusing
+    those over the limits (--max-clients, --max-per-address), pausing when
+    the process runs out of file descriptors, and timing how long each one
+    takes to choose a name (--register-timeout): `expired` is told of
+    those that take too long."""
+
+    def __init__(
+        self,
+        selector: BaseSelector,
+        schedule: Schedule,
+        timers: Timers,
+        stats: Stats,
+        expired: Callable[[Connection], None],
+        *,
+        max_clients: int,
+        max_per_address: int,
+        register_timeout: float,
+    ) -> None:
+        self.max_clients = max_clients
+        self.max_per_address = max_per_address
+        self.register_timeout = register_timeout
+        self.open_count = 0
+        self._selector = selector
+        self._schedule = schedule
+        self._timers = timers
+        self._stats = stats
+        self._expired = expired
+        self._listeners: list[Listener] = []
+        self._per_address: dict[str, int] = {}
+        self._paused = False
+        self._failing = False  # out of fds since the last good accept
+
+    def open(self, sock: socket.socket, admit: Admit = Connection, *, plain: bool = True) -> None:
+        """Accept from `sock`; `admit` makes each socket let in a connection."""
+        listener = Listener(sock, admit, plain)
+        self._listeners.append(listener)
+        self._selector.register(sock, EVENT_READ, listener)
+
+    def accept(self, listener: Listener) -> None:
+        for _ in range(ACCEPTS_PER_TURN):
+            try:
+                sock, address = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                if error.errno in _RESOURCE_ERRNOS:
+                    self._pause(error)
+                    return
+                # ECONNABORTED and the like: that one client gave up.
+                log.debug("accept failed: %s", error)
+                continue
+            if self._failing:
+                self._failing = False
+                log.warning("accepting connections again")
+            self._let_in(sock, address, listener)
+
+    @property
+    def listeners(self) -> list[Listener]:
+        return list(self._listeners)
+
+    def named(self, conn: Connection) -> None:
+        """`conn` has a name, if its USERNAME was taken: its register
+        timeout ends."""
+        if conn.name is not None:
+            self._schedule.cancel_timer(conn, REGISTRATION)
+
+    def left(self, conn: Connection) -> None:
+        """`conn` has closed (its timers went with it: Schedule.forget)."""
+        self.open_count -= 1
+        key = conn.address_key
+        if key is not None:
+            count = self._per_address[key] - 1
+            if count:
+                self._per_address[key] = count
+            else:
+                del self._per_address[key]
+
+    def close(self) -> None:
+        for listener in self._listeners:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(listener.sock)
+            listener.sock.close()
+        self._listeners.clear()
+
+    def _let_in(self, sock: socket.socket, address: tuple[str, int], listener: Listener) -> None:
+        sock.setblocking(False)
+        peer = format_peer(address)
+        key = address_key(address[0])
+        if self.open_count >= self.max_clients:
+            log.warning("refused %s: server is full (limit %d)", peer, self.max_clients)
+            self._refuse(sock, protocol.SERVER_FULL if listener.plain else b"", "server_full")
+            return
+        if key is not None:
+            count = self._per_address.get(key, 0)
+            if self.max_per_address and count >= self.max_per_address:
+                log.warning(
+                    "refused %s: %d connections from %s already (limit %d)",
+                    peer,
+                    count,
+                    key,
+                    self.max_per_address,
+                )
+                line = protocol.TOO_MANY_FROM_ADDRESS if listener.plain else b""
+                self._refuse(sock, line, "per_address")
+                return
+            self._per_address[key] = count + 1
+        self.open_count += 1
+        self._stats.accepted += 1
+        conn = listener.admit(sock, peer, key)
+        self._schedule.watch_new(conn)
+        if self.register_timeout:
+            self._schedule.start_timer(
+                conn, REGISTRATION, self.register_timeout, partial(self._expired, conn)
+            )
+        log.info("%r connected%s", conn, conn.kind.arrival)
+
+    def _refuse(self, sock: socket.socket, line: bytes, reason: str) -> None:
+        self._stats.refused[reason] += 1
+        self._stats.disconnections[reason] += 1
+        try:
+            if line:
+                self._stats.bytes_sent += sock.send(line)
+            # Unread input would turn close() into a reset that can destroy
+            # the reply in flight; drop what already arrived.
+            sock.recv(READ_SIZE)
+        except OSError:
+            pass
+        sock.close()
+
+    def _pause(self, error: OSError) -> None:
+        if not self._failing:  # once per episode, not every retry
+            self._failing = True
+            log.error(
+                "cannot accept connections: %s; retrying every %.1fs",
+                error.strerror,
+                ACCEPT_PAUSE,
+            )
+        if not self._paused:
+            self._paused = True
+            for listener in self._listeners:
+                self._selector.unregister(listener.sock)
+            self._timers.call_at(self._timers.clock() + ACCEPT_PAUSE, self._resume)
+
+    def _resume(self) -> None:
+        self._paused = False
+        for listener in self._listeners:
+            if listener.sock.fileno() >= 0:
+                self._selector.register(listener.sock, EVENT_READ, listener)
+
+
+class TLSPort:
+    """The TLS listener (--tls-port), and what its connections need beyond
+    a plain one: the handshake's deadline, writing when the transport has
+    ciphertext the kernel has not taken, reading again when it holds input
+    already decrypted (which select cannot see), and reloading the
+    certificate. Reading, the broadcast and closing treat a TLS
+    connection's transport as a socket."""
+
+    def __init__(
+        self,
+        config: TLSConfig,
+        context: ssl.SSLContext,
+        schedule: Schedule,
+        close: Close,
+    ) -> None:
+        self.config = config
+        self.listener: socket.socket | None = None
+        self._context = context
+        self._schedule = schedule
+        self._close = close
+
+    def open(self, door: Door, host: str | None, *, keepalive: int, reuse_port: bool) -> None:
+        self.listener = open_listener(host, self.config.port, reuse_port=reuse_port)
+        tune_for_clients(self.listener, keepalive)
+        door.open(self.listener, self._admit, plain=False)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if self.listener is None:
+            return None
+        host, port = self.listener.getsockname()[:2]
+        return host, port
+
+    def reload(self) -> None:
+        """Load the certificate and key again, for new connections; on an
+        error, log it and keep the old ones."""
+        config = self.config
+        try:
+            context = load_context(config.cert, config.key)
+        except TLSConfigError as error:
+            log.error("cannot reload the TLS certificate: %s; keeping the old one", error)
+            return
+        self._context = context  # connections already open keep theirs
+        log.info("reloaded the TLS certificate %s and key %s", config.cert, config.key)
+
+    def _admit(self, sock: socket.socket, peer: str, key: str | None) -> Connection:
+        transport = TLSTransport(sock, self._context)
+        conn = Connection(transport, peer, key, TLS)
+        transport.notify = partial(self._changed, conn, transport)
+        # The register timeout starts now as well: it includes the handshake.
+        self._schedule.start_timer(
+            conn, HANDSHAKE, self.config.handshake_timeout, partial(self._expired, conn)
+        )
+        return conn
+
+    def _changed(self, conn: Connection, tls: TLSTransport) -> None:
+        """`conn`'s transport changed what it waits for or holds."""
+        if conn.closed:
+            return
+        schedule = self._schedule
+        if tls.established and schedule.cancel_timer(conn, HANDSHAKE):
+            log.debug("%r: TLS handshake done (%s)", conn, tls.version())
+            if conn.out:  # queued while the handshake went on
+                schedule.flush_later(conn)
+        if tls.holds_input:
+            schedule.holds_input(conn)
+        schedule.watch(conn)
+
+    def _expired(self, conn: Connection) -> None:
+        if not conn.closed:
+            timeout = self.config.handshake_timeout
+            self._close(conn, "tls_handshake", f"not finished within {timeout:g} s")
+
+
+class TLSKind(Kind):
+    """A TLS connection's transport, a tls.TLSTransport, as the loop sees
+    it: output waits for the handshake; ciphertext the kernel has not
+    taken, and input decrypted already, are the transport's own."""
+
+    arrival = " on the TLS port"
+
+    def ready(self, conn: Connection) -> bool:
+        return cast(TLSTransport, conn.sock).established
+
+    def failed_before_ready(self, conn: Connection, error: OSError) -> tuple[str, str]:
+        return "tls_handshake", error_detail(error)
+
+    def pending_output(self, conn: Connection) -> bool:
+        return cast(TLSTransport, conn.sock).wants_write
+
+    def holds_input(self, conn: Connection) -> bool:
+        return cast(TLSTransport, conn.sock).holds_input
+
+    def flush(self, conn: Connection) -> None:
+        cast(TLSTransport, conn.sock).flush()
+
+
+TLS: Final = TLSKind()
