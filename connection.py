@@ -592,7 +592,8 @@ class Writer:
         self._count_deliveries(batch, len(members))
         backed_up: list[Connection] = []
         # Over the budget mid-broadcast: these are dropped now (their output
-        # with them) and closed after it, as the room must not change during it.
+        # with them) and closed after it, as the room must not change during
+        # it; meanwhile they get nothing more: a client never sees a gap.
         shed: set[Connection] = set()
         failed: dict[Connection, OSError] = {}
         outbox = self.outbox
@@ -610,6 +611,8 @@ class Writer:
                 self.queue(conn, data)  # behind what is queued; sent by flush
                 flush_later(conn)
             else:
+                if shed and conn in shed:
+                    continue  # its backlog is gone: no lines after a gap
                 try:
                     sent = conn.sock.send(data)
                 except (BlockingIOError, InterruptedError):
@@ -622,8 +625,6 @@ class Writer:
                     continue
                 sent_total += sent
                 if sent == len(data):
-                    continue
-                if conn in shed:
                     continue
                 self.queue(conn, memoryview(data)[sent:])
                 backed_up.append(conn)
