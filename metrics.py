@@ -20,7 +20,7 @@ from functools import partial
 from selectors import EVENT_READ, EVENT_WRITE
 from typing import Final
 
-from host import CLOSE_REASONS, REFUSAL_REASONS, Host, Timer
+from host import CLOSE_REASONS, REFUSAL_REASONS, Host, Timer, watch_writes_while
 
 log = logging.getLogger("chat")
 
@@ -147,13 +147,14 @@ def response_for(request: bytes, metrics: Callable[[], Iterable[Metric]]) -> byt
 class _Scrape:
     """One HTTP client: its request as it arrives, then the answer going out."""
 
-    __slots__ = ("sock", "request", "answer", "deadline")
+    __slots__ = ("sock", "request", "answer", "deadline", "wants_write")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.request = b""
         self.answer: memoryview | None = None
         self.deadline: Timer | None = None
+        self.wants_write = False  # watched for writing, not reading
 
 
 class MetricsServer:
@@ -227,17 +228,22 @@ class MetricsServer:
             return  # the rest of the head is still to come
         request_line = scrape.request.partition(b"\n")[0].rstrip(b"\r")
         scrape.answer = memoryview(response_for(request_line, self._metrics))
-        self._host.watch(scrape.sock, EVENT_WRITE, partial(self._ready, scrape))
 
     def _write(self, scrape: _Scrape) -> None:
         assert scrape.answer is not None
         try:
             sent = scrape.sock.send(scrape.answer)
         except BlockingIOError:
-            return
+            sent = 0
         scrape.answer = scrape.answer[sent:]
         if not scrape.answer:
             self._finish(scrape)
+        else:  # most answers go at once, without an epoll_ctl for writing
+            watch_writes_while(scrape, True, self._rewatch)
+
+    def _rewatch(self, scrape: _Scrape) -> None:
+        events = EVENT_WRITE if scrape.wants_write else EVENT_READ
+        self._host.watch(scrape.sock, events, partial(self._ready, scrape))
 
     def _finish(self, scrape: _Scrape) -> None:
         if scrape not in self._scrapes:
