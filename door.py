@@ -330,7 +330,7 @@ class TLSPort:
     def open(self, door: Door, host: str | None, *, keepalive: int, reuse_port: bool) -> None:
         self.listener = open_listener(host, self.config.port, reuse_port=reuse_port)
         tune_for_clients(self.listener, keepalive)
-        door.open(self.listener, self._admit, plain=False)
+        door.open(self.listener, self.admit, plain=False)
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -351,7 +351,8 @@ class TLSPort:
         self._context = context  # connections already open keep theirs
         log.info("reloaded the TLS certificate %s and key %s", config.cert, config.key)
 
-    def _admit(self, sock: socket.socket, peer: str, key: str | None) -> Connection:
+    def admit(self, sock: socket.socket, peer: str, key: str | None) -> Connection:
+        """A socket let in on the TLS port: its connection, handshake to come."""
         transport = TLSTransport(sock, self._context)
         conn = Connection(transport, peer, key, TLS)
         transport.notify = partial(self._changed, conn, transport)

@@ -55,6 +55,40 @@ class FakeTransport:
         self.window -= taken
         return taken
 
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeListener:
+    """A listening socket without a socket: `accept` hands out `waiting`
+    (transport and peer address), raising `errors` first, then
+    BlockingIOError."""
+
+    def __init__(self) -> None:
+        self.fd = next(_descriptors)
+        self.waiting: list[tuple[FakeTransport, tuple[str, int]]] = []
+        self.errors: list[OSError] = []
+        self.closed = False
+
+    def fileno(self) -> int:
+        return -1 if self.closed else self.fd
+
+    def accept(self) -> tuple[FakeTransport, tuple[str, int]]:
+        if self.errors:
+            raise self.errors.pop(0)
+        if not self.waiting:
+            raise BlockingIOError("nobody waiting")
+        return self.waiting.pop(0)
+
+    def arrive(self, host: str = "192.0.2.1", port: int = 40000) -> FakeTransport:
+        """A client connects from `host`: its transport, once accepted."""
+        transport = FakeTransport()
+        self.waiting.append((transport, (host, port)))
+        return transport
+
     def close(self) -> None:
         self.closed = True
 
@@ -155,6 +189,12 @@ class Parts:
         self.writer.outbox.drop(conn)
         self.closed.append((conn, reason))
         conn.sock.close()
+
+    def connections(self) -> list[Connection]:
+        """The connections the selector watches, in the order they came."""
+        return [
+            key.data for key in self.selector.get_map().values() if isinstance(key.data, Connection)
+        ]
 
     def connect(self, window: int = 1 << 30) -> tuple[Connection, FakeTransport]:
         """A connection let in, watched for reading, over a FakeTransport."""
