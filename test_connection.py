@@ -293,6 +293,22 @@ def test_forget_takes_a_connection_out_of_everything_and_cancels_its_timers() ->
     assert parts.timers.next_due() is None
 
 
+def test_what_is_taken_from_the_schedule_is_taken_once() -> None:
+    """Schedule: the connections to flush, to read again and to close are
+    handed out once; marked again meanwhile, they come next time."""
+    parts = Parts()
+    schedule = parts.schedule
+    conn, _ = parts.connect()
+    schedule.flush_later(conn)
+    schedule.holds_input(conn)
+    schedule.close_later(conn, "slow_consumer")
+    assert schedule.has_work()
+    assert schedule.take_flush() == [conn] and schedule.take_flush() == []
+    assert schedule.take_unseen_input() == [conn] and schedule.take_unseen_input() == []
+    assert schedule.take_closing() == [(conn, "slow_consumer")] and schedule.take_closing() == []
+    assert not schedule.has_work()
+
+
 def test_a_timer_that_ran_is_no_longer_the_connections() -> None:
     """Schedule: a connection's timer runs once when due, and is then gone."""
     parts = Parts()
