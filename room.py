@@ -1,7 +1,7 @@
 """The room, without sockets: who holds which name, and what a turn says.
 
-chat.py's reactor moves bytes; this module decides what they mean for the
-room. One turn, as the room sees it:
+The reactor (reactor.py) moves bytes; this module decides what they mean
+for the room. One turn, as the room sees it:
 
 1. The reactor hands over each command: `set_name` for a valid USERNAME,
    `publish` for an accepted SEND from a member. Names are taken, renamed

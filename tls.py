@@ -1,10 +1,10 @@
 """TLS for the reactor: a `Transport` that speaks TLS over a plain socket.
 
-PROTOCOL.md, "TLS". chat.py's reactor reads and writes every
-connection through `conn.sock` (`recv`, `send`, `close`, `fileno`). A plain
+PROTOCOL.md, "TLS". The reactor reads and writes every connection
+through `conn.sock` (`recv`, `send`, `close`, `fileno`). A plain
 connection's `sock` is its socket; a TLS connection's is a `TLSTransport`:
 an `ssl.SSLObject` between two `ssl.MemoryBIO`s, over the raw non-blocking
-socket. So the broadcast (`chat.Writer`) calls `conn.sock.send(data)`
+socket. So the broadcast (`connection.Writer`) calls `conn.sock.send(data)`
 for both kinds without a branch, and every TLS member encrypts the turn's
 batch once, in that call (one write per WRITE_CHUNK).
 
@@ -27,13 +27,15 @@ limit and budget see it. Encrypting at most WRITE_CHUNK at a time bounds
 the ciphertext held here.
 
 What the reactor must know, the transport says through `notify` (called
-only when it changes): `wants_write` (ciphertext is left for the kernel: a
-read can want a write, e.g. the handshake's reply to a ClientHello);
-`established` (before it, a write waits for reads: the handshake must
-finish first); `holds_input` (input already taken from the kernel but not
-yet handed out, so the reactor must read again without waiting for
-select). After the handshake a write never waits for a read: TLS 1.3 has no
-renegotiation, and TLS 1.2 renegotiation is refused (OP_NO_RENEGOTIATION).
+only when it changes; door.TLSPort passes it on to the `Schedule`, and
+door.TLSKind answers the loop's questions from these): `wants_write`
+(ciphertext is left for the kernel: a read can want a write, e.g. the
+handshake's reply to a ClientHello); `established` (before it, a write
+waits for reads: the handshake must finish first); `holds_input` (input
+already taken from the kernel but not yet handed out, so the reactor
+must read again without waiting for select). After the handshake a write
+never waits for a read: TLS 1.3 has no renegotiation, and TLS 1.2
+renegotiation is refused (OP_NO_RENEGOTIATION).
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ def error_detail(error: OSError) -> str:
 
 
 class TLSTransport:
-    """One TLS connection, as a chat.Transport. `recv` drives the
+    """One TLS connection, as a connection.Transport. `recv` drives the
     handshake, then returns plaintext; `send` takes plaintext and returns
     how much of it was encrypted (all of it is then on its way). Errors are
     a socket's: BlockingIOError means later, any other OSError (SSLError is
