@@ -11,7 +11,10 @@ import pytest
 
 from conftest import NAME_HAS_SPACES, TIMEOUT, FakeClock, Pumped, TLSFiles
 from connection import HANDSHAKE, Connection
+from host import Host, Member
+from protocol import SetName
 from reactor import ChatServer
+from room import LocalRoom
 from tls import TLSConfig
 
 
@@ -66,18 +69,46 @@ def test_a_held_connection_is_closed_at_shutdown(clocked: ChatServer) -> None:
     assert conn.closed and clocked.view.held() == []
 
 
-def test_resume_puts_a_held_connection_back_in_the_round(clocked: ChatServer) -> None:
-    """Reactor: lines that arrive while held wait; resumed, they are processed."""
-    client = Pumped(clocked)
-    client.register("ann")
-    conn = only(clocked)
-    clocked.hold(conn)
-    client.send(b"USERNAME a b\n")
-    for _ in range(20):
-        clocked.run_once(max_wait=0.005)
-    assert client.take_available() == 0
-    clocked.resume(conn)
-    assert client.sync() == [NAME_HAS_SPACES]
+class HoldingRoom(LocalRoom):
+    """A LocalRoom that holds every member asking for a name, as cluster
+    mode does while Redis answers; `answer` gives it the name and resumes it."""
+
+    def __init__(self, host: Host) -> None:
+        super().__init__(host)
+        self.asking: list[tuple[Member, SetName]] = []
+
+    def set_name(self, member: Member, command: SetName) -> None:
+        self.asking.append((member, command))
+        self.host.hold(member)
+
+    def answer(self) -> None:
+        for member, command in self.asking:
+            super().set_name(member, command)
+            self.host.resume(member)
+        self.asking.clear()
+
+
+def test_lines_after_a_held_command_wait_and_are_processed_on_resume() -> None:
+    """Reactor: lines behind a command the room holds wait, unread into the
+    round; `resume` puts the connection back in it, and they are processed
+    without any new input."""
+    server = ChatServer("127.0.0.1", 0, clock=FakeClock(), register_timeout=0, room=HoldingRoom)
+    try:
+        room = server.view.room
+        assert isinstance(room, HoldingRoom)
+        client = Pumped(server)
+        client.send(b"USERNAME ann\nUSERNAME a b\n")
+        turn_until(server, "the hold", lambda: len(server.view.held()) == 1)
+        (conn,) = server.view.held()
+        for _ in range(20):
+            server.run_once(max_wait=0.005)
+        assert client.take_available() == 0 and conn.backlog() == 1
+        room.answer()
+        assert server.view.held() == []
+        client.pump_until(lambda: b"\n" in client.buffer, "the answer to the second line")
+        assert client.buffer == NAME_HAS_SPACES + b"\n"
+    finally:
+        server.close()
 
 
 def test_disconnect_closes_at_the_end_of_the_turn_after_the_output(
