@@ -345,7 +345,7 @@ class ChatServer:
     # --- finishing -----------------------------------------------------
 
     def _registration_expired(self, conn: Connection) -> None:
-        self._writer.queue(conn, protocol.TIMED_OUT_WAITING)
+        self._writer.send_later(conn, protocol.TIMED_OUT_WAITING)  # framed by its kind
         self._finish(conn, "registration_timeout")
 
     def _finish(self, conn: Connection, reason: str) -> None:
