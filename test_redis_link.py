@@ -117,14 +117,16 @@ class FakeHost:
         return Handle()
 
     def advance(self, seconds: float) -> None:
-        """Move the clock and run the timers now due, in order."""
+        """Move the clock and run the timers due, in order (one set for
+        later by one of them waits for the next `advance`, as for the next
+        loop turn)."""
         self.clock.advance(seconds)
-        while due := sorted(
-            (t for t in self.timers if t[0] <= self.clock.now and not t[2][0]),
-            key=lambda t: t[0],
-        ):
-            self.timers.remove(due[0])
-            due[0][1]()
+        due = sorted((t for t in self.timers if t[0] <= self.clock.now), key=lambda t: t[0])
+        for timer in due:
+            self.timers.remove(timer)
+            _, callback, cancelled = timer
+            if not cancelled[0]:
+                callback()
 
     def reply(self, member: Member, line: bytes) -> None: ...
     def hold(self, member: Member) -> None: ...
