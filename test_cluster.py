@@ -52,6 +52,7 @@ from room import FORMS, name_keys
 
 hiredis = pytest.importorskip("hiredis")
 import cluster as cluster_module  # noqa: E402  (needs hiredis)
+import redis_link  # noqa: E402
 
 REDIS_SERVER = shutil.which("redis-server")
 # CI installs redis-server (.ci/run): there, a missing one is a failure.
@@ -112,9 +113,9 @@ class Redis:
         hello = b""
         if "--requirepass" in options:
             password = options[options.index("--requirepass") + 1].encode()
-            hello = cluster_module.encode_command(b"AUTH", password)
+            hello = redis_link.encode_command(b"AUTH", password)
         with socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT) as sock:
-            sock.sendall(hello + cluster_module.encode_command(*args))
+            sock.sendall(hello + redis_link.encode_command(*args))
             reader = hiredis.Reader()
             replies: list[Any] = []
             while len(replies) < (2 if hello else 1):
@@ -565,7 +566,7 @@ def test_command_line(redis: Redis) -> None:
     # Single-server mode imports neither cluster.py nor hiredis.
     probe = (
         "import sys, chat; chat.ChatServer('127.0.0.1', 0).close(); "
-        "print(sorted({'cluster', 'hiredis'} & set(sys.modules)))"
+        "print(sorted({'cluster', 'redis_link', 'hiredis'} & set(sys.modules)))"
     )
     imported = subprocess.run(
         [sys.executable, "-c", probe], cwd=HERE, capture_output=True, text=True, timeout=TIMEOUT
@@ -991,39 +992,6 @@ def test_a_wrong_password_or_database_exits_at_start() -> None:
 # --- Timers on the reactor's clock (a fake one) -----------------------------
 
 
-def test_redis_back_off_doubles_up_to_its_cap_with_jitter() -> None:
-    """Cluster mode: reconnecting to an unreachable Redis backs off from
-    BACKOFF_FIRST, doubling to BACKOFF_MAX, each wait drawn from its upper
-    half (jitter), on the reactor's clock."""
-    clock = FakeClock()
-    url = f"redis://127.0.0.1:{free_port()}/0"  # nobody listens there
-    timeout = 5.0  # a request's deadline, told apart from the waits below
-    room = cluster_module.room_factory(url, room="chat", lease_ms=3000, timeout=timeout)
-    server = ChatServer("127.0.0.1", 0, clock=clock, room=room)
-    try:
-        waits = []
-        for _ in range(10):
-            # The refused connect shows as an event; its _fail sets the retry.
-            for _ in range(50):
-                server.run_once(max_wait=0.1)
-                due = server.view.next_timer_due()
-                if due is not None and due - clock.now != timeout:
-                    break
-            due = server.view.next_timer_due()
-            assert due is not None
-            waits.append(due - clock.now)
-            clock.advance(due - clock.now)
-        caps = [
-            min(cluster_module.BACKOFF_FIRST * 2**i, cluster_module.BACKOFF_MAX) for i in range(10)
-        ]
-        assert caps[:7] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0]
-        for wait, cap in zip(waits, caps, strict=True):
-            assert cap / 2 <= wait <= cap
-        assert len({round(wait / cap, 6) for wait, cap in zip(waits, caps, strict=True)}) > 1
-    finally:
-        server.close()
-
-
 def test_leases_are_renewed_every_third_of_the_lease(redis: Redis) -> None:
     """Cluster mode: names are leases renewed every third of --lease-ms,
     on the reactor's clock; a renewal extends the lease in Redis."""
@@ -1177,10 +1145,10 @@ def test_the_first_retry_after_redis_closed_a_working_link_is_at_once(redis: Red
         redis.stop()
         # At once again, refused this time: then the back-off.
         assert turns(server, lambda: not room.available)
-        assert turns(server, lambda: room._retry is not None)
+        assert turns(server, lambda: room._session._retry is not None)
         due = server.view.next_timer_due()
         assert due is not None
-        first = cluster_module.BACKOFF_FIRST
+        first = redis_link.BACKOFF_FIRST
         assert first / 2 <= due - clock.now <= first
     finally:
         server.close()
