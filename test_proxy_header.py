@@ -13,11 +13,14 @@ import argparse
 import ipaddress
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from conftest import TIMEOUT
+from haproxy_testing import connect_from, running_haproxy
 from proxy_header import (
     Header,
     Incomplete,
@@ -511,3 +514,77 @@ def test_proxy_network_says_what_is_wrong(text: str, message: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="invalid network") as raised:
         proxy_network(text)
     assert message in str(raised.value)
+
+
+# --- A real HAProxy as the sender ------------------------------------------------------
+
+
+def read_header(conn: socket.socket) -> tuple[Header, bytes]:
+    """The header a connection begins with, and what came after it so far."""
+    data = b""
+    while isinstance(parsed := parse_header(data), Incomplete):
+        chunk = conn.recv(65536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    assert isinstance(parsed, Header), (parsed, data)
+    return parsed, data[parsed.length :]
+
+
+def read_exactly(conn: socket.socket, data: bytes, size: int) -> bytes:
+    while len(data) < size:
+        chunk = conn.recv(65536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize(
+    "server_options", ["send-proxy", "send-proxy-v2", "send-proxy-v2 proxy-v2-options crc32c"]
+)
+@pytest.mark.parametrize(
+    ("listen", "clients", "balancer"),
+    [("127.0.0.1", ["127.0.0.2", "127.0.0.3"], "127.0.0.9"), ("::1", ["::1"], None)],
+)
+def test_haproxy_names_each_client(
+    tmp_path: Path, server_options: str, listen: str, clients: list[str], balancer: str | None
+) -> None:
+    """A real HAProxy's header, v1 or v2 (with a CRC32C TLV too), over IPv4
+    or IPv6, parses to the address and port each client connected from,
+    while the backend sees HAProxy's own address; the client's bytes follow
+    the header intact."""
+    family = socket.AF_INET6 if ":" in listen else socket.AF_INET
+    with socket.create_server((listen, 0), family=family) as backend:
+        backend.settimeout(TIMEOUT)
+        with running_haproxy(
+            backend.getsockname()[:2],
+            tmp_path,
+            server_options=server_options,
+            host=listen,
+            source=balancer,
+        ) as proxy:
+            for source in clients:
+                with connect_from(source, proxy.address) as client:
+                    first = b"USERNAME alice\nSEND hi\n"
+                    client.sendall(first)
+                    conn, peer = backend.accept()
+                    with conn:
+                        conn.settimeout(TIMEOUT)
+                        header, rest = read_header(conn)
+                        assert header.version == (2 if "v2" in server_options else 1)
+                        assert header.source == client.getsockname()[:2]
+                        assert peer[0] == (balancer or listen)
+                        assert read_exactly(conn, rest, len(first)) == first
+
+
+def test_haproxy_health_check_is_local(tmp_path: Path) -> None:
+    """HAProxy's health check with send-proxy-v2 sends a LOCAL header: it
+    keeps the balancer's own address."""
+    with socket.create_server(("127.0.0.1", 0)) as backend:
+        backend.settimeout(TIMEOUT)
+        options = "send-proxy-v2 check check-send-proxy inter 100ms"
+        with running_haproxy(backend.getsockname(), tmp_path, server_options=options):
+            conn, _ = backend.accept()
+            with conn:
+                conn.settimeout(TIMEOUT)
+                header, _ = read_header(conn)
+                assert header == Header(None, header.length, 2)
