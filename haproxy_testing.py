@@ -42,11 +42,16 @@ def require_haproxy() -> str:
 
 
 def haproxy_config(
-    listen: tuple[str, int], backend: tuple[str, int], server_options: str, source: str | None
+    listen: tuple[str, int],
+    backend: tuple[str, int],
+    server_options: str,
+    source: str | None = None,
+    bind_options: str = "",
 ) -> str:
-    """A TCP frontend on `listen` relaying every connection to `backend`;
-    `server_options` such as "send-proxy" or "send-proxy-v2"; `source`, the
-    address haproxy connects from (the balancer's own address)."""
+    """A TCP frontend on `listen` (with `bind_options`, such as "v4v6")
+    relaying every connection to `backend`; `server_options` such as
+    "send-proxy" or "send-proxy-v2"; `source`, the address haproxy connects
+    from (the balancer's own address)."""
     host, port = listen
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     backend_host, backend_port = backend
@@ -68,7 +73,7 @@ defaults
     timeout server 60s
 
 frontend chat
-    bind {bind}
+    bind {bind} {bind_options}
     default_backend chat
 
 backend chat
@@ -143,6 +148,7 @@ def running_haproxy(
     *,
     server_options: str = "send-proxy",
     host: str = "127.0.0.1",
+    bind_options: str = "",
     source: str | None = None,
 ) -> Iterator[HAProxy]:
     """haproxy in front of `backend` with `server_options` ("send-proxy" for
@@ -152,7 +158,8 @@ def running_haproxy(
     program = require_haproxy()
     proxy: HAProxy | str = ""
     for _ in range(_START_ATTEMPTS):
-        config = haproxy_config((host, port := free_port()), backend, server_options, source)
+        port = free_port()
+        config = haproxy_config((host, port), backend, server_options, source, bind_options)
         proxy = _start(program, config, (host, port), directory)
         if not isinstance(proxy, str) or "cannot bind socket" not in proxy:
             break

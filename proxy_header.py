@@ -37,6 +37,10 @@ V2_FIXED_BYTES: Final = 16
 V2_MAX_BYTES: Final = V2_FIXED_BYTES + 0xFFFF
 # Until the first byte says which version it is, either bound may apply.
 MAX_HEADER_BYTES: Final = max(V1_MAX_BYTES, V2_MAX_BYTES)
+# PROTOCOL.md, "Behind a load balancer": how long a trusted connection may
+# take to send its header when there is no register timeout to bound it.
+# (The spec asks for at least 3 s, to cover a TCP retransmit.)
+DEFAULT_HEADER_TIMEOUT: Final = 10.0
 
 _V1_KEYWORD: Final = "PROXY"
 _V1_TCP4: Final = "TCP4"

@@ -542,28 +542,41 @@ def read_exactly(conn: socket.socket, data: bytes, size: int) -> bytes:
     "server_options", ["send-proxy", "send-proxy-v2", "send-proxy-v2 proxy-v2-options crc32c"]
 )
 @pytest.mark.parametrize(
-    ("listen", "clients", "balancer"),
-    [("127.0.0.1", ["127.0.0.2", "127.0.0.3"], "127.0.0.9"), ("::1", ["::1"], None)],
+    ("listen", "bind_options", "clients", "balancer"),
+    [
+        ("127.0.0.1", "", ["127.0.0.2", "127.0.0.3"], "127.0.0.9"),
+        ("::1", "", ["::1"], None),
+        # IPv4 clients of a dual-stack listener: HAProxy sends them IPv4-mapped.
+        ("::", "v4v6", ["127.0.0.2"], None),
+    ],
 )
 def test_haproxy_names_each_client(
-    tmp_path: Path, server_options: str, listen: str, clients: list[str], balancer: str | None
+    tmp_path: Path,
+    server_options: str,
+    listen: str,
+    bind_options: str,
+    clients: list[str],
+    balancer: str | None,
 ) -> None:
-    """A real HAProxy's header, v1 or v2 (with a CRC32C TLV too), over IPv4
-    or IPv6, parses to the address and port each client connected from,
-    while the backend sees HAProxy's own address; the client's bytes follow
-    the header intact."""
-    family = socket.AF_INET6 if ":" in listen else socket.AF_INET
-    with socket.create_server((listen, 0), family=family) as backend:
+    """A real HAProxy's header, v1 or v2 (with a CRC32C TLV too), over IPv4,
+    IPv6 or IPv4-mapped IPv6, parses to the address and port each client
+    connected from, while the backend sees HAProxy's own address; the
+    client's bytes follow the header intact."""
+    backend_host = "::1" if listen == "::1" else "127.0.0.1"
+    family = socket.AF_INET6 if ":" in backend_host else socket.AF_INET
+    with socket.create_server((backend_host, 0), family=family) as backend:
         backend.settimeout(TIMEOUT)
         with running_haproxy(
             backend.getsockname()[:2],
             tmp_path,
             server_options=server_options,
             host=listen,
+            bind_options=bind_options,
             source=balancer,
         ) as proxy:
+            connect_to = ("127.0.0.1" if listen == "::" else listen, proxy.address[1])
             for source in clients:
-                with connect_from(source, proxy.address) as client:
+                with connect_from(source, connect_to) as client:
                     first = b"USERNAME alice\nSEND hi\n"
                     client.sendall(first)
                     conn, peer = backend.accept()
@@ -572,7 +585,7 @@ def test_haproxy_names_each_client(
                         header, rest = read_header(conn)
                         assert header.version == (2 if "v2" in server_options else 1)
                         assert header.source == client.getsockname()[:2]
-                        assert peer[0] == (balancer or listen)
+                        assert peer[0] == (balancer or backend_host)
                         assert read_exactly(conn, rest, len(first)) == first
 
 
