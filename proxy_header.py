@@ -69,8 +69,6 @@ _IPV4: Final = re.compile(r"(?:0|[1-9][0-9]{0,2})(?:\.(?:0|[1-9][0-9]{0,2})){3}"
 # Hex groups and colons, and a dotted IPv4 tail, which HAProxy itself sends
 # for an IPv4 client of an IPv6 listener ("::ffff:192.0.2.1"); never a zone.
 _IPV6_CHARACTERS: Final = re.compile(r"[0-9A-Fa-f:.]*")
-# "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
-_IPV6_MAX_CHARS: Final = 45
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +213,7 @@ def _is_ipv6(text: str) -> bool:
 def _is_ipv6_prefix(text: str) -> bool:
     """Whether some IPv6 address, in the text `_is_ipv6` takes, begins with
     `text`."""
-    if _IPV6_CHARACTERS.fullmatch(text) is None or len(text) > _IPV6_MAX_CHARS:
+    if _IPV6_CHARACTERS.fullmatch(text) is None:
         return False
     if "." in text:
         # A dotted IPv4 tail: what is before it must take one.

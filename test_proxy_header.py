@@ -207,25 +207,29 @@ def test_a_valid_header_is_decided_once_at_its_last_byte(
     assert_decided_once(encoded + rest)
 
 
+GOOD_V1_FIELDS = ["PROXY", "TCP4", "192.0.2.1", "198.51.100.7", "56324", "443"]
+WRONG_V1_FIELDS = [
+    ["proxy", "PROXY6", "PROX", "PROXY\t", " PROXY"],
+    ["tcp4", "TCP", "TCP5", "UDP4", "UNKNOWNX", ""],
+    ["01.2.3.4", "1.2.3", "256.1.1.1", "1.2.3.4.5", "1.2.3.4%eth0", "fe80::1%eth0"],
+    ["::1::2", "1:2:3:4:5:6:7:8:9", "12345::", ":1", "1.2.3.04", "example.com", "1.2.3."],
+    ["01", "65536", "-1", "+1", "0x10", "١٢"],
+    ["00", "99999", " 1", "1 ", ""],
+]
+
+
 @st.composite
 def malformed_v1(draw: st.DrawFn) -> bytes:
-    """A v1 line with one thing wrong that the spec forbids."""
-    fields = ["PROXY", "TCP4", "192.0.2.1", "198.51.100.7", "56324", "443"]
-    if draw(st.booleans()):
-        fields[1:4] = ["TCP6", "2001:db8::1", "::ffff:192.0.2.9"]
-    index = draw(st.integers(0, 5))
-    wrong: list[str] = {
-        0: ["proxy", "PROXY6", "PROX", "PROXY\t", " PROXY"],
-        1: ["tcp4", "TCP", "TCP5", "UDP4", "UNKNOWNX", ""],
-        2: ["01.2.3.4", "1.2.3", "256.1.1.1", "1.2.3.4.5", "1.2.3.4%eth0", "fe80::1%eth0"],
-        3: ["::1::2", "1:2:3:4:5:6:7:8:9", "12345::", ":1", "1.2.3.04", "example.com", "1.2.3."],
-        4: ["01", "65536", "-1", "+1", "0x10", "١٢"],
-        5: ["00", "99999", " 1", "1 ", ""],
-    }[index]
-    fields[index] = draw(st.sampled_from(wrong))
+    """A v1 line with one thing wrong that the spec forbids: one field
+    (TCP4 or TCP6), or the end of the line."""
+    fields = list(GOOD_V1_FIELDS)
     ending = "\r\n"
-    if draw(st.booleans()):  # or a good line with a bad end
-        fields = ["PROXY", "TCP4", "192.0.2.1", "198.51.100.7", "56324", "443"]
+    if draw(st.booleans()):
+        if draw(st.booleans()):
+            fields[1:4] = ["TCP6", "2001:db8::1", "::ffff:192.0.2.9"]
+        index = draw(st.integers(0, len(fields) - 1))
+        fields[index] = draw(st.sampled_from(WRONG_V1_FIELDS[index]))
+    else:
         ending = draw(st.sampled_from(["\n", "\r\r\n", "\rx\n", "\n\r\n", " \r\n"]))
     return (" ".join(fields) + ending).encode() + draw(rests)
 
@@ -392,6 +396,11 @@ def test_malformed_v1_forms(data: bytes) -> None:
         (b"PROXY TCP6 1:2:3:4:5:6:7:8:9", len(b"PROXY TCP6 1:2:3:4:5:6:7:8:")),
         (b"PROXY TCP6 ::1::", len(b"PROXY TCP6 ::1::")),
         (b"PROXY TCP6 1::2:3:4:5:6:7:8", len(b"PROXY TCP6 1::2:3:4:5:6:7:")),
+        (b"PROXY TCP6 1:::", len(b"PROXY TCP6 1:::")),
+        (b"PROXY TCP6 12345", len(b"PROXY TCP6 12345")),
+        (b"PROXY TCP6 1:2:3:4:5:6:7:1.2.3.4 ", len(b"PROXY TCP6 1:2:3:4:5:6:7:1.")),
+        (b"PROXY TCP4 1.2.3.4.5 ", len(b"PROXY TCP4 1.2.3.4.")),
+        (b"PROXY TCP4 1.2.3.256 ", len(b"PROXY TCP4 1.2.3.256")),
         (b"PROXY UNKNOWN ::1 \n\r\n", len(b"PROXY UNKNOWN ::1 \n")),
         (SIGNATURE[:5] + b"x", 6),
         (SIGNATURE + b"\x31", 13),
