@@ -294,7 +294,10 @@ def test_a_malformed_v2_header_is_malformed_at_every_chunking(data: bytes, rest:
     assert_decided_once(data + rest)
 
 
-starts = st.sampled_from([b"", b"P", b"PROXY ", b"PROXY TCP4 ", b"PROXY TCP6 ", SIGNATURE])
+starts = st.sampled_from(
+    [b"", b"P", b"PROXY ", b"PROXY TCP4 ", b"PROXY TCP6 ", b"PROXY UNKNOWN ", SIGNATURE]
+    + [SIGNATURE + bytes([0x21, family << 4 | STREAM]) for family in (INET, INET6, UNIX)]
+)
 
 
 @given(starts, st.binary(max_size=300))
@@ -302,6 +305,18 @@ def test_any_bytes_give_an_answer_decided_once(start: bytes, data: bytes) -> Non
     """Any bytes, plain or after the start of a header, give an answer and
     never raise; the answer is decided once and never changes."""
     assert_decided_once(start + data)
+
+
+@given(valid_headers(), rests, st.data())
+def test_a_header_with_a_byte_changed_gives_an_answer_decided_once(
+    header: tuple[bytes, tuple[bytes, int] | None], rest: bytes, data: st.DataObject
+) -> None:
+    """A valid header with any one byte changed (a fuzzer's first move)
+    never makes the parser raise, and its answer is decided once."""
+    encoded = bytearray(header[0] + rest)
+    index = data.draw(st.integers(0, len(encoded) - 1))
+    encoded[index] = data.draw(st.integers(0, 255))
+    assert_decided_once(bytes(encoded))
 
 
 @given(starts, st.binary(max_size=60), st.binary(min_size=1, max_size=1))
