@@ -625,3 +625,21 @@ def test_haproxy_health_check_is_local(tmp_path: Path) -> None:
                 conn.settimeout(TIMEOUT)
                 header, _ = read_header(conn)
                 assert header == Header(None, header.length, 2)
+
+
+def test_proxy_protocol_option_errors_as_argparse_shows_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """As an argparse type, a bad value is one line naming the option and
+    the reason; the option repeats."""
+    parser = argparse.ArgumentParser(prog="chat.py")
+    parser.add_argument("--proxy-protocol", type=proxy_network, action="append")
+    args = parser.parse_args(["--proxy-protocol", "10.0.0.0/8", "--proxy-protocol", "fd00::/8"])
+    assert args.proxy_protocol == NETWORKS
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--proxy-protocol", "10.0.0.1/8"])
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error == (
+        "chat.py: error: argument --proxy-protocol: invalid network '10.0.0.1/8':"
+        " it has host bits set (the network is 10.0.0.0/8)"
+    )
