@@ -5,7 +5,10 @@ PROTOCOL.md, "Monitoring". The server counts events where they happen
 serves it over a minimal HTTP/1.x, in the reactor's own loop, with the same
 care as chat connections: each request is read in a bounded buffer, has a
 deadline, and is answered and closed. A slow or broken HTTP client costs
-one small buffer until its deadline, and never a turn of the chat.
+one small buffer until its deadline, and never a turn of the chat; nor can
+such clients keep a good scrape out: when every slot is taken, the oldest
+one gives its slot to the newcomer, and a request is answered in the very
+turn its last byte is read.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ log = logging.getLogger("chat")
 MAX_REQUEST_BYTES: Final = 8192
 # How long one HTTP client may take to send its request and read the answer.
 REQUEST_DEADLINE: Final = 5.0
-# HTTP clients at once; more are closed at once, so scrapes cannot pile up.
+# HTTP clients at once; each one more closes the oldest, so scrapes cannot
+# pile up, and clients that never finish their request cannot hold the
+# port: a monitoring system's scrape, newer than them, gets a slot.
 MAX_SCRAPERS: Final = 16
 
 
@@ -171,7 +176,8 @@ class MetricsServer:
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self._listener = socket.create_server(address, family=family)
         self._listener.setblocking(False)
-        self._scrapes: set[_Scrape] = set()
+        # In the order they came: the first is the oldest.
+        self._scrapes: dict[_Scrape, None] = {}
         host.watch(self._listener, EVENT_READ, self._accept)
 
     @property
@@ -192,16 +198,20 @@ class MetricsServer:
             except OSError:  # none left (BlockingIOError), or out of descriptors
                 return
             if len(self._scrapes) >= MAX_SCRAPERS:
-                sock.close()
-                continue
+                oldest = next(iter(self._scrapes))
+                log.debug("metrics: every slot taken, closing the oldest unfinished request")
+                self._finish(oldest)
             sock.setblocking(False)
             scrape = _Scrape(sock)
-            self._scrapes.add(scrape)
+            self._scrapes[scrape] = None
             host = self._host
             scrape.deadline = host.call_at(
                 host.now() + REQUEST_DEADLINE, partial(self._finish, scrape)
             )
             host.watch(sock, EVENT_READ, partial(self._ready, scrape))
+            # A client sends its request with the handshake: it is often
+            # here already, and answered now rather than a turn later.
+            self._ready(scrape, EVENT_READ)
 
     def _ready(self, scrape: _Scrape, events: int) -> None:
         try:
@@ -248,7 +258,7 @@ class MetricsServer:
     def _finish(self, scrape: _Scrape) -> None:
         if scrape not in self._scrapes:
             return
-        self._scrapes.discard(scrape)
+        del self._scrapes[scrape]
         if scrape.deadline is not None:
             scrape.deadline.cancel()
         self._host.unwatch(scrape.sock)
