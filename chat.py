@@ -72,13 +72,15 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from functools import partial
 from itertools import accumulate
 from selectors import EVENT_READ, EVENT_WRITE, DefaultSelector
 from types import FrameType
-from typing import Final, NoReturn, Protocol, cast
+from typing import Any, Final, NoReturn, Protocol, cast
 
+import activation
+import config
 import protocol
 from host import CLOSE_REASONS, Host, Member
 from metrics import Metric, MetricsServer, Stats, chat_metrics
@@ -716,6 +718,8 @@ def tune_for_clients(listener: socket.socket, keepalive: int) -> None:
         listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
         unacked = 2 * keepalive
     else:
+        # Off again when a reload turns it off (apply_limits).
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
         unacked = UNACKED_LIMIT_WITHOUT_KEEPALIVE
     # In milliseconds. With keepalive on, Linux also uses it to end probing.
     listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, unacked * 1000)
@@ -924,8 +928,20 @@ class TLSPort:
         # Connections still in their handshake, and its deadline.
         self._handshakes: dict[Connection, Timer] = {}
 
-    def open(self, door: Door, host: str | None, *, keepalive: int, reuse_port: bool) -> None:
-        self.listener = open_listener(host, self.config.port, reuse_port=reuse_port)
+    def open(
+        self,
+        door: Door,
+        host: str | None,
+        *,
+        keepalive: int,
+        reuse_port: bool,
+        listener: socket.socket | None = None,
+    ) -> None:
+        """Listen on `listener` if one is given (socket activation), else
+        bind the configured port."""
+        if listener is None:
+            listener = open_listener(host, self.config.port, reuse_port=reuse_port)
+        self.listener = listener
         tune_for_clients(self.listener, keepalive)
         door.open(self.listener, self._admit, plain=False)
 
@@ -1017,7 +1033,12 @@ class ChatServer:
     serves (default: `LocalRoom`, one server's room); `clock` is what its
     timers read (a test passes a fake one and calls `run_once`). `tls`
     adds a TLS listener on the same host (see `tls_address`); TLSConfigError
-    if its certificate and key cannot be loaded."""
+    if its certificate and key cannot be loaded. `sockets` are listening
+    sockets made already (by socket activation, or to name the port that
+    is taken), by what they serve: "chat", "tls", "metrics"; the server
+    listens on those instead of binding its own. `on_reload` runs in the
+    loop after `reload_tls` (SIGHUP) asks, before the certificate is
+    reloaded."""
 
     def __init__(
         self,
@@ -1035,6 +1056,8 @@ class ChatServer:
         tls: TLSConfig | None = None,
         room: RoomFactory = LocalRoom,
         clock: Clock = time.monotonic,
+        sockets: Mapping[str, socket.socket] | None = None,
+        on_reload: Callable[[], None] | None = None,
     ) -> None:
         # First, so that a bad certificate fails before anything is bound.
         tls_context = None if tls is None else load_context(tls.cert, tls.key)
@@ -1060,12 +1083,15 @@ class ChatServer:
             max_per_address=max_per_address,
             register_timeout=register_timeout,
         )
-        self._listener = open_listener(host, port, reuse_port=reuse_port)
+        sockets = {} if sockets is None else sockets
+        made = sockets.get("chat")
+        self._listener = open_listener(host, port, reuse_port=reuse_port) if made is None else made
         tune_for_clients(self._listener, keepalive)
         self._door.open(self._listener)
         self._wakeup = Wakeup(self._selector)
         self._stopping = False
         self._reload_requested = False  # SIGHUP: reload_tls
+        self._on_reload = on_reload
         # Connections to close once the turn's output is flushed, and why.
         self._finished: dict[Connection, str] = {}
         # Connections the room holds (in no other list, maybe not in the
@@ -1084,10 +1110,18 @@ class ChatServer:
                     self._writer,
                     self._close,
                 )
-                self._tls.open(self._door, host, keepalive=keepalive, reuse_port=reuse_port)
+                self._tls.open(
+                    self._door,
+                    host,
+                    keepalive=keepalive,
+                    reuse_port=reuse_port,
+                    listener=sockets.get("tls"),
+                )
             self._room: Room = room(self)
             if metrics_address is not None:
-                self.metrics = MetricsServer(self, metrics_address, self._metrics)
+                self.metrics = MetricsServer(
+                    self, metrics_address, self._metrics, listener=sockets.get("metrics")
+                )
         except BaseException:
             self.close()
             raise
@@ -1143,6 +1177,39 @@ class ChatServer:
         self._reload_requested = True
         self._wakeup.wake()
 
+    def apply_limits(
+        self,
+        *,
+        max_clients: int | None = None,
+        max_per_address: int | None = None,
+        register_timeout: float | None = None,
+        output_limit: int | None = None,
+        output_budget: int | None = None,
+        keepalive: int | None = None,
+    ) -> None:
+        """New limits, for what comes next (a reload of the settings; in the
+        loop): connections let in from now on count against the new
+        --max-clients and --max-per-address and get the new register
+        timeout and keepalive; the output limit and budget apply from the
+        next write. Connections already open keep their timers and
+        keepalive. None leaves a limit as it is."""
+        door, writer = self._door, self._writer
+        if max_clients is not None:
+            door.max_clients = max_clients
+        if max_per_address is not None:
+            door.max_per_address = max_per_address
+        if register_timeout is not None:
+            door.register_timeout = register_timeout
+        if output_limit is not None:
+            writer.output_limit = output_limit
+        if output_budget is not None:
+            writer.outbox.budget = output_budget
+        if keepalive is not None:
+            # Accepted sockets inherit these from their listener.
+            tune_for_clients(self._listener, keepalive)
+            if self._tls is not None and self._tls.listener is not None:
+                tune_for_clients(self._tls.listener, keepalive)
+
     def run_once(self, max_wait: float | None = None) -> None:
         """One turn: select, read, timers, process, flush, close. Waits at
         most `max_wait` seconds for something to happen (None: until the
@@ -1195,10 +1262,15 @@ class ChatServer:
         self._wakeup.drain()
         if self._reload_requested:
             self._reload_requested = False
-            if self._tls is None:
-                log.warning("SIGHUP ignored: there is no TLS port, so no certificate to reload")
-            else:
+            if self._on_reload is not None:
+                try:
+                    self._on_reload()
+                except Exception:  # a bug there must not stop the loop
+                    log.exception("internal error reloading the settings")
+            if self._tls is not None:
                 self._tls.reload()
+            elif self._on_reload is None:
+                log.warning("SIGHUP ignored: there is no TLS port, so no certificate to reload")
 
     def close(self) -> None:
         """Close every connection and the listener. Idempotent."""
@@ -1489,10 +1561,20 @@ def _log_level(text: str) -> str:
     return level
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser; also the table of the settings file's
+    keys and their checks (config.setting_table)."""
     parser = _Parser(
         prog="chat.py",
         description="A line-protocol chat server. Connect with: nc localhost PORT",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="read settings from FILE, a TOML file of these options by the same names "
+        "(port = 8080, max-clients = 100, reuse-port = true); options given here win; "
+        "SIGHUP reads it again (see chat.example.toml)",
     )
     parser.add_argument(
         "port",
@@ -1660,9 +1742,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         f"'ERROR Service unavailable.'; {MIN_REDIS_TIMEOUT:g} to {MAX_REDIS_TIMEOUT:g} "
         f"(default: {DEFAULT_REDIS_TIMEOUT:g})",
     )
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, and the settings file it names (--config) for
+    every option it does not give."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    given = [args.tls_port is not None, args.tls_cert is not None, args.tls_key is not None]
-    if any(given) and not all(given):
+    if args.config is not None:
+        table = config.setting_table(parser)
+        from_file = config.read_settings(args.config, table)
+        if isinstance(from_file, config.ConfigProblem):
+            parser.error(from_file.message)
+        given = config.given_on_command_line(build_parser(), argv)
+        args = argparse.Namespace(**config.merge(table, from_file, given) | {"config": args.config})
+    tls = [args.tls_port is not None, args.tls_cert is not None, args.tls_key is not None]
+    if any(tls) and not all(tls):
         parser.error("--tls-port, --tls-cert and --tls-key go together: give all three")
     return args
 
@@ -1739,6 +1835,114 @@ def return_large_buffers_to_the_system() -> bool:
         return False
 
 
+def _open_listeners(
+    args: argparse.Namespace, passed: dict[str, socket.socket]
+) -> dict[str, socket.socket]:
+    """The listening sockets the server needs, by what they serve: those
+    systemd passed (`passed`), and the others bound here, one at a time,
+    so that the port that is taken can be named. OSError with the name
+    of the port in its `filename` when one cannot be bound."""
+    sockets = dict(passed)
+    wanted: list[tuple[str, str, str | None, int]] = [("chat", "port", args.host, args.port)]
+    if args.tls_port is not None:
+        wanted.append(("tls", "TLS port", args.host, args.tls_port))
+    if args.metrics_port is not None:
+        wanted.append(("metrics", "metrics port", args.metrics_host, args.metrics_port))
+    try:
+        for name, what, host, port in wanted:
+            if name in sockets:
+                continue
+            try:
+                if name == "metrics" and host is not None:  # one address, not every one
+                    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                    sockets[name] = socket.create_server((host, port), family=family)
+                    sockets[name].setblocking(False)
+                else:
+                    sockets[name] = open_listener(host, port, reuse_port=args.reuse_port)
+            except OSError as error:
+                where = f"{what} {port}" if host is None else f"{what} {port} of {host!r}"
+                error.filename = where
+                raise
+    except BaseException:
+        for sock in sockets.values():
+            sock.close()
+        raise
+    return sockets
+
+
+def _listen_error(error: OSError) -> str:
+    # Not str(error): create_server adds "(while attempting to bind on
+    # address ...)", which says it in Python's words.
+    if isinstance(error, socket.gaierror) or not error.errno:
+        reason = error.strerror or str(error)  # the resolver's words
+    else:
+        reason = os.strerror(error.errno)
+    return f"chat.py: cannot listen on {error.filename}: {reason}"
+
+
+def _passed_sockets(args: argparse.Namespace) -> dict[str, socket.socket] | str:
+    """The sockets systemd passed (socket activation), checked against the
+    options; or the one line saying why they cannot be used."""
+    passed = activation.take_sockets()
+    if isinstance(passed, activation.ActivationProblem):
+        return f"chat.py: socket activation: {passed.message}"
+    web = passed.pop("web", None)
+    if web is not None:
+        log.warning(
+            "socket activation: this server has no web listener: the socket 'web' is unused"
+        )
+        web.close()
+    if "tls" in passed and (args.tls_cert is None or args.tls_key is None):
+        return (
+            "chat.py: socket activation: a socket 'tls' was passed: give --tls-cert and --tls-key"
+        )
+    return passed
+
+
+def _reloader(
+    args: argparse.Namespace,
+    given: dict[str, object],
+    server: Callable[[], ChatServer | None],
+) -> Callable[[], None]:
+    """What SIGHUP does in the loop, besides reloading the certificate:
+    read the settings file again and apply what can change while running
+    (config.LIVE_SETTINGS); `args` is updated to what is in force."""
+    path = args.config
+    table = config.setting_table(build_parser())
+
+    def reload() -> None:
+        running = server()
+        from_file = config.read_settings(path, table)
+        if isinstance(from_file, config.ConfigProblem):
+            log.error(
+                "cannot reload the settings: %s; keeping every setting as it was", from_file.message
+            )
+            return
+        found = config.changes(table, vars(args), config.merge(table, from_file, given))
+        if found.need_restart:
+            log.warning(
+                "settings changed in %s take effect only after a restart: %s",
+                path,
+                ", ".join(found.need_restart),
+            )
+        live = dict(found.live)
+        level = live.pop("log_level", None)
+        if isinstance(level, str):
+            logging.getLogger().setLevel(level)
+        if running is not None and live:
+            running.apply_limits(**cast(dict[str, Any], live))
+        vars(args).update(found.live)
+        if found.live:
+            changed = ", ".join(
+                f"{dest.replace('_', '-')} = {value}" for dest, value in found.live.items()
+            )
+            log.info("reloaded the settings in %s: %s", path, changed)
+        else:
+            log.info("reloaded the settings in %s: no change that applies while running", path)
+
+    return reload
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     return_large_buffers_to_the_system()
@@ -1747,6 +1951,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_name = str(args.port)  # servers of one cluster told apart by port
     logging.basicConfig(level=args.log_level, format=_log_format(log_name), stream=sys.stderr)
     server: ChatServer | None = None
+    on_reload = None
+    if args.config is not None:
+        given = config.given_on_command_line(build_parser(), argv)
+        on_reload = _reloader(args, given, lambda: server)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if server is None:  # still starting: nothing to close yet
@@ -1762,8 +1970,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_hangup)
+    passed = _passed_sockets(args)
+    if isinstance(passed, str):
+        print(passed, file=sys.stderr)
+        return 2
     try:
         room = LocalRoom if args.redis is None else _cluster_room(args)
+        sockets = _open_listeners(args, passed)
+        tls_port = args.tls_port
+        if "tls" in sockets:
+            tls_port = sockets["tls"].getsockname()[1]
+        metrics_address = None
+        if "metrics" in sockets:
+            metrics_address = cast(tuple[str, int], sockets["metrics"].getsockname()[:2])
         server = ChatServer(
             args.host,
             args.port,
@@ -1774,13 +1993,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             keepalive=args.keepalive,
             register_timeout=args.register_timeout,
             reuse_port=args.reuse_port,
-            metrics_address=None
-            if args.metrics_port is None
-            else (args.metrics_host, args.metrics_port),
-            tls=None
-            if args.tls_port is None
-            else TLSConfig(args.tls_port, args.tls_cert, args.tls_key),
+            metrics_address=metrics_address,
+            tls=None if tls_port is None else TLSConfig(tls_port, args.tls_cert, args.tls_key),
             room=room,
+            sockets=sockets,
+            on_reload=on_reload,
         )
     except ConfigurationError as error:
         print(f"chat.py: {error}", file=sys.stderr)
@@ -1789,22 +2006,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"chat.py: cannot load the TLS certificate: {error}", file=sys.stderr)
         return 2
     except OSError as error:
-        where = f"port {args.port}" if args.host is None else f"{args.host!r} port {args.port}"
-        if error.errno == errno.EADDRINUSE and args.tls_port is not None:
-            where += f" or TLS port {args.tls_port}"
-        if error.errno == errno.EADDRINUSE and args.metrics_port is not None:
-            where += f" or metrics port {args.metrics_port}"
-        # Not str(error): create_server adds "(while attempting to bind on
-        # address ...)", which says it in Python's words.
-        if isinstance(error, socket.gaierror) or not error.errno:
-            reason = error.strerror or str(error)  # the resolver's words
-        else:
-            reason = os.strerror(error.errno)
-        print(f"chat.py: cannot listen on {where}: {reason}", file=sys.stderr)
+        print(_listen_error(error), file=sys.stderr)
         return 1
     if args.log_name is None and args.redis is not None and args.port == 0:
         for handler in logging.getLogger().handlers:  # the port it was given
             handler.setFormatter(logging.Formatter(_log_format(str(server.address[1]))))
+    if passed:
+        log.info("socket activation: serving the sockets passed in (%s)", ", ".join(passed))
     log.info("listening on %s", _describe_listener(args.host, server.address))
     if server.tls_address is not None:
         log.info("listening for TLS on %s", _describe_listener(args.host, server.tls_address))
