@@ -93,7 +93,8 @@ def test_file_values_go_through_the_options_own_checks() -> None:
         ("keepalive = 40000\n", ["line 1", "keepalive", "at most"]),
         ('max-clients = "100"\n', ["line 1", "max-clients", "whole number", "string"]),
         ("max-clients = 1.5\n", ["line 1", "max-clients", "whole number"]),
-        ("max-clients = true\n", ["line 1", "max-clients", "whole number"]),
+        ("max-clients = true\n", ["line 1", "max-clients", "whole number, not true or false"]),
+        ("redis-timeout = false\n", ["line 1", "redis-timeout", "a number, not true or false"]),
         ("host = 8080\n", ["line 1", "host", "string", "8080"]),
         ("reuse-port = 1\n", ["line 1", "reuse-port", "true or false"]),
         ('log-level = "loud"\n', ["line 1", "log-level", "'loud'"]),
@@ -328,6 +329,8 @@ def test_sighup_applies_the_live_settings_and_names_the_others(tmp_path: Path) -
         bob = server.member("bob")  # max-clients 2
         assert server.log.text().count(" connected") == connected  # log-level WARNING
         assert alice.sync() == [] and bob.sync() == []
+        # Again with the same file: those still wait for a restart.
+        hangup(server, "restart: room, lease-ms")
         server.finish()
 
 
@@ -352,8 +355,9 @@ def test_sighup_with_a_broken_file_keeps_every_old_setting(tmp_path: Path) -> No
         assert re.search(rf"ERROR cannot reload the settings: {re.escape(str(path))}, line 2", log)
         assert server.client().read_to_eof() == SERVER_FULL + b"\n"
         write(path, "max-clients = 2\n")  # fixed: read again
-        hangup(server, "reloaded the settings")
+        hangup(server, "reloaded the settings in")
         server.member("bob")
+        hangup(server, "no change that applies while running")  # 2 is in force already
         assert "SIGHUP ignored" not in server.finish()
 
 
