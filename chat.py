@@ -1745,6 +1745,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TLS_TOGETHER: Final = "--tls-port, --tls-cert and --tls-key go together: give all three"
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line, and the settings file it names (--config) for
     every option it does not give."""
@@ -1758,8 +1761,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         given = config.given_on_command_line(build_parser(), argv)
         args = argparse.Namespace(**config.merge(table, from_file, given) | {"config": args.config})
     tls = [args.tls_port is not None, args.tls_cert is not None, args.tls_key is not None]
-    if any(tls) and not all(tls):
-        parser.error("--tls-port, --tls-cert and --tls-key go together: give all three")
+    # A certificate and key without a port are checked once it is known
+    # whether systemd passed a TLS socket (_passed_sockets).
+    if any(tls) and not all(tls) and tls != [False, True, True]:
+        parser.error(TLS_TOGETHER)
     return args
 
 
@@ -1896,6 +1901,8 @@ def _passed_sockets(args: argparse.Namespace) -> dict[str, socket.socket] | str:
         return (
             "chat.py: socket activation: a socket 'tls' was passed: give --tls-cert and --tls-key"
         )
+    if "tls" not in passed and args.tls_cert is not None and args.tls_port is None:
+        return f"chat.py: error: {TLS_TOGETHER}"
     return passed
 
 

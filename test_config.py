@@ -37,6 +37,7 @@ from conftest import (
     FakeClock,
     Pumped,
     ServerProcess,
+    TLSClient,
     TLSFiles,
     free_port,
     launch,
@@ -184,9 +185,12 @@ def test_the_command_line_wins_over_the_file(tmp_path: Path) -> None:
     assert (args.port, args.max_clients) == (99, 10000)
 
 
-def test_tls_options_from_the_file_still_go_together(tmp_path: Path) -> None:
-    """--config: --tls-port without --tls-cert and --tls-key is an error from the file as well."""
-    path = write(tmp_path / "chat.toml", "tls-port = 8443\n")
+@pytest.mark.parametrize(
+    "text", ["tls-port = 8443\n", 'tls-cert = "c.pem"\ntls-key = "k.pem"\n', 'tls-key = "k"\n']
+)
+def test_tls_options_from_the_file_still_go_together(tmp_path: Path, text: str) -> None:
+    """--config: the TLS options go together from the file too (no TLS socket passed)."""
+    path = write(tmp_path / "chat.toml", text)
     result = run_chat("--config", str(path))
     assert result.returncode == 2
     assert "go together" in one_line(result.stderr)
@@ -516,6 +520,42 @@ def test_systemd_socket_activate_passes_a_named_metrics_socket() -> None:
                 reply += chunk
         assert reply.startswith(b"HTTP/1.")
         assert b"\nchat_connections_open 1\n" in reply  # the chat socket's client
+        client.close()
+
+
+def test_systemd_socket_activate_passes_tls_and_web(tls_files: TLSFiles) -> None:
+    """Socket activation: a tls socket serves TLS with the configured certificate; web is unused."""
+    ports = [free_port(), free_port(), free_port()]
+    cert, key = f"--tls-cert={tls_files.cert}", f"--tls-key={tls_files.key}"
+    with activated(
+        *(f"--listen=127.0.0.1:{port}" for port in ports),
+        "--fdname=chat:tls:web",
+        chat_args=(cert, key),
+    ) as process:
+        plain = connect_when_listening(ports[0])
+        plain.register("alice")
+        with TLSClient(("127.0.0.1", ports[1])) as secure:
+            secure.register("bob")
+            secure.send(b"SEND over TLS\n")
+            assert plain.line() == b"RECEIVE bob over TLS"
+        plain.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(TIMEOUT) == 0
+        assert process.stderr is not None
+        log = process.stderr.read().decode()
+    assert re.search(rf"listening for TLS on 127\.0\.0\.1:{ports[1]}$", log, re.MULTILINE), log
+    assert "no web listener: the socket 'web' is unused" in log
+
+
+def test_systemd_socket_activate_tls_without_a_certificate_exits_2() -> None:
+    """Socket activation: a tls socket without --tls-cert and --tls-key: one line, exit 2."""
+    port = free_port()
+    with activated(f"--listen=127.0.0.1:{port}", "--fdname=tls") as process:
+        client = connect_when_listening(port)
+        assert process.wait(TIMEOUT) == 2
+        assert process.stderr is not None
+        ours = process.stderr.read().partition(b"\nExecing ")[2].partition(b"\n")[2]
+        assert "--tls-cert" in one_line(ours)
         client.close()
 
 
