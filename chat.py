@@ -1840,13 +1840,21 @@ def return_large_buffers_to_the_system() -> bool:
         return False
 
 
+class _CannotListen(Exception):
+    """A port cannot be bound: which one (`where`), and the OSError."""
+
+    def __init__(self, where: str, error: OSError) -> None:
+        super().__init__(where, error)
+        self.where = where
+        self.error = error
+
+
 def _open_listeners(
     args: argparse.Namespace, passed: dict[str, socket.socket]
 ) -> dict[str, socket.socket]:
     """The listening sockets the server needs, by what they serve: those
     systemd passed (`passed`), and the others bound here, one at a time,
-    so that the port that is taken can be named. OSError with the name
-    of the port in its `filename` when one cannot be bound."""
+    so that the port that is taken can be named (_CannotListen)."""
     sockets = dict(passed)
     wanted: list[tuple[str, str, str | None, int]] = [("chat", "port", args.host, args.port)]
     if args.tls_port is not None:
@@ -1866,8 +1874,7 @@ def _open_listeners(
                     sockets[name] = open_listener(host, port, reuse_port=args.reuse_port)
             except OSError as error:
                 where = f"{what} {port}" if host is None else f"{what} {port} of {host!r}"
-                error.filename = where
-                raise
+                raise _CannotListen(where, error) from None
     except BaseException:
         for sock in sockets.values():
             sock.close()
@@ -1875,14 +1882,12 @@ def _open_listeners(
     return sockets
 
 
-def _listen_error(error: OSError) -> str:
+def _os_error_reason(error: OSError) -> str:
     # Not str(error): create_server adds "(while attempting to bind on
     # address ...)", which says it in Python's words.
     if isinstance(error, socket.gaierror) or not error.errno:
-        reason = error.strerror or str(error)  # the resolver's words
-    else:
-        reason = os.strerror(error.errno)
-    return f"chat.py: cannot listen on {error.filename}: {reason}"
+        return error.strerror or str(error)  # the resolver's words
+    return os.strerror(error.errno)
 
 
 def _passed_sockets(args: argparse.Namespace) -> dict[str, socket.socket] | str:
@@ -2012,8 +2017,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TLSConfigError as error:
         print(f"chat.py: cannot load the TLS certificate: {error}", file=sys.stderr)
         return 2
-    except OSError as error:
-        print(_listen_error(error), file=sys.stderr)
+    except _CannotListen as cannot:
+        reason = _os_error_reason(cannot.error)
+        print(f"chat.py: cannot listen on {cannot.where}: {reason}", file=sys.stderr)
+        return 1
+    except OSError as error:  # out of descriptors, say
+        print(f"chat.py: cannot start: {_os_error_reason(error)}", file=sys.stderr)
         return 1
     if args.log_name is None and args.redis is not None and args.port == 0:
         for handler in logging.getLogger().handlers:  # the port it was given

@@ -311,6 +311,45 @@ def test_apply_limits_keepalive_for_new_connections() -> None:
         assert newest.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 9
 
 
+def test_on_reload_runs_in_the_loop_when_reload_is_asked(caplog: pytest.LogCaptureFixture) -> None:
+    """SIGHUP: the reload runs in the loop, not in the handler; a bug in it does not stop it."""
+    calls: list[str] = []
+
+    def reload() -> None:
+        calls.append("reload")
+        raise RuntimeError("a bug")
+
+    with in_process(on_reload=reload) as server:
+        client = Pumped(server)
+        client.sync()
+        server.reload_tls()  # what the signal handler calls
+        assert calls == []  # not yet: only the loop runs it
+        assert client.sync() == []  # the wake-up was written first, so it ran before
+        assert calls == ["reload"]
+        assert "internal error reloading the settings" in caplog.text
+        assert "SIGHUP ignored" not in caplog.text  # the settings were reloaded
+        assert client.sync() == []
+
+
+def test_chat_server_listens_on_sockets_it_is_given() -> None:
+    """Socket activation: ChatServer(sockets=...) serves the listening sockets given, binds none."""
+    made = socket.create_server(("127.0.0.1", 0))
+    made.setblocking(False)
+    metrics_made = socket.create_server(("127.0.0.1", 0))
+    metrics_made.setblocking(False)
+    port = made.getsockname()[1]
+    with in_process(
+        sockets={"chat": made, "metrics": metrics_made},
+        metrics_address=metrics_made.getsockname()[:2],
+    ) as server:
+        assert server.address == ("127.0.0.1", port)
+        assert server.metrics is not None
+        assert server.metrics.address == metrics_made.getsockname()[:2]
+        client = Pumped(server, address=("127.0.0.1", port))
+        client.register("alice")
+    assert made.fileno() == -1  # closed with the server
+
+
 def hangup(server: ServerProcess, expected: str) -> str:
     """SIGHUP, then wait for the log line the reload ends with."""
     before = server.log.text().count(expected)
