@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import re
 import shlex
 import shutil
@@ -68,8 +69,17 @@ def one_line(stderr: bytes) -> str:
 def test_every_option_in_help_is_a_key_of_the_file() -> None:
     """--config: the file's keys are the options of --help, by the same names."""
     help_text = run_chat("--help").stdout.decode()
-    options = set(re.findall(r"^\s+(?:-\w, )?--([a-z-]+)", help_text, re.MULTILINE))
-    assert set(table()) == (options - {"help", "config"}) | {"port"}
+    usage = help_text.partition("\n\n")[0]  # every option, once: [--max-clients N]
+    options = set(re.findall(r"\[--([a-z-]+)", usage))
+    assert "max-clients" in options and "port" not in options
+    assert set(table()) == (options - {"config"}) | {"port"}
+
+
+def test_every_live_setting_the_parser_has_is_applied() -> None:
+    """SIGHUP: each live setting the options have (send-rate, send-burst when added) is applied."""
+    keywords = set(inspect.signature(chat.ChatServer.apply_limits).parameters) - {"self"}
+    live = {table()[key].dest for key in config.LIVE_SETTINGS if key in table()}
+    assert live - {"log_level"} == keywords  # log-level is the logging module's
 
 
 def test_file_values_go_through_the_options_own_checks() -> None:
