@@ -484,6 +484,22 @@ def test_listen_fds_that_do_not_fit_are_one_line(environ: dict[str, str], mentio
     assert mention in found.message
 
 
+_VARIABLE_TEXT: Final = st.one_of(
+    st.text(max_size=12), st.integers(-2, 6).map(str), st.just("100"), st.just("chat:tls")
+)
+
+
+@given(st.dictionaries(st.sampled_from(activation.VARIABLES), _VARIABLE_TEXT))
+def test_listen_fds_never_raises(environ: dict[str, str]) -> None:
+    """Socket activation: any variables give sockets numbered from 3 by known names, or one line."""
+    found = activation.listen_fds(environ, 100)
+    if isinstance(found, activation.ActivationProblem):
+        assert "\n" not in found.message
+    else:
+        assert set(found) <= set(activation.NAMES)
+        assert sorted(found.values()) == list(range(3, 3 + len(found)))
+
+
 def test_take_sockets_unsets_the_variables() -> None:
     """Socket activation: the variables are unset once read, so children do not take the sockets."""
     environ = {"LISTEN_FDS": "1", "LISTEN_PID": "1", "LISTEN_FDNAMES": "chat", "HOME": "/"}
