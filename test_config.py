@@ -527,7 +527,11 @@ def activated(*options: str, chat_args: tuple[str, ...] = ()) -> Iterator[subpro
     finally:
         if process.poll() is None:
             process.terminate()
-        process.wait(TIMEOUT)
+        try:
+            process.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:  # stuck: never left behind
+            process.kill()
+            process.wait()
         assert process.stderr is not None
         process.stderr.close()
 
