@@ -25,7 +25,6 @@ module is the command line; it re-exports what embedders and tests use.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import signal
@@ -33,8 +32,10 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Final, NoReturn
+from typing import Any, Final, NoReturn, cast
 
+import activation
+import config
 from connection import (
     DEFAULT_OUTPUT_BUDGET,
     DEFAULT_OUTPUT_LIMIT,
@@ -197,10 +198,20 @@ def _log_level(text: str) -> str:
     return level
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser; also the table of the settings file's
+    keys and their checks (config.setting_table)."""
     parser = _Parser(
         prog="chat.py",
         description="A line-protocol chat server. Connect with: nc localhost PORT",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="read settings from FILE, a TOML file of these options by the same names "
+        "(port = 8080, max-clients = 100, reuse-port = true); options given here win; "
+        "SIGHUP reads it again (see chat.example.toml)",
     )
     parser.add_argument(
         "port",
@@ -368,10 +379,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         f"'ERROR Service unavailable.'; {MIN_REDIS_TIMEOUT:g} to {MAX_REDIS_TIMEOUT:g} "
         f"(default: {DEFAULT_REDIS_TIMEOUT:g})",
     )
+    return parser
+
+
+TLS_TOGETHER: Final = "--tls-port, --tls-cert and --tls-key go together: give all three"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, and the settings file it names (--config) for
+    every option it does not give."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    given = [args.tls_port is not None, args.tls_cert is not None, args.tls_key is not None]
-    if any(given) and not all(given):
-        parser.error("--tls-port, --tls-cert and --tls-key go together: give all three")
+    if args.config is not None:
+        table = config.setting_table(parser)
+        from_file = config.read_settings(args.config, table)
+        if isinstance(from_file, config.ConfigProblem):
+            parser.error(from_file.message)
+        given = config.given_on_command_line(build_parser(), argv)
+        args = argparse.Namespace(**config.merge(table, from_file, given) | {"config": args.config})
+    tls = [args.tls_port is not None, args.tls_cert is not None, args.tls_key is not None]
+    # A certificate and key without a port are checked once it is known
+    # whether systemd passed a TLS socket (_passed_sockets).
+    if any(tls) and not all(tls) and tls != [False, True, True]:
+        parser.error(TLS_TOGETHER)
     return args
 
 
@@ -447,6 +477,121 @@ def return_large_buffers_to_the_system() -> bool:
         return False
 
 
+class _CannotListen(Exception):
+    """A port cannot be bound: which one (`where`), and the OSError."""
+
+    def __init__(self, where: str, error: OSError) -> None:
+        super().__init__(where, error)
+        self.where = where
+        self.error = error
+
+
+def _open_listeners(
+    args: argparse.Namespace, passed: dict[str, socket.socket]
+) -> dict[str, socket.socket]:
+    """The listening sockets the server needs, by what they serve: those
+    systemd passed (`passed`), and the others bound here, one at a time,
+    so that the port that is taken can be named (_CannotListen)."""
+    sockets = dict(passed)
+    wanted: list[tuple[str, str, str | None, int]] = [("chat", "port", args.host, args.port)]
+    if args.tls_port is not None:
+        wanted.append(("tls", "TLS port", args.host, args.tls_port))
+    if args.metrics_port is not None:
+        wanted.append(("metrics", "metrics port", args.metrics_host, args.metrics_port))
+    try:
+        for name, what, host, port in wanted:
+            if name in sockets:
+                continue
+            try:
+                if name == "metrics" and host is not None:  # one address, not every one
+                    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                    sockets[name] = socket.create_server((host, port), family=family)
+                    sockets[name].setblocking(False)
+                else:
+                    sockets[name] = open_listener(host, port, reuse_port=args.reuse_port)
+            except OSError as error:
+                where = f"{what} {port}" if host is None else f"{what} {port} of {host!r}"
+                raise _CannotListen(where, error) from None
+    except BaseException:
+        for sock in sockets.values():
+            sock.close()
+        raise
+    return sockets
+
+
+def _os_error_reason(error: OSError) -> str:
+    # Not str(error): create_server adds "(while attempting to bind on
+    # address ...)", which says it in Python's words.
+    if isinstance(error, socket.gaierror) or not error.errno:
+        return error.strerror or str(error)  # the resolver's words
+    return os.strerror(error.errno)
+
+
+def _passed_sockets(args: argparse.Namespace) -> dict[str, socket.socket] | str:
+    """The sockets systemd passed (socket activation), checked against the
+    options; or the one line saying why they cannot be used."""
+    passed = activation.take_sockets()
+    if isinstance(passed, activation.ActivationProblem):
+        return f"chat.py: socket activation: {passed.message}"
+    web = passed.pop("web", None)
+    if web is not None:
+        log.warning(
+            "socket activation: this server has no web listener: the socket 'web' is unused"
+        )
+        web.close()
+    if "tls" in passed and (args.tls_cert is None or args.tls_key is None):
+        return (
+            "chat.py: socket activation: a socket 'tls' was passed: give --tls-cert and --tls-key"
+        )
+    if "tls" not in passed and args.tls_cert is not None and args.tls_port is None:
+        return f"chat.py: error: {TLS_TOGETHER}"
+    return passed
+
+
+def _reloader(
+    args: argparse.Namespace,
+    given: dict[str, object],
+    server: Callable[[], ChatServer | None],
+) -> Callable[[], None]:
+    """What SIGHUP does in the loop, besides reloading the certificate:
+    read the settings file again and apply what can change while running
+    (config.LIVE_SETTINGS); `args` is updated to what is in force."""
+    path = args.config
+    table = config.setting_table(build_parser())
+
+    def reload() -> None:
+        running = server()
+        from_file = config.read_settings(path, table)
+        if isinstance(from_file, config.ConfigProblem):
+            log.error(
+                "cannot reload the settings: %s; keeping every setting as it was", from_file.message
+            )
+            return
+        found = config.changes(table, vars(args), config.merge(table, from_file, given))
+        if found.need_restart:
+            log.warning(
+                "settings changed in %s take effect only after a restart: %s",
+                path,
+                ", ".join(found.need_restart),
+            )
+        live = dict(found.live)
+        level = live.pop("log_level", None)
+        if isinstance(level, str):
+            logging.getLogger().setLevel(level)
+        if running is not None and live:
+            running.apply_limits(**cast(dict[str, Any], live))
+        vars(args).update(found.live)
+        if found.live:
+            changed = ", ".join(
+                f"{dest.replace('_', '-')} = {value}" for dest, value in found.live.items()
+            )
+            log.info("reloaded the settings in %s: %s", path, changed)
+        else:
+            log.info("reloaded the settings in %s: no change that applies while running", path)
+
+    return reload
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     return_large_buffers_to_the_system()
@@ -455,6 +600,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_name = str(args.port)  # servers of one cluster told apart by port
     logging.basicConfig(level=args.log_level, format=_log_format(log_name), stream=sys.stderr)
     server: ChatServer | None = None
+    on_reload = None
+    if args.config is not None:
+        given = config.given_on_command_line(build_parser(), argv)
+        on_reload = _reloader(args, given, lambda: server)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if server is None:  # still starting: nothing to close yet
@@ -470,8 +619,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_hangup)
+    passed = _passed_sockets(args)
+    if isinstance(passed, str):
+        print(passed, file=sys.stderr)
+        return 2
     try:
         room = LocalRoom if args.redis is None else _cluster_room(args)
+        sockets = _open_listeners(args, passed)
+        tls_port = args.tls_port
+        if "tls" in sockets:
+            tls_port = sockets["tls"].getsockname()[1]
+        metrics_address = None
+        if "metrics" in sockets:
+            metrics_address = cast(tuple[str, int], sockets["metrics"].getsockname()[:2])
         server = ChatServer(
             args.host,
             args.port,
@@ -482,13 +642,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             keepalive=args.keepalive,
             register_timeout=args.register_timeout,
             reuse_port=args.reuse_port,
-            metrics_address=None
-            if args.metrics_port is None
-            else (args.metrics_host, args.metrics_port),
-            tls=None
-            if args.tls_port is None
-            else TLSConfig(args.tls_port, args.tls_cert, args.tls_key),
+            metrics_address=metrics_address,
+            tls=None if tls_port is None else TLSConfig(tls_port, args.tls_cert, args.tls_key),
             room=room,
+            sockets=sockets,
+            on_reload=on_reload,
         )
     except ConfigurationError as error:
         print(f"chat.py: {error}", file=sys.stderr)
@@ -496,23 +654,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TLSConfigError as error:
         print(f"chat.py: cannot load the TLS certificate: {error}", file=sys.stderr)
         return 2
-    except OSError as error:
-        where = f"port {args.port}" if args.host is None else f"{args.host!r} port {args.port}"
-        if error.errno == errno.EADDRINUSE and args.tls_port is not None:
-            where += f" or TLS port {args.tls_port}"
-        if error.errno == errno.EADDRINUSE and args.metrics_port is not None:
-            where += f" or metrics port {args.metrics_port}"
-        # Not str(error): create_server adds "(while attempting to bind on
-        # address ...)", which says it in Python's words.
-        if isinstance(error, socket.gaierror) or not error.errno:
-            reason = error.strerror or str(error)  # the resolver's words
-        else:
-            reason = os.strerror(error.errno)
-        print(f"chat.py: cannot listen on {where}: {reason}", file=sys.stderr)
+    except _CannotListen as cannot:
+        reason = _os_error_reason(cannot.error)
+        print(f"chat.py: cannot listen on {cannot.where}: {reason}", file=sys.stderr)
+        return 1
+    except OSError as error:  # out of descriptors, say
+        print(f"chat.py: cannot start: {_os_error_reason(error)}", file=sys.stderr)
         return 1
     if args.log_name is None and args.redis is not None and args.port == 0:
         for handler in logging.getLogger().handlers:  # the port it was given
             handler.setFormatter(logging.Formatter(_log_format(str(server.address[1]))))
+    if passed:
+        log.info("socket activation: serving the sockets passed in (%s)", ", ".join(passed))
     log.info("listening on %s", _describe_listener(args.host, server.address))
     if server.tls_address is not None:
         log.info("listening for TLS on %s", _describe_listener(args.host, server.tls_address))

@@ -545,6 +545,13 @@ class Writer:
         self._framings.append(frame_lines)
         return len(self._framings)
 
+    def apply_limits(self, output_limit: int | None, output_budget: int | None) -> None:
+        """New limits (None: unchanged), from the next write on."""
+        if output_limit is not None:
+            self.output_limit = output_limit
+        if output_budget is not None:
+            self.outbox.budget = output_budget
+
     def send_later(self, conn: Connection, data: bytes) -> None:
         """Output for `conn` (whole lines), sent at the end of this turn."""
         frame = conn.kind.frame

@@ -132,6 +132,8 @@ def tune_for_clients(listener: socket.socket, keepalive: int) -> None:
         listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
         unacked = 2 * keepalive
     else:
+        # Off again when a reload turns it off (ChatServer.apply_limits).
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
         unacked = UNACKED_LIMIT_WITHOUT_KEEPALIVE
     # In milliseconds. With keepalive on, Linux also uses it to end probing.
     listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, unacked * 1000)
@@ -193,6 +195,25 @@ class Door:
         listener = Listener(sock, admit, plain)
         self._listeners.append(listener)
         self._selector.register(sock, EVENT_READ, listener)
+
+    def apply_limits(
+        self,
+        max_clients: int | None,
+        max_per_address: int | None,
+        register_timeout: float | None,
+        keepalive: int | None,
+    ) -> None:
+        """New limits (None: unchanged) for the connections let in from now
+        on; those already in keep their register timer and keepalive."""
+        if max_clients is not None:
+            self.max_clients = max_clients
+        if max_per_address is not None:
+            self.max_per_address = max_per_address
+        if register_timeout is not None:
+            self.register_timeout = register_timeout
+        if keepalive is not None:
+            for listener in self._listeners:  # accepted sockets inherit these
+                tune_for_clients(listener.sock, keepalive)
 
     def accept(self, listener: Listener) -> None:
         for _ in range(ACCEPTS_PER_TURN):
@@ -327,8 +348,20 @@ class TLSPort:
         self._schedule = schedule
         self._close = close
 
-    def open(self, door: Door, host: str | None, *, keepalive: int, reuse_port: bool) -> None:
-        self.listener = open_listener(host, self.config.port, reuse_port=reuse_port)
+    def open(
+        self,
+        door: Door,
+        host: str | None,
+        *,
+        keepalive: int,
+        reuse_port: bool,
+        listener: socket.socket | None = None,
+    ) -> None:
+        """Listen on `listener` if one is given (socket activation), else
+        bind the configured port."""
+        if listener is None:
+            listener = open_listener(host, self.config.port, reuse_port=reuse_port)
+        self.listener = listener
         tune_for_clients(self.listener, keepalive)
         door.open(self.listener, self.admit, plain=False)
 

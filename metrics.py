@@ -170,11 +170,16 @@ class MetricsServer:
         host: Host,
         address: tuple[str, int],
         metrics: Callable[[], Iterable[Metric]],
+        listener: socket.socket | None = None,
     ) -> None:
+        """Serves on `listener` if one is given (socket activation), else
+        binds `address`."""
         self._host = host
         self._metrics = metrics
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self._listener = socket.create_server(address, family=family)
+        if listener is None:
+            family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+            listener = socket.create_server(address, family=family)
+        self._listener = listener
         self._listener.setblocking(False)
         # In the order they came: the first is the oldest.
         self._scrapes: dict[_Scrape, None] = {}

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from selectors import EVENT_READ, EVENT_WRITE, DefaultSelector
 from typing import Final
 
@@ -103,7 +103,12 @@ class ChatServer:
     serves (default: `LocalRoom`, one server's room); `clock` is what its
     timers read (a test passes a fake one and calls `run_once`). `tls`
     adds a TLS listener on the same host (see `tls_address`); TLSConfigError
-    if its certificate and key cannot be loaded."""
+    if its certificate and key cannot be loaded. `sockets` are listening
+    sockets made already (by socket activation, or to name the port that
+    is taken), by what they serve: "chat", "tls", "metrics"; the server
+    listens on those instead of binding its own. `on_reload` runs in the
+    loop after `reload_tls` (SIGHUP) asks, before the certificate is
+    reloaded."""
 
     def __init__(
         self,
@@ -121,6 +126,8 @@ class ChatServer:
         tls: TLSConfig | None = None,
         room: RoomFactory = LocalRoom,
         clock: Clock = time.monotonic,
+        sockets: Mapping[str, socket.socket] | None = None,
+        on_reload: Callable[[], None] | None = None,
     ) -> None:
         # First, so that a bad certificate fails before anything is bound.
         tls_context = None if tls is None else load_context(tls.cert, tls.key)
@@ -148,21 +155,32 @@ class ChatServer:
             max_per_address=max_per_address,
             register_timeout=register_timeout,
         )
-        self._listener = open_listener(host, port, reuse_port=reuse_port)
+        sockets = {} if sockets is None else sockets
+        made = sockets.get("chat")
+        self._listener = open_listener(host, port, reuse_port=reuse_port) if made is None else made
         tune_for_clients(self._listener, keepalive)
         self._door.open(self._listener)
         self._wakeup = Wakeup(self._selector)
         self._stopping = False
         self._reload_requested = False  # SIGHUP: reload_tls
+        self._on_reload = on_reload
         self._tls: TLSPort | None = None
         self.metrics: MetricsServer | None = None
         try:
             if tls is not None and tls_context is not None:
                 self._tls = TLSPort(tls, tls_context, self._schedule, self._close)
-                self._tls.open(self._door, host, keepalive=keepalive, reuse_port=reuse_port)
+                self._tls.open(
+                    self._door,
+                    host,
+                    keepalive=keepalive,
+                    reuse_port=reuse_port,
+                    listener=sockets.get("tls"),
+                )
             self._room: Room = room(self)
             if metrics_address is not None:
-                self.metrics = MetricsServer(self, metrics_address, self._metrics)
+                self.metrics = MetricsServer(
+                    self, metrics_address, self._metrics, listener=sockets.get("metrics")
+                )
         except BaseException:
             self.close()
             raise
@@ -219,6 +237,22 @@ class ChatServer:
         self._reload_requested = True
         self._wakeup.wake()
 
+    def apply_limits(
+        self,
+        *,
+        max_clients: int | None = None,
+        max_per_address: int | None = None,
+        register_timeout: float | None = None,
+        output_limit: int | None = None,
+        output_budget: int | None = None,
+        keepalive: int | None = None,
+    ) -> None:
+        """New limits for what comes next (a reload of the settings, in the
+        loop); None leaves one as it is. See Door.apply_limits and
+        Writer.apply_limits."""
+        self._door.apply_limits(max_clients, max_per_address, register_timeout, keepalive)
+        self._writer.apply_limits(output_limit, output_budget)
+
     def run_once(self, max_wait: float | None = None) -> None:
         """One turn: select, read, timers, process, flush, close. Waits at
         most `max_wait` seconds for something to happen (None: until the
@@ -269,10 +303,15 @@ class ChatServer:
         self._wakeup.drain()
         if self._reload_requested:
             self._reload_requested = False
-            if self._tls is None:
-                log.warning("SIGHUP ignored: there is no TLS port, so no certificate to reload")
-            else:
+            if self._on_reload is not None:
+                try:
+                    self._on_reload()
+                except Exception:  # a bug there must not stop the loop
+                    log.exception("internal error reloading the settings")
+            if self._tls is not None:
                 self._tls.reload()
+            elif self._on_reload is None:
+                log.warning("SIGHUP ignored: there is no TLS port, so no certificate to reload")
 
     def close(self) -> None:
         """Close every connection and the listener. Idempotent."""
