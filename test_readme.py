@@ -560,6 +560,99 @@ def replies_of(window: Window) -> list[str]:
     return [line for line in window.lines() if REPLY.match(line)]
 
 
+# --- Reading the page -------------------------------------------------------------
+
+
+def test_unmarked_blocks_are_commands_or_sessions() -> None:
+    """An unmarked block is commands for the shell, or a session when it starts with `$ `."""
+    page = "Run:\n\n    python3 chat.py --help\n\nThen:\n\n    $ nc localhost 8080\n    SEND x\n"
+    assert read_page(page) == [
+        Commands(3, ("python3 chat.py --help",)),
+        Session(7, ("nc localhost 8080",), ((Cell(0, "SEND x"),),)),
+    ]
+
+
+def test_an_unmarked_block_of_output_fails_the_check() -> None:
+    """A block that is not commands (output, a file) needs a marker, or the check fails."""
+    with pytest.raises(PageError, match="line 3: not a command"):
+        read_page("Errors:\n\n    ERROR Username cannot be empty.\n")
+    marked = "Errors:\n\n<!-- readme-check: skip (output) -->\n\n    ERROR Username is too long.\n"
+    assert read_page(marked) == []
+
+
+def test_markers_say_how_to_run_a_block() -> None:
+    """server and background name their ports; stop stands alone; a `\\` joins two lines."""
+    page = """\
+<!-- readme-check: server 8080 8443 -->
+
+    python3 chat.py 8080 --tls-port 8443
+
+<!-- readme-check: stop -->
+
+<!-- readme-check: background 9001 -->
+
+    python3 chat.py 9001 &
+    kill \\
+        %1
+"""
+    assert read_page(page) == [
+        Server(3, "python3 chat.py 8080 --tls-port 8443", (8080, 8443)),
+        Stop(5),
+        Commands(9, ("python3 chat.py 9001 &", "kill \\\n    %1"), (9001,)),
+    ]
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        "<!-- readme-check: skip -->\n\n    true\n",  # no reason
+        "<!-- readme-check: server -->\n\n    true\n",  # no port
+        "<!-- readme-check: run -->\n\n    true\n",  # no such marker
+        "<!-- readme-check: skip (why) -->\n\nText.\n",  # no block after it
+        "<!-- readme-check: skip section (why) -->\n\n    true\n",  # not before a heading
+        "<!-- readme-check: server 8080 -->\n\n    true\n    true\n",  # two commands
+    ],
+)
+def test_a_marker_the_check_cannot_follow_fails_it(page: str) -> None:
+    """A misspelt or misplaced marker fails the check rather than skip a block quietly."""
+    with pytest.raises(PageError):
+        read_page(page)
+
+
+def test_skip_section_skips_to_the_next_heading_of_its_level() -> None:
+    """`skip section` covers the section's subsections, up to a heading of its level or above."""
+    page = """\
+<!-- readme-check: skip section (slow) -->
+
+## Performance
+
+    python3 bench.py
+
+### Cluster mode
+
+    python3 bench.py --cluster 2
+
+## Limits
+
+    python3 chat.py --help
+"""
+    assert read_page(page) == [Commands(13, ("python3 chat.py --help",))]
+
+
+def test_session_columns_start_at_each_dollar() -> None:
+    """A session's columns start at each `$ ` of its first line; a line may not cross them."""
+    session = parse_session(
+        1, ["$ nc a       $ telnet b", "USERNAME x   Trying ...", "             RECEIVE x hi"]
+    )
+    assert session.clients == ("nc a", "telnet b")
+    assert session.rows == (
+        (Cell(0, "USERNAME x"), Cell(1, "Trying ...")),
+        (Cell(1, "RECEIVE x hi"),),
+    )
+    with pytest.raises(PageError, match="crosses"):
+        parse_session(1, ["$ nc a       $ telnet b", "USERNAME xxxxxxxxx"])
+
+
 # --- The check --------------------------------------------------------------------
 
 
