@@ -26,6 +26,9 @@ where the block alone does not say how to run it:
 - `<!-- readme-check: stop -->`, standing alone where the page says to stop
   the last server started: Ctrl-C in its terminal, which must then exit 0.
   Servers still running at the end of the page are stopped the same way.
+- `<!-- readme-check: output -->`: the next block is lines the terminal of
+  the block before it must show, in any order (a log line's time stamp is
+  any time; `...` stands for lines left out).
 - `<!-- readme-check: skip (WHY) -->`: the next block is not run (it
   installs packages, is output, takes minutes...).
 - `<!-- readme-check: skip section (WHY) -->`, just before a heading: no
@@ -118,7 +121,15 @@ class Session:
     rows: tuple[tuple[Cell, ...], ...]
 
 
-Step = Commands | Server | Stop | Session
+@dataclass(frozen=True, slots=True)
+class Output:
+    """Lines the terminal of the block before must show."""
+
+    line: int
+    lines: tuple[str, ...]
+
+
+Step = Commands | Server | Stop | Session | Output
 
 
 class PageError(Exception):
@@ -230,7 +241,7 @@ def read_page(markdown: str) -> list[Step]:
             words = found.group(1).split()
             if words == ["stop"]:
                 steps.append(Stop(number))
-            elif re.fullmatch(r"skip (section )?\(.+\)", found.group(1)):
+            elif re.fullmatch(r"skip (section )?\(.+\)", found.group(1)) or words == ["output"]:
                 marker = (number, words)
             elif words[:1] in (["server"], ["background"]):
                 parse_ports(words[1:], number)
@@ -246,7 +257,9 @@ def read_page(markdown: str) -> list[Step]:
             raise PageError(f"line {number}: 'skip section' belongs just before a heading")
         if words[:1] == ["skip"]:
             continue
-        if words[:1] == ["server"]:
+        if words == ["output"]:
+            steps.append(Output(number, tuple(text)))
+        elif words[:1] == ["server"]:
             command, *more = shell_commands(number, text)
             if more:
                 raise PageError(f"line {number}: a server block has one command")
@@ -402,6 +415,7 @@ class Tmux:
 
 # --- The newcomer -----------------------------------------------------------------
 
+LOG_TIME: Final = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
 CONNECTED: Final = re.compile(r"> connected( on the TLS port)?$", re.MULTILINE)
 
 
@@ -415,6 +429,7 @@ class Newcomer:
         self.probe = self.open("probe")
         (tmux.directory / "probe.py").write_text(PROBE)
         self.servers: list[Window] = []  # running, the last started last
+        self.last = self.shell  # the terminal of the last commands run
 
     def open(self, role: str) -> Window:
         window = self.tmux.window(role)
@@ -441,16 +456,38 @@ class Newcomer:
                     self.shell.run(command)
                 if ports:
                     self.listening(ports)
+                self.last = self.shell
             case Server(command=command, ports=ports):
                 server = self.open("server")
                 server.type(command)
                 self.servers.append(server)
                 self.listening(ports)
+                self.last = server
             case Stop():
-                assert self.servers, f"line {step.line}: no server left to stop"
+                assert self.servers, "no server left to stop"
                 self.stop(self.servers.pop())
             case Session():
                 self.converse(step)
+            case Output(lines=lines):
+                self.expect_output(self.last, lines)
+
+    @staticmethod
+    def expect_output(window: Window, lines: tuple[str, ...]) -> None:
+        """Every line shows up in the window, in any order (two servers'
+        logs interleave as they please), perhaps after a prompt; a log
+        line's time stamp is any time; `...` stands for lines left out."""
+        patterns = []
+        for line in lines:
+            stamp = LOG_TIME.match(line)
+            if stamp is not None:
+                patterns.append(LOG_TIME.pattern + re.escape(line[stamp.end() :]) + "$")
+            elif line != "...":
+                patterns.append(re.escape(line) + "$")
+        poll(
+            f"{lines} in {window.name}",
+            lambda: all(re.search(pattern, window.shown(), re.MULTILINE) for pattern in patterns),
+            COMMAND_TIMEOUT,
+        )
 
     def stop(self, server: Window) -> None:
         """Ctrl-C, as the page says; a clean stop exits 0."""
