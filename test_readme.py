@@ -363,6 +363,12 @@ class Window:
         assert status == 0, f"{command!r} exited {status}; {self.name} showed:\n{self.shown()}"
 
 
+def unshare() -> list[str]:
+    """New network and process namespaces; without root, in a user namespace."""
+    command = ["unshare", "--net", "--pid", "--fork", "--kill-child"]
+    return command if os.geteuid() == 0 else [*command, "--map-root-user"]
+
+
 class Tmux:
     """A tmux server in network and process namespaces of its own."""
 
@@ -381,16 +387,14 @@ class Tmux:
             "PS1": "$ ",
             "TERM": "xterm",
         }
-        unshare = ["unshare", "--net", "--pid", "--fork", "--kill-child"]
-        if os.geteuid() != 0:
-            unshare.append("--map-root-user")
         server = (
             f"ip link set lo up && exec tmux -D -S {shlex.quote(str(self.socket))} -f /dev/null"
         )
         self.process = subprocess.Popen(
-            [*unshare, "sh", "-c", server], env=self.environment, stdin=subprocess.DEVNULL
+            [*unshare(), "sh", "-c", server], env=self.environment, stdin=subprocess.DEVNULL
         )
-        poll("the tmux server", self.socket.exists)
+        poll("the tmux server", lambda: self.socket.exists() or self.process.poll() is not None)
+        assert self.process.poll() is None, f"the namespaces' tmux exited {self.process.returncode}"
         self.run("new-session", "-d", "-s", "readme", "-x", "300", "-y", "50")
         self.run("set-option", "-g", "remain-on-exit", "off")
         self.windows = 0
@@ -631,11 +635,16 @@ def test_markers_say_how_to_run_a_block() -> None:
     python3 chat.py 9001 &
     kill \\
         %1
+
+<!-- readme-check: output -->
+
+    INFO stopped
 """
     assert read_page(page) == [
         Server(3, "python3 chat.py 8080 --tls-port 8443", (8080, 8443)),
         Stop(5),
         Commands(9, ("python3 chat.py 9001 &", "kill \\\n    %1"), (9001,)),
+        Output(15, ("INFO stopped",)),
     ]
 
 
@@ -718,6 +727,9 @@ def test_readme_in_page_order() -> None:
     missing = missing_tools()
     if missing and not os.environ.get("CI"):
         pytest.skip(f"needs {', '.join(missing)} (see the README's Set-up)")
+    works = subprocess.run([*unshare(), "true"], capture_output=True, timeout=TIMEOUT, check=False)
+    if works.returncode != 0 and not os.environ.get("CI"):
+        pytest.skip(f"needs namespaces (root, or user namespaces): {works.stderr.decode()}")
     steps = read_page(README.read_text())
     with tempfile.TemporaryDirectory(prefix="readme-check-") as name:
         directory = Path(name)
