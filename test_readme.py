@@ -29,6 +29,8 @@ where the block alone does not say how to run it:
 - `<!-- readme-check: output -->`: the next block is lines the terminal of
   the block before it must show, in any order (a log line's time stamp is
   any time; `...` stands for lines left out).
+- `<!-- readme-check: file PATH -->`: the next block is a file's contents
+  (a configuration, say), saved as PATH in the clone for the blocks after.
 - `<!-- readme-check: skip (WHY) -->`: the next block is not run (it
   installs packages, is output, takes minutes...).
 - `<!-- readme-check: skip section (WHY) -->`, just before a heading: no
@@ -129,7 +131,16 @@ class Output:
     lines: tuple[str, ...]
 
 
-Step = Commands | Server | Stop | Session | Output
+@dataclass(frozen=True, slots=True)
+class File:
+    """A file's contents, saved in the clone under `path` as a reader would."""
+
+    line: int
+    path: str
+    text: str
+
+
+Step = Commands | Server | Stop | Session | Output | File
 
 
 class PageError(Exception):
@@ -243,6 +254,10 @@ def read_page(markdown: str) -> list[Step]:
                 steps.append(Stop(number))
             elif re.fullmatch(r"skip (section )?\(.+\)", found.group(1)) or words == ["output"]:
                 marker = (number, words)
+            elif len(words) == 2 and words[0] == "file":
+                if Path(words[1]).is_absolute() or ".." in Path(words[1]).parts:
+                    raise PageError(f"line {number}: a file marker names a path in the clone")
+                marker = (number, words)
             elif words[:1] in (["server"], ["background"]):
                 parse_ports(words[1:], number)
                 marker = (number, words)
@@ -259,6 +274,8 @@ def read_page(markdown: str) -> list[Step]:
             continue
         if words == ["output"]:
             steps.append(Output(number, tuple(text)))
+        elif words[:1] == ["file"]:
+            steps.append(File(number, words[1], "\n".join(text) + "\n"))
         elif words[:1] == ["server"]:
             command, *more = shell_commands(number, text)
             if more:
@@ -474,6 +491,8 @@ class Newcomer:
                 self.converse(step)
             case Output(lines=lines):
                 self.expect_output(self.last, lines)
+            case File():
+                save(self.tmux.workdir, step)
 
     @staticmethod
     def expect_output(window: Window, lines: tuple[str, ...]) -> None:
@@ -597,6 +616,13 @@ class Newcomer:
             self.stop(self.servers.pop())
 
 
+def save(workdir: Path, file: File) -> None:
+    """Save a file block in the clone, its folders made as needed."""
+    target = workdir / file.path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(file.text)
+
+
 def replies_of(window: Window) -> list[str]:
     return [line for line in window.lines() if REPLY.match(line)]
 
@@ -639,12 +665,18 @@ def test_markers_say_how_to_run_a_block() -> None:
 <!-- readme-check: output -->
 
     INFO stopped
+
+<!-- readme-check: file etc/chat.toml -->
+
+    port = 8080
+    # a comment
 """
     assert read_page(page) == [
         Server(3, "python3 chat.py 8080 --tls-port 8443", (8080, 8443)),
         Stop(5),
         Commands(9, ("python3 chat.py 9001 &", "kill \\\n    %1"), (9001,)),
         Output(15, ("INFO stopped",)),
+        File(19, "etc/chat.toml", "port = 8080\n# a comment\n"),
     ]
 
 
@@ -657,6 +689,8 @@ def test_markers_say_how_to_run_a_block() -> None:
         "<!-- readme-check: skip (why) -->\n\nText.\n",  # no block after it
         "<!-- readme-check: skip section (why) -->\n\n    true\n",  # not before a heading
         "<!-- readme-check: server 8080 -->\n\n    true\n    true\n",  # two commands
+        "<!-- readme-check: file /etc/chat.toml -->\n\n    port = 1\n",  # outside the clone
+        "<!-- readme-check: file ../chat.toml -->\n\n    port = 1\n",  # outside the clone
     ],
 )
 def test_a_marker_the_check_cannot_follow_fails_it(page: str) -> None:
@@ -683,6 +717,14 @@ def test_skip_section_skips_to_the_next_heading_of_its_level() -> None:
     python3 chat.py --help
 """
     assert read_page(page) == [Commands(13, ("python3 chat.py --help",))]
+
+
+def test_a_file_block_is_saved_in_the_clone(tmp_path: Path) -> None:
+    """A `file` block is saved under its path in the clone, folders and all."""
+    (step,) = read_page("<!-- readme-check: file etc/chat.toml -->\n\n    port = 8080\n")
+    assert isinstance(step, File)
+    save(tmp_path, step)
+    assert (tmp_path / "etc" / "chat.toml").read_text() == "port = 8080\n"
 
 
 def test_session_columns_start_at_each_dollar() -> None:
