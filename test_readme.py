@@ -413,7 +413,6 @@ class Tmux:
         poll("the tmux server", lambda: self.socket.exists() or self.process.poll() is not None)
         assert self.process.poll() is None, f"the namespaces' tmux exited {self.process.returncode}"
         self.run("new-session", "-d", "-s", "readme", "-x", "300", "-y", "50")
-        self.run("set-option", "-g", "remain-on-exit", "off")
         self.windows = 0
 
     def run(self, *arguments: str) -> None:
