@@ -256,18 +256,18 @@ def take_name_within(client: Client, name: str, seconds: float) -> None:
 # ============================================================================
 
 
-SEED_ONE_INPUT: Final = b"USERNAME teixe\nSEND Hello, world!\nUSERNAME not valid\n"
+SEED_ONE_INPUT: Final = b"USERNAME mia\nSEND Hello, world!\nUSERNAME not valid\n"
 
 
 SEED_ONE_REPLY: Final = NAME_HAS_SPACES + b"\n"
 
 
-def seed_session_one(teixe: Client) -> None:
-    """README session one, byte for byte, on `teixe`'s connection."""
-    teixe.send(SEED_ONE_INPUT)
-    expect_exactly(teixe, SEED_ONE_REPLY)
-    teixe.send(b"NOT_A_COMMAND test\n")
-    expect_exactly(teixe, UNRECOGNISED + b"\n")
+def seed_session_one(mia: Client) -> None:
+    """README session one, byte for byte, on `mia`'s connection."""
+    mia.send(SEED_ONE_INPUT)
+    expect_exactly(mia, SEED_ONE_REPLY)
+    mia.send(b"NOT_A_COMMAND test\n")
+    expect_exactly(mia, UNRECOGNISED + b"\n")
 
 
 def seed_session_two(teixe: Client, jeff: Client) -> None:
@@ -473,9 +473,12 @@ def test_seed_sessions_one_byte_per_send(server: RunningServer) -> None:
     """A line may arrive one byte per packet: the README sessions, byte by byte."""
     one_byte = [1]
     pace = 0.001  # spaces the bytes out so the server sees them one by one
+    mia = server.client()
+    send_in_pieces(mia, SEED_ONE_INPUT + b"NOT_A_COMMAND test\n", one_byte, pace)
+    expect_exactly(mia, SEED_ONE_REPLY + UNRECOGNISED + b"\n")
     teixe = server.client()
-    send_in_pieces(teixe, SEED_ONE_INPUT + b"NOT_A_COMMAND test\n", one_byte, pace)
-    expect_exactly(teixe, SEED_ONE_REPLY + UNRECOGNISED + b"\n")
+    send_in_pieces(teixe, b"USERNAME teixe\n", one_byte, pace)
+    assert teixe.sync() == []
     jeff = server.client()
     send_in_pieces(jeff, b"USERNAME jeff\n", one_byte, pace)
     assert jeff.sync() == []
