@@ -4,14 +4,19 @@
 
 PROTOCOL.md is the contract. protocol.py knows what a line means, room.py
 knows who holds which name and what the turn says to whom, and the
-reactor moves bytes and keeps time, in four modules along its seams:
+reactor moves bytes and keeps time, in six modules along its seams:
 
 - reactor.py: the loop (`ChatServer.run_once`, one turn: select, read,
   timers, process, flush, close), the `Host` the room asks, and the
   `ServerView` tests read;
 - connection.py: a `Connection`, its transport's `Kind`, the `Schedule`
-  that owns every connection's place in the turns (and its timers), the
-  read path (`Reader`) and the write path (`Writer`, `Outbox`, the budget);
+  that owns every connection's place in the turns (and its timers), and
+  the read path (`Reader`);
+- processing.py: the round's lines through protocol.parse_line to the
+  room (`Processor`);
+- output.py: the write path (`Writer`, `Outbox`, the budget, the slow
+  consumers) and backpressure (the room's input held back while a member
+  that is reading is over the high water mark);
 - door.py: the listeners and the limits on who comes in (`Door`), and the
   TLS port with what its connections' transport needs (`TLSPort`);
 - timers.py: the deadlines, on one heap read against one clock.
@@ -36,16 +41,7 @@ from typing import Any, Final, NoReturn, cast
 
 import activation
 import config
-from connection import (
-    DEFAULT_OUTPUT_BUDGET,
-    DEFAULT_OUTPUT_LIMIT,
-    LINES_PER_TURN,
-    READ_SIZE,
-    STALL_CHECK,
-    STALL_TIMEOUT,
-    Connection,
-    Transport,
-)
+from connection import LINES_PER_TURN, READ_SIZE, Connection, Transport
 from door import (
     ACCEPT_PAUSE,
     DEFAULT_KEEPALIVE,
@@ -60,7 +56,14 @@ from door import (
     open_listener,
 )
 from host import Host
-from reactor import BATCH_BYTES, ChatServer
+from output import (
+    BATCH_BYTES,
+    DEFAULT_OUTPUT_BUDGET,
+    DEFAULT_OUTPUT_LIMIT,
+    STALL_CHECK,
+    STALL_TIMEOUT,
+)
+from reactor import ChatServer
 from room import ConfigurationError, LocalRoom, Room
 from timers import Timers
 from tls import TLSConfig, TLSConfigError

@@ -14,8 +14,8 @@ this turn, a close pending with its reason, a hold by the room, what the
 selector watches, and the connection's timers, which `forget` cancels
 when it closes. The others ask it; none keeps a list of its own.
 
-`Reader` is the read path (step 2 of a turn), `Writer` the write path
-(step 5) with the `Outbox` that counts unsent output against the budget.
+`Reader` is the read path (step 2 of a turn); output.py has the write
+path (step 5).
 """
 
 from __future__ import annotations
@@ -23,34 +23,22 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from functools import partial
-from itertools import accumulate
 from selectors import EVENT_READ, EVENT_WRITE, BaseSelector
 from typing import Final, Protocol, cast
 
 import protocol
-from host import Member, watch_writes_while
-from metrics import Stats
-from room import NO_KEYS, Batch, Room
+from host import Member
+from room import NO_KEYS
 from timers import Timer, Timers
 
-# PROTOCOL.md, "Limits and failures": unsent output above this closes the
-# connection as a slow consumer.
-DEFAULT_OUTPUT_LIMIT: Final = 1 << 20
-# All connections' unsent output together (--output-budget).
-DEFAULT_OUTPUT_BUDGET: Final = 256 << 20
 # One recv per ready connection per turn, of at most this much: a flooder
 # gets the same share of a turn as everybody else.
 READ_SIZE: Final = 64 * 1024
 # Lines processed per connection per turn. A 64 KiB read holds up to 64 Ki
 # lines; processing them all while 1,000 members wait would stall the room.
 LINES_PER_TURN: Final = 512
-# Unsent output that has not shrunk for this long closes the connection as a
-# slow consumer; checked every STALL_CHECK seconds while anyone has some.
-STALL_TIMEOUT: Final = 60.0
-STALL_CHECK: Final = 5.0
-
 log = logging.getLogger("chat")
 
 
@@ -215,6 +203,11 @@ class Schedule:
         # wait too: not read meanwhile, and off the busy list. Maybe not in
         # the selector either: closed from here at shutdown.
         self._held: set[Connection] = set()
+        # While the room holds its input back (backpressure), the
+        # connections found readable meanwhile, not watched for reading
+        # until `read_again`, so that select does not spin on them.
+        self.holding_back = False
+        self._not_read: dict[Connection, None] = {}
         self._deadlines: dict[str, dict[Connection, Timer]] = {}
         # Bound once: the write path marks every backed-up member with it.
         self.flush_later: Callable[[Connection], None] = self._to_flush.add
@@ -283,6 +276,29 @@ class Schedule:
     def is_held(self, conn: Connection) -> bool:
         return conn in self._held
 
+    # --- backpressure ----------------------------------------------------
+
+    def hold_back(self, conn: Connection) -> None:
+        """`conn` is readable while the room holds input back: not read, and
+        not watched for reading until `read_again`."""
+        self._not_read[conn] = None
+        self.watch(conn)
+
+    def hold_back_input(self, holding: bool) -> None:
+        """Whether the room holds its input back this turn."""
+        if holding and not self.holding_back:
+            self.holding_back = True
+        elif not holding and self.holding_back:
+            self.read_again()
+
+    def read_again(self) -> None:
+        """The room takes input again: watch for it where it was held back."""
+        self.holding_back = False
+        not_read = list(self._not_read)
+        self._not_read.clear()
+        for conn in not_read:
+            self.watch(conn)
+
     def held(self) -> list[Connection]:
         return list(self._held)
 
@@ -296,7 +312,7 @@ class Schedule:
         """Watch `conn` for what it needs now: reading, unless the room holds
         it (its input would pile up, and a readable socket nobody reads would
         make select spin); writing, while output is left (and may be sent)."""
-        events = 0 if conn in self._held else EVENT_READ
+        events = 0 if conn in self._held or conn in self._not_read else EVENT_READ
         kind = conn.kind
         if conn.wants_write and kind.ready(conn):
             events |= EVENT_WRITE
@@ -361,6 +377,7 @@ class Schedule:
         self._to_flush.discard(conn)
         self._closing.pop(conn, None)
         self._held.discard(conn)
+        self._not_read.pop(conn, None)
         for deadlines in self._deadlines.values():
             timer = deadlines.pop(conn, None)
             if timer is not None:
@@ -378,9 +395,11 @@ class Reader:
     that select cannot see (TLS, decrypted already) is read again next turn
     without waiting: only those, never a scan of every connection."""
 
-    def __init__(self, schedule: Schedule, writer: Writer, close: Close) -> None:
+    def __init__(
+        self, schedule: Schedule, send_later: Callable[[Connection, bytes], None], close: Close
+    ) -> None:
         self._schedule = schedule
-        self._writer = writer
+        self._send_later = send_later
         self._close = close
 
     def read(self, conn: Connection) -> None:
@@ -390,6 +409,9 @@ class Reader:
             # is dropped now that there is some, not at every hold (see
             # ChatServer.hold).
             schedule.watch(conn)
+            return
+        if schedule.holding_back and not conn.closed:
+            schedule.hold_back(conn)  # readable, unread: select must not spin on it
             return
         if conn.closed or conn.at_eof or conn.backlog() > LINES_PER_TURN:
             return  # its backlog is processed first: it is in the round
@@ -408,7 +430,7 @@ class Reader:
                 if replies:
                     # Telnet's answers (WILL TIMING-MARK after Ctrl-C) are not
                     # lines of the protocol: they go out at once.
-                    self._writer.send_later(conn, replies)
+                    self._send_later(conn, replies)
             else:
                 lines, conn.partial, conn.discarding = protocol.split_lines(
                     data, conn.partial, conn.discarding
@@ -432,290 +454,6 @@ class Reader:
             # Still holding: its backlog was too long to read this turn.
             if not conn.closed and conn.kind.holds_input(conn):
                 schedule.holds_input(conn)
-
-
-class Outbox:
-    """Every connection's unsent output, counted where it is queued and where
-    the kernel takes it: the total, against --output-budget, and since when
-    each connection's output has not shrunk. Only connections that have
-    output are ever looked at, and only when the budget is passed or a
-    stall check is due."""
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.total = 0  # unsent bytes
-        # Memory the buffers hold, which the budget bounds: a bytearray
-        # keeps room to grow, and keeps its size when its front is sent,
-        # until it is half empty; counted as unsent bytes only, 2,000 slow
-        # consumers held a fifth more than the budget.
-        self.held = 0
-        self._shrank_at: dict[Connection, float] = {}
-
-    def __bool__(self) -> bool:
-        return bool(self._shrank_at)
-
-    def queue(self, conn: Connection, data: bytes | memoryview, now: float) -> None:
-        """Output for `conn`, behind what it has unsent already."""
-        out = conn.out
-        if out is None:
-            out = conn.out = bytearray(data)
-            self._shrank_at[conn] = now
-            self.held += out.__sizeof__()
-        else:
-            before = out.__sizeof__()
-            out += data
-            self.held += out.__sizeof__() - before
-        self.total += len(data)
-
-    def took(self, conn: Connection, sent: int, now: float) -> None:
-        """The kernel took `sent` bytes of `conn`'s output."""
-        out = conn.out
-        if out is not None and sent:
-            before = out.__sizeof__()
-            del out[:sent]  # bytearray drops a prefix without moving the rest
-            self.held += out.__sizeof__() - before
-            self.total -= sent
-            self._shrank_at[conn] = now
-
-    def drop(self, conn: Connection) -> None:
-        """`conn`'s output is gone (sent, or its connection closing)."""
-        if conn.out is not None:
-            self.total -= len(conn.out)
-            self.held -= conn.out.__sizeof__()
-            conn.out = None  # and its memory with it
-            del self._shrank_at[conn]
-
-    @property
-    def over_budget(self) -> bool:
-        return self.held > self.budget
-
-    def shed(self) -> list[Connection]:
-        """Drop the output of the connections holding the most, largest
-        first, until the rest fits the budget; those connections."""
-        largest_first = sorted(self._shrank_at, key=lambda conn: len(conn.out or b""), reverse=True)
-        shed = []
-        for conn in largest_first:
-            if self.held <= self.budget:
-                break
-            self.drop(conn)
-            shed.append(conn)
-        return shed
-
-    def stalled(self, now: float, after: float) -> list[Connection]:
-        """Connections whose output has not shrunk for `after` seconds."""
-        return [conn for conn, when in self._shrank_at.items() if now - when >= after]
-
-
-class Writer:
-    """The write path, step 5 of a turn: the room's batch to every member,
-    one send each; output queued for one connection (`send_later`), sent
-    at the end of the turn behind what it has unsent already; write
-    interest while, and only while, something is left; and the slow
-    consumers closed for it: over --output-limit, over --output-budget
-    (the largest first), or with output that stopped moving.
-
-    The turn's lines go out in each wire format once (`add_wire`): joined
-    as they are for plain and TLS members, or framed by a transport that
-    frames them otherwise; every member of one format gets the same bytes
-    object."""
-
-    def __init__(
-        self,
-        schedule: Schedule,
-        timers: Timers,
-        stats: Stats,
-        close: Close,
-        *,
-        output_limit: int,
-        output_budget: int,
-    ) -> None:
-        self.output_limit = output_limit
-        self.outbox = Outbox(output_budget)
-        self._schedule = schedule
-        self._timers = timers
-        self._stats = stats
-        self._close = close
-        self._stall_check: Timer | None = None
-        # The wire formats after PLAIN_WIRE: the turn's lines, framed.
-        self._framings: list[Callable[[list[bytes]], bytes]] = []
-
-    def add_wire(self, frame_lines: Callable[[list[bytes]], bytes]) -> int:
-        """A wire format: `frame_lines` makes the turn's bytes from its
-        lines, once per turn; the index for `Connection.wire`."""
-        self._framings.append(frame_lines)
-        return len(self._framings)
-
-    def apply_limits(self, output_limit: int | None, output_budget: int | None) -> None:
-        """New limits (None: unchanged), from the next write on."""
-        if output_limit is not None:
-            self.output_limit = output_limit
-        if output_budget is not None:
-            self.outbox.budget = output_budget
-
-    def send_later(self, conn: Connection, data: bytes) -> None:
-        """Output for `conn` (whole lines), sent at the end of this turn."""
-        frame = conn.kind.frame
-        self.queue(conn, data if frame is None else frame(data))
-        self._schedule.flush_later(conn)
-
-    def queue(self, conn: Connection, data: bytes | memoryview) -> None:
-        """Output for `conn` behind what it has unsent already, on the wire."""
-        now = self._timers.turn_time
-        self.outbox.queue(conn, data, now)
-        if self._stall_check is None:
-            self._stall_check = self._timers.call_at(now + STALL_CHECK, self._close_stalled)
-
-    def flush(self, room: Room) -> None:
-        """The turn's output: the batch to the members, then every
-        connection with output of its own."""
-        batch = room.batch
-        if batch.lines:
-            self._deliver(batch, cast("Collection[Connection]", room.members))
-            batch.clear()
-        for conn in self._schedule.take_flush():
-            if conn.closed:
-                continue
-            if conn.out:
-                self._send_buffered(conn)
-            else:
-                self._flush_transport(conn)  # writable: its own output left
-        if self.outbox.over_budget:
-            for conn in self._over_budget():
-                self._close(conn, "memory_budget", "")
-
-    def _deliver(self, batch: Batch, members: Collection[Connection]) -> None:
-        """Hand the turn's batch to every member, in one send each where the
-        member has nothing queued already."""
-        shared = b"".join(batch.lines)
-        turn_bytes = [shared]
-        for frame_lines in self._framings:
-            turn_bytes.append(frame_lines(batch.lines))
-        needs_own_copy = batch.needs_own_copy()
-        offsets: list[int] = []
-        if needs_own_copy:
-            offsets = list(accumulate(map(len, batch.lines), initial=0))
-        shared_view = memoryview(shared)
-        flush_later = self._schedule.flush_later
-        self._count_deliveries(batch, len(members))
-        backed_up: list[Connection] = []
-        # Over the budget mid-broadcast: these are dropped now (their output
-        # with them) and closed after it, as the room must not change during
-        # it; meanwhile they get nothing more: a client never sees a gap.
-        shed: set[Connection] = set()
-        failed: dict[Connection, OSError] = {}
-        outbox = self.outbox
-        sent_total = 0
-        for conn in members:
-            data = turn_bytes[conn.wire]
-            if conn in needs_own_copy:
-                data = batch.copy_for(conn, shared_view, offsets)
-                if not data:
-                    continue
-                frame = conn.kind.frame
-                if frame is not None:
-                    data = frame(data)
-            if conn.out:
-                self.queue(conn, data)  # behind what is queued; sent by flush
-                flush_later(conn)
-            else:
-                if shed and conn in shed:
-                    continue  # its backlog is gone: no lines after a gap
-                try:
-                    sent = conn.sock.send(data)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError as error:
-                    # Closed after the loop, for this error: the kernel
-                    # reports it once (a dead peer's ETIMEDOUT), and any
-                    # later call would only say EPIPE.
-                    failed[conn] = error
-                    continue
-                sent_total += sent
-                if sent == len(data):
-                    continue
-                self.queue(conn, memoryview(data)[sent:])
-                backed_up.append(conn)
-            if outbox.over_budget:
-                shed.update(self._over_budget())
-        self._stats.bytes_sent += sent_total
-        # Not during the loop above: closing a slow consumer changes the room.
-        for conn in shed:
-            self._close(conn, "memory_budget", "")
-        for conn, failure in failed.items():
-            self._close(conn, *error_reason(conn, failure))
-        for conn in backed_up:
-            if not conn.closed:
-                self._settle(conn)
-
-    def _count_deliveries(self, batch: Batch, members: int) -> None:
-        """RECEIVE lines the batch hands to members: every line to every
-        member, but none of its own, nor any before it joined."""
-        count = len(batch.lines) * members
-        count -= sum(len(own) for sender, own in batch.own.items() if not sender.closed)
-        count -= sum(batch.joined_at.values())
-        self._stats.deliveries += count
-
-    def _send_buffered(self, conn: Connection) -> None:
-        """One send of what `conn` has queued."""
-        out = conn.out
-        if out is None:
-            return
-        try:
-            sent = conn.sock.send(out)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as error:
-            self._close(conn, *error_reason(conn, error))
-            return
-        self.outbox.took(conn, sent, self._timers.turn_time)
-        self._stats.bytes_sent += sent
-        self._settle(conn)
-
-    def _flush_transport(self, conn: Connection) -> None:
-        try:
-            conn.kind.flush(conn)
-        except OSError as error:
-            self._close(conn, *error_reason(conn, error))
-
-    def _settle(self, conn: Connection) -> None:
-        """After a send: close `conn` as a slow consumer if what it left
-        unsent is over the limit, else watch for writability while (and
-        only while) something is left."""
-        unsent = 0 if conn.out is None else len(conn.out)
-        if unsent > self.output_limit:
-            log.warning(
-                "%r is a slow consumer: %d bytes unsent (limit %d); closing it",
-                conn,
-                unsent,
-                self.output_limit,
-            )
-            self._close(conn, "slow_consumer", "")
-            return
-        if not unsent:
-            self.outbox.drop(conn)
-        watch_writes_while(conn, unsent > 0, self._schedule.watch)
-
-    def _over_budget(self) -> list[Connection]:
-        """Over --output-budget: the connections to close, their output
-        dropped already."""
-        log.warning(
-            "%d bytes of output buffers in all, over the output budget of %d: closing "
-            "the largest slow consumers",
-            self.outbox.held,
-            self.outbox.budget,
-        )
-        return self.outbox.shed()
-
-    def _close_stalled(self) -> None:
-        """Timer: close the connections whose unsent output has not shrunk
-        for STALL_TIMEOUT."""
-        now = self._timers.clock()
-        for conn in self.outbox.stalled(now, STALL_TIMEOUT):
-            log.warning("%r is a slow consumer: no output taken for %g s", conn, STALL_TIMEOUT)
-            self._close(conn, "slow_consumer", "")
-        self._stall_check = None
-        if self.outbox:
-            self._stall_check = self._timers.call_at(now + STALL_CHECK, self._close_stalled)
 
 
 def as_connection(member: Member) -> Connection:

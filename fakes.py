@@ -13,8 +13,9 @@ from selectors import BaseSelector, SelectorKey
 from typing import Any
 
 from conftest import FakeClock
-from connection import Connection, Reader, Schedule, Writer
+from connection import Connection, Reader, Schedule
 from metrics import Stats
+from output import Writer
 from protocol import SetName, check_name
 from room import LocalRoom, name_keys
 from timers import Timers
@@ -177,7 +178,7 @@ class Parts:
             output_limit=output_limit,
             output_budget=output_budget,
         )
-        self.reader = Reader(self.schedule, self.writer, self.close)
+        self.reader = Reader(self.schedule, self.writer.send_later, self.close)
         self.room = LocalRoom(FakeHost())  # type: ignore[arg-type]
 
     def close(self, conn: Connection, reason: str, detail: str = "") -> None:

@@ -1,11 +1,11 @@
 """The reactor: one thread, one selectors loop, one turn at a time.
 
 `ChatServer.run_once` is one turn: select (not waiting while the
-`Schedule` has work: lines to process, input select cannot see), read
+`Schedule` has work: lines to process, input select cannot see, unless
+the room holds its input back for the readers to drain), read
 (connection.Reader) and let in (door.Door), run the timers that are due
-(timers.Timers), process the round's lines, up to LINES_PER_TURN each,
-until the batch holds BATCH_BYTES (protocol.parse_line, then the room),
-flush (connection.Writer), and close what the turn finished. `ChatServer`
+(timers.Timers), process the round's lines (processing.Processor), flush
+(output.Writer), and close what the turn finished. `ChatServer`
 is also the `Host` the room and the metrics ask for time, replies and
 holds, and `ServerView` what a test may read of it. `Wakeup` wakes the
 loop from a signal handler or another thread.
@@ -22,18 +22,7 @@ from selectors import EVENT_READ, EVENT_WRITE, DefaultSelector
 from typing import Final
 
 import protocol
-from connection import (
-    DEFAULT_OUTPUT_BUDGET,
-    DEFAULT_OUTPUT_LIMIT,
-    LINES_PER_TURN,
-    READ_SIZE,
-    Connection,
-    Reader,
-    Schedule,
-    Transport,
-    Writer,
-    as_connection,
-)
+from connection import READ_SIZE, Connection, Reader, Schedule, Transport, as_connection
 from door import (
     DEFAULT_KEEPALIVE,
     DEFAULT_MAX_CLIENTS,
@@ -47,17 +36,14 @@ from door import (
 )
 from host import CLOSE_REASONS, Host, Member
 from metrics import Metric, MetricsServer, Stats, chat_metrics
-from protocol import BadSend, Blank, Reply, Send, SetName
+from output import DEFAULT_OUTPUT_BUDGET, DEFAULT_OUTPUT_LIMIT, Writer
+from processing import Processor
 from room import LocalRoom, Room
 from timers import Clock, Timer, Timers
 from tls import TLSConfig, load_context
 
 # chat.PORT, which the command line offers (a test holds them equal).
 DEFAULT_PORT: Final = 8080
-# Once this many bytes of RECEIVE lines are batched, the turn stops
-# processing and flushes, so neither the batch nor a turn grows without
-# bound when many connections send at once.
-BATCH_BYTES: Final = 256 * 1024
 # Reads of unprocessed input before closing a connection (see _discard_input).
 DISCARD_READS: Final = 16
 
@@ -144,7 +130,7 @@ class ChatServer:
             output_limit=output_limit,
             output_budget=output_budget,
         )
-        self._reader = Reader(self._schedule, self._writer, self._close)
+        self._reader = Reader(self._schedule, self._writer.send_later, self._close)
         self._door = Door(
             self._selector,
             self._schedule,
@@ -160,6 +146,9 @@ class ChatServer:
         self._listener = open_listener(host, port, reuse_port=reuse_port) if made is None else made
         tune_for_clients(self._listener, keepalive)
         self._door.open(self._listener)
+        self._processor = Processor(
+            self._schedule, self._writer, self.stats, self.reply, self._door.named, self._close
+        )
         self._wakeup = Wakeup(self._selector)
         self._stopping = False
         self._reload_requested = False  # SIGHUP: reload_tls
@@ -177,6 +166,7 @@ class ChatServer:
                     listener=sockets.get("tls"),
                 )
             self._room: Room = room(self)
+            self._processor.room = self._room
             if metrics_address is not None:
                 self.metrics = MetricsServer(
                     self, metrics_address, self._metrics, listener=sockets.get("metrics")
@@ -260,6 +250,8 @@ class ChatServer:
         events = self._selector.select(self._select_timeout(max_wait))
         self._timers.tick()
         schedule = self._schedule
+        holding_back = self._writer.outbox.holding_back_until(self._timers.turn_time) is not None
+        schedule.hold_back_input(holding_back)
         read, writable = self._reader.read, schedule.flush_later
         for key, mask in events:
             tag = key.data
@@ -274,9 +266,11 @@ class ChatServer:
                 self._woken()
             else:
                 self._run_handler(tag, mask)
-        self._reader.read_unseen_input()
+        if not holding_back:
+            self._reader.read_unseen_input()
         self._timers.run_due()
-        self._process_backlogs()
+        if not holding_back:
+            self._processor.process_round()
         self._writer.flush(self._room)
         for conn, reason in schedule.take_closing():
             self._close(conn, reason)
@@ -291,9 +285,12 @@ class ChatServer:
             log.exception("internal error in the handler of a socket of the room")
 
     def _select_timeout(self, max_wait: float | None) -> float | None:
-        if self._schedule.has_work():
-            return 0
         due = self._timers.next_due()
+        held_until = self._writer.outbox.holding_back_until(self._clock())
+        if held_until is not None:  # input waits for the readers' writes or the lapse
+            due = held_until if due is None else min(due, held_until)
+        elif self._schedule.has_work():
+            return 0
         if due is None:
             return max_wait
         timeout = max(0.0, due - self._clock())
@@ -396,78 +393,6 @@ class ChatServer:
         conn.lines = None
         schedule.take_turn(conn)
         schedule.close_later(conn, reason)
-
-    # --- reading and processing ------------------------------------------
-
-    def _process_backlogs(self) -> None:
-        schedule = self._schedule
-        room = self._room
-        for conn in schedule.round():
-            if room.turn_size() >= BATCH_BYTES:
-                break  # the rest wait for the next turn, in the same order
-            if not schedule.take_turn(conn) or conn.closed:
-                continue
-            try:
-                self._process_lines(conn)
-            except Exception:
-                # A bug, not an input: protocol.parse_line never raises. Lose
-                # this one client, not the room.
-                log.exception("%r: internal error while processing its input", conn)
-                self._close(conn, "internal_error")
-                continue
-            if schedule.is_held(conn):
-                continue  # for the room's answer; `resume` puts it back in line
-            if conn.backlog():
-                schedule.has_lines(conn)  # to the back of the round
-            elif conn.at_eof and not schedule.closing(conn):
-                schedule.close_later(conn, "client_closed")
-
-    def _process_lines(self, conn: Connection) -> None:
-        lines = conn.lines
-        if lines is None:
-            return
-        start = conn.next_line
-        end = min(len(lines), start + LINES_PER_TURN)
-        parse_line = protocol.parse_line
-        publish = self._room.publish
-        is_held = self._schedule.is_held
-        published = 0
-        for index in range(start, end):
-            command = parse_line(lines[index])
-            # The common case first: a valid message from a member.
-            if type(command) is Send and conn.name is not None:
-                # protocol.format_receive, with the name part made once.
-                publish(conn, conn.receive_prefix + command.message + b"\n")
-                published += 1
-                continue
-            if is_held(conn):
-                # Held by the room after a SEND (cluster mode: until Redis
-                # stores it): later SENDs join it, anything else waits, so
-                # an answer to that SEND comes in its place. Checked here,
-                # off the path of a SEND, so it costs one server nothing.
-                end = index
-                break
-            match command:
-                case Blank():
-                    pass
-                case Reply(line):
-                    self.reply(conn, line)
-                case SetName():
-                    self._room.set_name(conn, command)
-                    if is_held(conn):  # held by the room: the rest waits with it
-                        end = index + 1
-                        break
-                    self._door.named(conn)
-                case Send():
-                    self.reply(conn, protocol.NAME_REQUIRED)
-                case BadSend(line):
-                    self.reply(conn, line if conn.name is not None else protocol.NAME_REQUIRED)
-        self.stats.messages += published
-        if end == len(lines):
-            conn.lines = None
-            conn.next_line = 0
-        else:
-            conn.next_line = end
 
     # --- closing --------------------------------------------------------
 

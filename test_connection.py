@@ -9,17 +9,9 @@ from selectors import EVENT_READ, EVENT_WRITE
 
 import pytest
 
-from connection import (
-    HANDSHAKE,
-    LINES_PER_TURN,
-    REGISTRATION,
-    STALL_CHECK,
-    STALL_TIMEOUT,
-    Connection,
-    Kind,
-    Outbox,
-)
+from connection import HANDSHAKE, LINES_PER_TURN, REGISTRATION, Connection, Kind
 from fakes import FakeTransport, Parts
+from output import STALL_CHECK, STALL_TIMEOUT, Outbox
 
 
 def line(text: str, size: int = 0) -> bytes:
@@ -177,7 +169,7 @@ def test_a_second_wire_format_is_made_once_per_turn() -> None:
 
 def test_the_outbox_counts_what_is_queued_taken_and_dropped() -> None:
     """Outbox: the total and the memory held follow queue, took and drop."""
-    outbox = Outbox(budget=1 << 20)
+    outbox = Outbox(budget=1 << 20, high_water=1 << 19)
     conn = Connection(FakeTransport(), "peer")
     outbox.queue(conn, b"abcdef", now=1.0)
     outbox.queue(conn, memoryview(b"gh"), now=2.0)
@@ -195,7 +187,7 @@ def test_the_outbox_counts_what_is_queued_taken_and_dropped() -> None:
 def test_the_outbox_sheds_the_largest_first_until_under_budget() -> None:
     """Outbox: over the budget, the largest buffers are dropped first, and
     no more than needed."""
-    outbox = Outbox(budget=3000)
+    outbox = Outbox(budget=3000, high_water=1 << 19)
     small, middle, large = (Connection(FakeTransport(), "p") for _ in range(3))
     outbox.queue(small, b"s" * 500, now=0)
     outbox.queue(large, b"l" * 2000, now=0)
