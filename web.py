@@ -48,6 +48,7 @@ class Request:
 
     method: str
     target: str  # as sent: origin-form, "/path?query"
+    version: str  # "HTTP/1.1" or "HTTP/1.0"
     headers: dict[str, str]  # lower-case names; a repeated field's values joined by ", "
     size: int  # bytes of the head, blank line included; what follows is not HTTP
 
@@ -122,8 +123,9 @@ _FIELD_LINE: Final = re.compile(rb"(" + _TOKEN + rb"):([\x21-\x7e\x80-\xff \t]*)
 def parse_request(buffer: bytes) -> Incomplete | Request | Respond:
     """What the bytes received so far on a web connection hold: not a whole
     head yet, a request, or a 400 or 431 to answer with and close."""
-    end = _HEAD_END.search(buffer, 0, MAX_HEAD_BYTES + 1)
-    if end is None or end.end() > MAX_HEAD_BYTES:
+    end = _HEAD_END.search(buffer, 0, MAX_HEAD_BYTES)
+    if end is None:
+        # Past MAX_HEAD_BYTES, no blank line can end the head in time.
         return HEAD_TOO_LARGE if len(buffer) >= MAX_HEAD_BYTES else INCOMPLETE
     lines = buffer[: end.start()].split(b"\n")
     lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
@@ -145,7 +147,7 @@ def parse_request(buffer: bytes) -> Incomplete | Request | Respond:
     if request_line[3] == b"1" and "host" not in headers:
         return BAD_REQUEST  # RFC 9112 3.2: an HTTP/1.1 request without Host
     method, target = request_line[1].decode("ascii"), request_line[2].decode("ascii")
-    return Request(method, target, headers, end.end())
+    return Request(method, target, "HTTP/1." + chr(request_line[3][0]), headers, end.end())
 
 
 def _lower(values: Collection[str]) -> set[str]:
@@ -164,8 +166,6 @@ def accept_key(key: str) -> str:
 
 def valid_key(key: str) -> bool:
     """Whether `key` is the base64 of 16 bytes, as RFC 6455 4.1 says it is."""
-    if len(key) != 24:
-        return False
     try:
         return len(base64.b64decode(key, validate=True)) == 16
     except (binascii.Error, ValueError):
@@ -194,8 +194,8 @@ def respond(
         return NOT_FOUND
     if "websocket" not in _tokens(headers.get("upgrade", "")):
         return NOT_FOUND  # a plain GET /chat is not a handshake: "anything else"
-    if "upgrade" not in _tokens(headers.get("connection", "")) or "host" not in headers:
-        return BAD_REQUEST
+    if request.version != "HTTP/1.1" or "upgrade" not in _tokens(headers.get("connection", "")):
+        return BAD_REQUEST  # RFC 6455 4.1: HTTP/1.1 (so a Host), Connection: Upgrade
     if headers.get("sec-websocket-version", "").strip() != "13":
         return UPGRADE_REQUIRED
     key = headers.get("sec-websocket-key", "").strip()
