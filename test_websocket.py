@@ -40,6 +40,7 @@ def frame(
     masked: bool = True,
     length_bytes: int | None = None,
     declared: int | None = None,
+    mask: bytes = MASK,
 ) -> bytes:
     """A client frame spelled by hand: `length_bytes` 0, 2 or 8 forces a
     length encoding (None: the shortest), `declared` a length that is not
@@ -56,7 +57,7 @@ def frame(
         head = bytes((first, mask_bit | marker)) + length.to_bytes(length_bytes, "big")
     if not masked:
         return head + payload
-    return head + MASK + bytes(byte ^ MASK[i % 4] for i, byte in enumerate(payload))
+    return head + mask + bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
 
 
 def read(data: bytes, cuts: list[int] | None = None) -> list[Event]:
@@ -151,6 +152,18 @@ def test_any_chunking_gives_the_same_events(
     stream = written.data + tail
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=12))
     assert read(stream, cuts) == read(stream)
+
+
+@pytest.mark.parametrize("mask", [MASK, b"\x81\x85\x82\x00", b"\x82\xff\x81\x81"])
+def test_every_cut_of_short_messages_gives_the_same_events(mask: bytes) -> None:
+    """Cut once anywhere, even where a mask byte looks like a frame start, the events agree."""
+    stream = b"".join(
+        frame(opcode, payload, mask=mask)
+        for opcode, payload in [(TEXT, b"hi"), (BINARY, b"\x81\x81"), (TEXT, b""), (PING, b"p")]
+    )
+    expected = [Message(b"hi", True), Message(b"\x81\x81", False), Message(b"", True), Ping(b"p")]
+    for cut in range(len(stream) + 1):
+        assert read(stream, [cut]) == expected, cut
 
 
 @given(client_streams())

@@ -43,6 +43,8 @@ PONG: Final = 0xA
 _KNOWN_OPCODES: Final = frozenset({CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG})
 
 _FIN: Final = 0x80
+_FIN_TEXT: Final = _FIN | TEXT
+_SHORT_MESSAGE_STARTS: Final = frozenset({_FIN_TEXT, _FIN | BINARY})
 _RESERVED: Final = 0x70  # RSV1-3: no extension is ever negotiated
 _MASKED: Final = 0x80
 _LENGTH_16: Final = 126  # the 7-bit length that says "16-bit length follows"
@@ -166,6 +168,23 @@ class FrameReader:
         events: list[Event] = []
         index, end = 0, len(data)
         while index < end and not self._done:
+            if self._opcode < 0 and not self._head and self._message_opcode < 0:
+                # The common case, a whole short unfragmented message in
+                # `data`, read in one step; anything else takes the long way.
+                first = data[index]
+                length = data[index + 1] - _MASKED if index + 1 < end else -1
+                stop = index + 6 + length
+                if first in _SHORT_MESSAGE_STARTS and 0 <= length < _LENGTH_16 and stop <= end:
+                    payload = _unmask(data[index + 6 : stop], data[index + 2 : index + 6], 0)
+                    index = stop
+                    if first == _FIN_TEXT:
+                        try:
+                            payload.decode()
+                        except UnicodeDecodeError:
+                            self._fail(Failure(INVALID_DATA, "text message not UTF-8"), events)
+                            continue
+                    events.append(Message(payload, first == _FIN_TEXT))
+                    continue
             if self._opcode < 0:
                 index = self._read_head(data, index, events)
                 if self._opcode < 0 or self._done:
@@ -338,7 +357,6 @@ def _header(first: int, length: int) -> bytes:
     return bytes((first, _LENGTH_64)) + length.to_bytes(8, "big")
 
 
-_FIN_TEXT: Final = _FIN | TEXT
 # The header of a one-frame text message for each line length under 126,
 # by the line's length with its "\n" (the index frame_lines has at hand):
 # almost every line of the room takes one, and frame_lines makes none.
