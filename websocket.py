@@ -16,6 +16,7 @@ PROTOCOL.md, "People in a web browser", has the limits.
 from __future__ import annotations
 
 import codecs
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
@@ -365,6 +366,9 @@ _SHORT_TEXT_HEADERS: Final = tuple(
 )
 
 
+_pack_16_bit_header: Final = struct.Struct("!BBH").pack
+
+
 def text_frame(payload: bytes) -> bytes:
     """One unfragmented text message; `payload` must be UTF-8."""
     return _header(_FIN_TEXT, len(payload)) + payload
@@ -378,15 +382,18 @@ def frame_lines(lines: Iterable[bytes]) -> bytes:
     The broadcast's hot path: one call per turn, shared by all members.
     """
     short = _SHORT_TEXT_HEADERS
+    medium = _pack_16_bit_header
     parts: list[bytes] = []
     append = parts.append
     for line in lines:
         size = len(line)
         if 0 < size <= _LENGTH_16:
             append(short[size])
+        elif _LENGTH_16 < size <= 1 << 16:
+            # Every line of the room ends here or above: at most ~4.2 KB.
+            append(medium(_FIN_TEXT, _LENGTH_16, size - 1))
         else:
-            # A line of the room is at most ~4.2 KB, so this is rare; an
-            # empty `line` has no "\n" to drop and frames as an empty message.
+            # An empty `line` has no "\n" to drop: an empty message.
             size = max(size, 1)
             append(_header(_FIN_TEXT, size - 1))
         append(line[: size - 1])
