@@ -78,7 +78,8 @@ class Pong:
 @dataclass(frozen=True, slots=True)
 class Close:
     """The client's close frame: `code` None when it gave none (what RFC
-    6455 calls 1005, a code no frame may carry). Nothing follows it."""
+    6455 calls 1005, a code no frame may carry). Nothing follows it; RFC
+    6455 5.5.1 has the server answer close_frame(code), then close."""
 
     code: int | None
     reason: str
