@@ -9,12 +9,13 @@ which masks byte by byte rather than as the codec does.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Final
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Pong, TextMessage
@@ -455,6 +456,64 @@ def test_invalid_utf8_fails_before_its_frame_is_whole() -> None:
     data = frame(TEXT, b"\xed\xa0\x80" + b"x" * 1000)
     [event] = read(data[: 2 + 2 + 4 + 2])
     assert event == Failure(1007, event.reason)  # type: ignore[union-attr]
+
+
+# Unicode's well-formed UTF-8 byte sequences (The Unicode Standard, Table
+# 3-7), and each one's proper prefixes: the oracle for "as soon as certain".
+_CHARACTER = (
+    rb"[\x00-\x7f]|[\xc2-\xdf][\x80-\xbf]|\xe0[\xa0-\xbf][\x80-\xbf]"
+    rb"|[\xe1-\xec\xee\xef][\x80-\xbf]{2}|\xed[\x80-\x9f][\x80-\xbf]"
+    rb"|\xf0[\x90-\xbf][\x80-\xbf]{2}|[\xf1-\xf3][\x80-\xbf]{3}|\xf4[\x80-\x8f][\x80-\xbf]{2}"
+)
+_UNFINISHED = (
+    rb"[\xc2-\xf4]|\xe0[\xa0-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf]|\xed[\x80-\x9f]"
+    rb"|\xf0[\x90-\xbf][\x80-\xbf]?|[\xf1-\xf3][\x80-\xbf]{1,2}|\xf4[\x80-\x8f][\x80-\xbf]?"
+)
+WELL_FORMED_PREFIX: Final = re.compile(rb"(?:" + _CHARACTER + rb")*(?:" + _UNFINISHED + rb")?")
+
+# Text, stray bytes, and the starts that only a later byte can prove wrong.
+utf8_pieces = st.lists(
+    st.one_of(
+        st.text(max_size=3).map(str.encode),
+        st.binary(min_size=1, max_size=2),
+        st.sampled_from([b"\xed", b"\xed\xa0", b"\xe0", b"\xf4\x90", b"\xf0\x80", b"\xc2"]),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@given(utf8_pieces, st.lists(st.booleans(), max_size=8))
+@example([b"ok\xed\xa0", b"\x80"], [True])  # a surrogate: CPython waits for its third byte
+@example([b"\xf4\x90", b"\x80\x80"], [True])  # past U+10FFFF
+def test_text_fails_with_1007_at_the_first_fragment_no_text_can_follow(
+    pieces: list[bytes], cuts: list[bool]
+) -> None:
+    """Fragment by fragment, 1007 comes exactly when the bytes so far stop being a UTF-8 prefix."""
+    # Fragments are runs of pieces, so they often end right after a piece.
+    fragments = [pieces[0]]
+    for piece, cut in zip(pieces[1:], cuts + [False] * len(pieces), strict=False):
+        if cut:
+            fragments.append(piece)
+        else:
+            fragments[-1] += piece
+    text = b"".join(pieces)
+    reader = FrameReader()
+    for index, fragment in enumerate(fragments):
+        last = index == len(fragments) - 1
+        events = reader.receive(frame(CONTINUATION if index else TEXT, fragment, fin=last))
+        so_far = b"".join(fragments[: index + 1])
+        if WELL_FORMED_PREFIX.fullmatch(so_far) is None:
+            assert [event.code for event in events if isinstance(event, Failure)] == [1007]
+            return
+        if not last:
+            assert events == []
+    try:
+        text.decode()
+    except UnicodeDecodeError:
+        assert [event.code for event in events if isinstance(event, Failure)] == [1007]
+    else:
+        assert events == [Message(text, True)]
 
 
 def test_text_ending_inside_a_character_fails_with_1007() -> None:
