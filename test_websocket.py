@@ -615,3 +615,41 @@ def test_fragments_over_1_mib_together_fail_with_1009_at_the_fragment_that_passe
 def test_large_declared_lengths_fail_without_waiting() -> None:
     """The largest 64-bit length a client may announce is refused at once (1009)."""
     failure(1009, frame(TEXT, length_bytes=8, declared=(1 << 63) - 1))
+
+
+# --- What the server does with them -------------------------------------------
+
+
+def test_handle_makes_messages_lines_answers_pings_and_ends_on_a_close() -> None:
+    """Messages become lines (payload + "\\n"), pings get pongs, a Close its echo and the end."""
+    data = (
+        frame(TEXT, b"USERNAME a")
+        + frame(PING, b"p")
+        + frame(BINARY, b"SEND x\nSEND y")
+        + frame(PONG, b"")
+        + frame(CLOSE, b"\x03\xe9")
+    )
+    handled = websocket.handle(read(data))
+    assert handled.data == b"USERNAME a\nSEND x\nSEND y\n"
+    assert handled.replies == b"\x8a\x01p" + b"\x88\x02\x03\xe9"
+    assert handled.end == Close(1001, "")
+
+
+def test_handle_answers_a_close_without_a_code_with_an_empty_one() -> None:
+    """A Close without a code is answered by an empty close frame."""
+    handled = websocket.handle([Close(None, "")])
+    assert handled == websocket.Handled(b"", b"\x88\x00", Close(None, ""))
+
+
+def test_handle_answers_a_failure_with_its_code() -> None:
+    """A Failure ends the connection with a close frame carrying its code, after earlier lines."""
+    handled = websocket.handle(read(frame(TEXT, b"hi") + frame(TEXT, b"x", masked=False)))
+    assert handled.data == b"hi\n"
+    assert handled.replies[:4] == b"\x88" + bytes([handled.replies[1]]) + b"\x03\xea"
+    assert isinstance(handled.end, Failure)
+    assert handled.end.code == 1002
+
+
+def test_handle_of_nothing_is_nothing() -> None:
+    """No events: no lines, no replies, no end."""
+    assert websocket.handle([]) == websocket.Handled(b"", b"", None)

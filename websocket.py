@@ -19,7 +19,7 @@ import codecs
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 # PROTOCOL.md: a message longer than 1 MiB closes the connection (1009).
 MAX_MESSAGE_BYTES: Final = 1 << 20
@@ -346,6 +346,37 @@ def _read_close(payload: bytes) -> Close | Failure:
     except UnicodeDecodeError:
         return Failure(INVALID_DATA, "close reason not UTF-8")
     return Close(code, reason)
+
+
+class Handled(NamedTuple):
+    """What a server does with a read's events (see `handle`)."""
+
+    data: bytes  # each message's payload and a "\n": input for the line splitter
+    replies: bytes  # pongs, then the close frame if the reading ended
+    end: Close | Failure | None  # set: send `replies`, then close the connection
+
+
+def handle(events: Iterable[Event]) -> Handled:
+    """The server's side of the events of one read, as PROTOCOL.md has it:
+    a message is a line (payload + "\n", through TCP's line rules), a ping
+    is answered with its pong, a pong is only a sign of life, and a Close
+    or a Failure is answered with its close frame and ends the connection,
+    after the lines that came before it."""
+    data: list[bytes] = []
+    replies: list[bytes] = []
+    end: Close | Failure | None = None
+    for event in events:
+        if isinstance(event, Message):
+            data += (event.payload, b"\n")
+        elif isinstance(event, Ping):
+            replies.append(pong_frame(event.payload))
+        elif isinstance(event, Close):
+            replies.append(close_frame(event.code))
+            end = event
+        elif isinstance(event, Failure):
+            replies.append(close_frame(event.code, event.reason))
+            end = event
+    return Handled(b"".join(data), b"".join(replies), end)
 
 
 # --- Writing: the server's frames are never masked --------------------------
