@@ -3,10 +3,11 @@ events out, bytes back.
 
 A `FrameReader` takes what a client sent, in pieces of any size, and says
 what it meant: a whole `Message`, a `Ping`, a `Pong`, the client's `Close`,
-or a `Failure`, the protocol broken, with the close code to answer it. The
-writers spell the server's frames; `frame_lines` frames a whole turn of the
-room's lines at once, so that every WebSocket member gets the same bytes.
-The handshake is HTTP's, in web.py.
+or a `Failure`, the protocol broken, with the close code to answer it;
+`handle` says what the server does with those events. The writers spell
+the server's frames; `frame_lines` frames a whole turn of the room's lines
+at once, so that every WebSocket member gets the same bytes. The
+handshake is HTTP's, in web.py.
 
 Nothing here raises on what a client sends: every input is events, and a
 bad one is a `Failure`, after which the reader has nothing more to say.
