@@ -199,7 +199,7 @@ def wsproto_reads(data: bytes) -> list[WsprotoEvent]:
 
 
 lines = st.lists(
-    st.text(st.characters(exclude_characters="\n"), max_size=300).map(
+    st.text(st.characters(codec="utf-8", exclude_characters="\n"), max_size=300).map(
         lambda text: text.encode() + b"\n"
     ),
     max_size=20,
