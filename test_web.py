@@ -228,6 +228,7 @@ def test_no_version_is_a_426() -> None:
         "dGhlIHNhbXBsZSBub25jZ!==",  # not base64
         "dGhlIHNhbXBsZSBub25j!ZQ==",  # 16 bytes, if the "!" were skipped
         "dGhlIHNhbXBsZSBub25jZQ===",  # 16 bytes, if the extra "=" were
+        "dGhlIHNhbXBsZSBub25jZQ=\u00e9",  # not ASCII (obs-text, read as Latin-1)
     ],
 )
 def test_no_valid_key_is_a_400(key: str | None) -> None:
