@@ -391,8 +391,14 @@ def test_program_without_host_serves_ipv4_and_ipv6() -> None:
 def test_host_ipv6_any_is_logged_as_ipv6_only() -> None:
     """--host narrows it: `--host ::` listens on IPv6 only, and says so."""
     with launch(host="::") as running:
-        with Client(("::1", running.port)) as v6:
-            v6.register("six")
+        with pytest.raises(ConnectionRefusedError):
+            Client(("127.0.0.1", running.port)).close()
+        with Client(("::1", running.port)) as six, Client(("::1", running.port)) as other:
+            six.register("six")
+            other.register("other")
+            six.send(b"SEND over IPv6\n")
+            assert six.sync() == []
+            assert other.sync() == [receive("six", "over IPv6")]
         assert f"listening on [::]:{running.port} (IPv6 only)" in running.log.text()
 
 
@@ -1720,6 +1726,7 @@ def test_slow_consumer_is_disconnected_others_unaffected(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Slow consumers: past the output limit, closed, name freed, logged."""
+    caplog.set_level(logging.INFO, logger="chat")
     running = start_server(output_limit=64 * 1024)
     try:
         slow = running.small_window_client()
@@ -1744,11 +1751,37 @@ def test_slow_consumer_is_disconnected_others_unaffected(
         # The server closed it: its stream ends, and holds a prefix of what
         # was sent, in order.
         stream = b"".join(b"RECEIVE sender " + message + b"\n" for message in sent)
-        got = slow.read_to_eof()
-        assert stream.startswith(got)
-        assert any("slow consumer" in record.getMessage() for record in caplog.records)
+        assert_cut_short(slow.read_to_eof(), stream)
+        log = "\n".join(record.getMessage() for record in caplog.records)
+        assert_closed_as_slow_consumers(log, [slow], 64 * 1024)
+        assert running.server.stats.disconnections["slow_consumer"] == 1
     finally:
         running.stop()
+
+
+def assert_cut_short(received: bytes, owed: bytes) -> None:
+    """What a slow consumer read before the server closed it is the start of
+    what it was owed, cut where the server gave up: its first line whole
+    (what the kernel had taken is still delivered), never all of it."""
+    first_line = owed[: owed.index(b"\n") + 1]
+    assert received.startswith(first_line), f"{len(received)} bytes: {received[:80]!r}"
+    assert owed.startswith(received)
+    assert len(received) < len(owed)
+
+
+def assert_closed_as_slow_consumers(log: str, clients: list[Client], limit: int) -> None:
+    """`log` says that each of `clients` passed the output limit `limit` and
+    was closed for it: the slow-consumer lines, not the output budget's
+    ("slow consumer: over the total output budget"). A connection is logged
+    as <fd N PEER 'name'>; its peer is the client's own address."""
+    for client in clients:
+        host, port = client.sock.getsockname()[:2]
+        who = re.escape(f" {host}:{port}") + r"(?: '[^']*')?>"
+        unsent = rf"{who} is a slow consumer: \d+ bytes unsent \(limit {limit}\); closing it$"
+        assert re.search(unsent, log, re.MULTILINE), f"no output-limit line for port {port}"
+        closed = rf"{who} disconnected: slow consumer$"
+        assert re.search(closed, log, re.MULTILINE), f"no slow-consumer close for port {port}"
+    assert "output budget" not in log
 
 
 def timed_sync(client: Client) -> tuple[list[bytes], float]:
@@ -1802,12 +1835,10 @@ def test_slow_consumer_is_dropped_without_slowing_the_others() -> None:
 
         # What the slow client gets before the end is a prefix of what it
         # was owed, cut where the server gave up on it.
-        received = slow.read_to_eof()
         owed = b"".join(line + b"\n" for line in stream)
-        assert owed.startswith(received)
-        assert len(received) < len(owed)
+        assert_cut_short(slow.read_to_eof(), owed)
 
-        assert "slow consumer" in server.finish()
+        assert_closed_as_slow_consumers(server.finish(), [slow], 1024 * 1024)
 
 
 def test_many_slow_consumers_and_several_senders_keep_one_order() -> None:
@@ -1874,11 +1905,8 @@ def test_many_slow_consumers_and_several_senders_keep_one_order() -> None:
 
         owed = b"".join(line + b"\n" for line in order)
         for client in slow:
-            received = client.read_to_eof()
-            assert owed.startswith(received)
-            assert len(received) < len(owed)
-        assert "slow consumer" in server.log.text()
-        server.finish()
+            assert_cut_short(client.read_to_eof(), owed)
+        assert_closed_as_slow_consumers(server.finish(), slow, output_limit)
 
 
 # --- Fairness ----------------------------------------------------------------
@@ -2910,7 +2938,7 @@ def test_tls_slow_consumer_is_disconnected_others_unaffected(
             assert reply == [NAME_TAKEN]
             assert time.monotonic() < deadline, "the slow consumer was never disconnected"
         stream = b"".join(line + b"\n" for line in receives("sender", sent))
-        assert stream.startswith(slow.read_to_eof())
+        assert_cut_short(slow.read_to_eof(), stream)
         assert running.server.stats.disconnections[reason] == 1
     finally:
         running.stop()
