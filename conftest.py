@@ -192,11 +192,11 @@ class FakeClock:
 
 
 @contextlib.contextmanager
-def in_process(host: str = "127.0.0.1", **options: Any) -> Iterator[ChatServer]:
-    """A ChatServer on port 0 of `host` that runs only when the test turns
-    its loop (`run_once`, `turns`, a `Pumped` client); closed when the block
-    ends. `options` are ChatServer's keyword arguments."""
-    server = ChatServer(host, 0, **options)
+def in_process(**options: Any) -> Iterator[ChatServer]:
+    """A ChatServer on port 0 of 127.0.0.1 that runs only when the test
+    turns its loop (`run_once`, `turns`, a `Pumped` client); closed when the
+    block ends. `options` are ChatServer's keyword arguments."""
+    server = ChatServer("127.0.0.1", 0, **options)
     try:
         yield server
     finally:

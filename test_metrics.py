@@ -16,7 +16,6 @@ from typing import Final
 
 import pytest
 
-import chat
 import metrics
 from conftest import (
     SERVER_FULL,
@@ -26,6 +25,7 @@ from conftest import (
     Pumped,
     RunningServer,
     ServerProcess,
+    in_process,
     launch,
     poll,
     receive,
@@ -167,8 +167,7 @@ def test_a_slow_metrics_client_is_dropped_at_its_deadline_and_never_blocks_the_c
     """Monitoring: a slow HTTP client never affects the chat; it is closed
     at its deadline (on the reactor's clock)."""
     clock = FakeClock()
-    server = chat.ChatServer("127.0.0.1", 0, clock=clock, metrics_address=("127.0.0.1", 0))
-    try:
+    with in_process(clock=clock, metrics_address=("127.0.0.1", 0)) as server:
         assert server.metrics is not None
         with socket.create_connection(server.metrics.address, timeout=TIMEOUT) as slow:
             slow.sendall(b"GET /metr")  # and nothing more
@@ -178,8 +177,6 @@ def test_a_slow_metrics_client_is_dropped_at_its_deadline_and_never_blocks_the_c
             server.run_once(max_wait=0)
             slow.settimeout(TIMEOUT)
             assert slow.recv(100) == b""  # closed, unanswered
-    finally:
-        server.close()
 
 
 def test_metrics_with_curl_as_in_the_readme() -> None:

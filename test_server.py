@@ -181,6 +181,7 @@ from conftest import (
     FakeClock,
     Netcat,
     RunningServer,
+    in_process,
     launch,
     nc_path,
     poll,
@@ -1708,44 +1709,41 @@ def test_a_turn_processes_a_bounded_share_of_each_connections_lines() -> None:
     """Fairness: the server processes a bounded number of each connection's
     lines per loop turn (LINES_PER_TURN), the rest in later turns, in order."""
     clock = FakeClock()
-    server = chat.ChatServer("127.0.0.1", 0, clock=clock)
-    try:
-        with (
-            socket.create_connection(server.address, timeout=TIMEOUT) as flooder,
-            socket.create_connection(server.address, timeout=TIMEOUT) as watcher,
-        ):
-            watcher.sendall(username("watcher"))
-            flooder.sendall(username("flooder"))
-            for _ in range(3):
-                server.run_once(max_wait=0.1)
-            total = 3 * chat.LINES_PER_TURN + 7
-            flooder.sendall(b"".join(send_line(f"m{i}") for i in range(total)))
-            received = b""
+    with (
+        in_process(clock=clock) as server,
+        socket.create_connection(server.address, timeout=TIMEOUT) as flooder,
+        socket.create_connection(server.address, timeout=TIMEOUT) as watcher,
+    ):
+        watcher.sendall(username("watcher"))
+        flooder.sendall(username("flooder"))
+        for _ in range(3):
+            server.run_once(max_wait=0.1)
+        total = 3 * chat.LINES_PER_TURN + 7
+        flooder.sendall(b"".join(send_line(f"m{i}") for i in range(total)))
+        received = b""
 
-            def one_turn_delivers(expected: int) -> None:
-                """One turn, then exactly `expected` lines in all so far."""
-                nonlocal received
-                server.run_once(max_wait=TIMEOUT)
-                while received.count(b"\n") < expected:
-                    received += watcher.recv(1 << 20)
-                # Nothing more: the server has not run since.
-                watcher.setblocking(False)
-                with pytest.raises(BlockingIOError):
-                    received += watcher.recv(1 << 20)
-                watcher.settimeout(TIMEOUT)
-                assert received.count(b"\n") == expected
-
-            # The first turn reads the whole burst (one recv) but processes
-            # only its share; each later turn one more share.
-            for turn in (1, 2, 3):
-                one_turn_delivers(turn * chat.LINES_PER_TURN)
+        def one_turn_delivers(expected: int) -> None:
+            """One turn, then exactly `expected` lines in all so far."""
+            nonlocal received
             server.run_once(max_wait=TIMEOUT)
-            watcher.settimeout(TIMEOUT)
-            while received.count(b"\n") < total:
+            while received.count(b"\n") < expected:
                 received += watcher.recv(1 << 20)
-            assert received.split(b"\n")[:-1] == [receive("flooder", f"m{i}") for i in range(total)]
-    finally:
-        server.close()
+            # Nothing more: the server has not run since.
+            watcher.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                received += watcher.recv(1 << 20)
+            watcher.settimeout(TIMEOUT)
+            assert received.count(b"\n") == expected
+
+        # The first turn reads the whole burst (one recv) but processes
+        # only its share; each later turn one more share.
+        for turn in (1, 2, 3):
+            one_turn_delivers(turn * chat.LINES_PER_TURN)
+        server.run_once(max_wait=TIMEOUT)
+        watcher.settimeout(TIMEOUT)
+        while received.count(b"\n") < total:
+            received += watcher.recv(1 << 20)
+        assert received.split(b"\n")[:-1] == [receive("flooder", f"m{i}") for i in range(total)]
 
 
 class Reader(threading.Thread):
@@ -2004,8 +2002,7 @@ def test_accept_pauses_for_exactly_accept_pause_after_emfile() -> None:
     """Limits and failures: running out of descriptors pauses accepting for
     ACCEPT_PAUSE on the reactor's clock (no spin), then resumes."""
     clock = FakeClock()
-    server = chat.ChatServer("127.0.0.1", 0, clock=clock)
-    try:
+    with in_process(clock=clock) as server:
         listener = FailingListener(server._door._listeners[0].sock)
         server._door._listeners[0].sock = listener  # type: ignore[assignment]
         with socket.create_connection(server.address, timeout=TIMEOUT) as client:
@@ -2028,8 +2025,6 @@ def test_accept_pauses_for_exactly_accept_pause_after_emfile() -> None:
             for _ in range(10):
                 server.run_once(max_wait=0.1)
             assert client.recv(100) == b"ERROR Unrecognised command.\n"
-    finally:
-        server.close()
 
 
 # --- End of input from a client ----------------------------------------------
@@ -2283,13 +2278,10 @@ def test_closing_a_server_twice_is_harmless() -> None:
 
 def test_a_wake_up_is_drained_so_the_loop_waits_again() -> None:
     """One loop: after a wake-up (what stop and SIGHUP do) select has nothing ready, so it waits."""
-    server = chat.ChatServer("127.0.0.1", 0)
-    try:
+    with in_process() as server:
         server.reload_tls()  # without TLS: logged and ignored, but it wakes the loop
         server.run_once(max_wait=TIMEOUT)
         assert server._selector.select(0) == []  # the wake-up socket would spin it
-    finally:
-        server.close()
 
 
 # --- Timers: one heap, one clock (a fake one here) ---------------------------

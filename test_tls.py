@@ -51,6 +51,7 @@ from conftest import (
     TLSFiles,
     certificate_der,
     client_context,
+    in_process,
     launch,
     poll,
     receive,
@@ -202,8 +203,7 @@ def test_failed_handshake_closes_that_connection_only(
 def test_stalled_handshake_is_closed_at_the_deadline(tls_files: TLSFiles) -> None:
     """TLS: a handshake not finished within 10 s closes that connection (the reactor's timers)."""
     clock = FakeClock()
-    server = chat.ChatServer("127.0.0.1", 0, tls=tls_config(tls_files), clock=clock)
-    try:
+    with in_process(tls=tls_config(tls_files), clock=clock) as server:
         stalled = BioClient(("127.0.0.1", tls_port_of(server)))
         hello = ssl.MemoryBIO()
         probe = client_context().wrap_bio(ssl.MemoryBIO(), hello)
@@ -221,8 +221,6 @@ def test_stalled_handshake_is_closed_at_the_deadline(tls_files: TLSFiles) -> Non
         assert server.stats.disconnections["tls_handshake"] == 1
         assert stalled.raw.recv(100) == b""
         stalled.close()
-    finally:
-        server.close()
 
 
 def tls_port_of(server: chat.ChatServer) -> int:
@@ -234,10 +232,7 @@ def tls_port_of(server: chat.ChatServer) -> int:
 def test_register_timeout_includes_the_handshake(tls_files: TLSFiles) -> None:
     """Unregistered connections: on the TLS port the handshake is part of --register-timeout."""
     clock = FakeClock()
-    server = chat.ChatServer(
-        "127.0.0.1", 0, tls=tls_config(tls_files), clock=clock, register_timeout=5
-    )
-    try:
+    with in_process(tls=tls_config(tls_files), clock=clock, register_timeout=5) as server:
         client = BioClient(("127.0.0.1", tls_port_of(server)))
         turns(server, lambda: server.open_count == 1, what="the connection to be accepted")
         clock.advance(4)  # the handshake starts 4 s after the accept...
@@ -254,8 +249,6 @@ def test_register_timeout_includes_the_handshake(tls_files: TLSFiles) -> None:
         assert client.read_to_eof() == TIMED_OUT_WAITING + b"\n"
         assert server.stats.disconnections["registration_timeout"] == 1
         client.close()
-    finally:
-        server.close()
 
 
 @pytest.mark.parametrize("read_size", [chat.READ_SIZE, 5000], ids=["READ_SIZE", "5000"])
@@ -272,10 +265,9 @@ def test_tls_burst_beyond_one_read_is_processed_without_more_input(
     # READ_SIZE it depends on where records fall (it stalled 1 run in 10
     # before the fix).
     monkeypatch.setattr(chat, "READ_SIZE", read_size)
-    server = chat.ChatServer("127.0.0.1", 0, tls=tls_config(tls_files))
-    address = ("127.0.0.1", tls_port_of(server))
     messages = [b"%05d " % index + b"x" * 94 for index in range(3000)]
-    try:
+    with in_process(tls=tls_config(tls_files)) as server:
+        address = ("127.0.0.1", tls_port_of(server))
         with ThreadPoolExecutor(2) as pool:
             clients = [pool.submit(TLSClient, address) for _ in range(2)]
             turns(server, lambda: all(client.done() for client in clients), what="the handshakes")
@@ -290,8 +282,6 @@ def test_tls_burst_beyond_one_read_is_processed_without_more_input(
             assert relayed.result() == receives("sender", messages)
             sender.close()
             reader.close()
-    finally:
-        server.close()
 
 
 def test_tls_input_left_behind_a_long_backlog_is_read_without_more_input(
@@ -302,9 +292,8 @@ def test_tls_input_left_behind_a_long_backlog_is_read_without_more_input(
     # connection is not read again until they are processed; by then the
     # rest of the burst is decrypted in the transport and the kernel is
     # empty, and no event will come: only the read-again list brings it back.
-    server = chat.ChatServer("127.0.0.1", 0, tls=tls_config(tls_files))
-    address = ("127.0.0.1", tls_port_of(server))
-    try:
+    with in_process(tls=tls_config(tls_files)) as server:
+        address = ("127.0.0.1", tls_port_of(server))
         with ThreadPoolExecutor(2) as pool:
             clients = [pool.submit(TLSClient, address) for _ in range(2)]
             turns(server, lambda: all(client.done() for client in clients), what="the handshakes")
@@ -319,8 +308,6 @@ def test_tls_input_left_behind_a_long_backlog_is_read_without_more_input(
             assert relayed.result() == receives("sender", [b"done"])
             sender.close()
             reader.close()
-    finally:
-        server.close()
 
 
 def test_tls_end_of_input_with_the_last_lines_in_one_packet(tls_server: RunningServer) -> None:
@@ -375,8 +362,7 @@ def test_a_read_that_must_write_switches_interest_to_writing(
     chain.write_text(tls_files.cert.read_text() + tls_files.other_cert.read_text() * 150)
     clock = FakeClock()
     config = TLSConfig(0, str(chain), str(tls_files.key))
-    server = chat.ChatServer("127.0.0.1", 0, tls=config, clock=clock)
-    try:
+    with in_process(tls=config, clock=clock) as server:
         assert server._tls is not None and server._tls.listener is not None
         server._tls.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         client = BioClient(("127.0.0.1", tls_port_of(server)), receive_buffer=4096)
@@ -402,8 +388,6 @@ def test_a_read_that_must_write_switches_interest_to_writing(
             server.close()  # the end of what `reply` reads
             assert reply.result(TIMEOUT) == UNRECOGNISED + b"\n"
         client.close()
-    finally:
-        server.close()
 
 
 def test_sighup_reloads_the_certificate_for_new_connections(
