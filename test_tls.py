@@ -21,13 +21,14 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from selectors import EVENT_READ, EVENT_WRITE
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import settings
 from hypothesis.stateful import run_state_machine_as_test
 
 import chat
+import tls
 from chat_testing import (
     BioClient,
     ChatMachine,
@@ -63,6 +64,257 @@ from conftest import (
     username,
 )
 from tls import TLSConfig
+
+# ============================================================================
+# TLSTransport against fakes: no sockets
+# ============================================================================
+
+
+class FakeRawSocket:
+    """What a TLSTransport sees of the kernel, in memory: `arrived` is what
+    the peer sent that the kernel holds (`recv` takes from it, says
+    BlockingIOError when it is empty, and b"" once `ended` too); `send`
+    takes at most `room` bytes more (None: no bound) into `taken`."""
+
+    def __init__(self) -> None:
+        self.arrived = bytearray()
+        self.ended = False
+        self.taken = bytearray()
+        self.room: int | None = None
+        self.closed = False
+
+    def recv(self, size: int, /) -> bytes:
+        if self.arrived:
+            chunk = bytes(self.arrived[:size])
+            del self.arrived[:size]
+            return chunk
+        if self.ended:
+            return b""
+        raise BlockingIOError("nothing has arrived")
+
+    def send(self, data: bytes | bytearray | memoryview, /) -> int:
+        size = len(data) if self.room is None else min(len(data), self.room)
+        if size == 0:
+            raise BlockingIOError("the kernel's buffer is full")
+        if self.room is not None:
+            self.room -= size
+        self.taken += data[:size]
+        return size
+
+    def fileno(self) -> int:
+        return -1 if self.closed else 99
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeConnection:
+    """A TLSTransport over a FakeRawSocket, and the client at the other end:
+    an SSLObject over memory BIOs that verifies nothing. Bytes cross only
+    when the test says (`to_server`, `to_client`); `notified` counts the
+    transport's calls to `notify`."""
+
+    def __init__(self, files: TLSFiles) -> None:
+        self.raw = FakeRawSocket()
+        context = tls.load_context(str(files.cert), str(files.key))
+        self.transport = tls.TLSTransport(cast(socket.socket, self.raw), context)
+        self.notified = 0
+        self.transport.notify = self.count_notify
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.client = client_context().wrap_bio(self.incoming, self.outgoing)
+
+    def count_notify(self) -> None:
+        self.notified += 1
+
+    def to_server(self) -> None:
+        """What the client wrote arrives in the server's kernel."""
+        self.raw.arrived += self.outgoing.read()
+
+    def to_client(self) -> None:
+        """What the server's kernel took arrives at the client."""
+        self.incoming.write(bytes(self.raw.taken))
+        self.raw.taken.clear()
+
+    def server_reads(self, size: int = chat.READ_SIZE) -> bytes | None:
+        """One `recv` of the transport, as the reactor makes it; None for
+        BlockingIOError (nothing to hand out yet)."""
+        try:
+            return self.transport.recv(size)
+        except BlockingIOError:
+            return None
+
+    def handshake(self) -> None:
+        """Both sides through the handshake, the reactor reading whenever
+        something arrived and flushing whenever the transport wants to write."""
+        for _ in range(10):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                self.client.do_handshake()
+            self.to_server()
+            if self.raw.arrived:
+                assert self.server_reads() is None  # nothing but the handshake
+            if self.transport.wants_write:
+                self.transport.flush()  # the reactor, once the socket is writable
+            self.to_client()
+            if self.transport.established:
+                return
+        raise AssertionError("the handshake did not finish")
+
+    def client_writes(self, data: bytes, *, close_notify: bool = False) -> None:
+        self.client.write(data)
+        if close_notify:
+            with contextlib.suppress(ssl.SSLWantReadError):
+                self.client.unwrap()
+        self.to_server()
+
+    def client_reads(self) -> bytes:
+        """Every plaintext byte the client can decrypt now."""
+        self.to_client()
+        data = b""
+        with contextlib.suppress(ssl.SSLWantReadError):
+            while piece := self.client.read(65536):
+                data += piece
+        return data
+
+    def serve_until_quiet(self, size: int = chat.READ_SIZE) -> bytes:
+        """What the reactor reads while select would say readable (something
+        arrived) or the transport says it holds input select cannot see."""
+        data = b""
+        while self.raw.arrived or self.transport.holds_input:
+            data += self.server_reads(size) or b""
+        return data
+
+
+def test_transport_handshake_then_lines_both_ways(tls_files: TLSFiles) -> None:
+    """TLSTransport: no plaintext either way before the handshake; after it,
+    lines both ways, and `established` changed with a notify."""
+    fake = FakeConnection(tls_files)
+    with pytest.raises(BlockingIOError):
+        fake.transport.recv(chat.READ_SIZE)  # nothing has arrived
+    with pytest.raises(BlockingIOError):
+        fake.transport.send(b"too early\n")  # a write waits for the handshake
+    assert fake.raw.taken == b""
+    fake.handshake()
+    assert fake.transport.established and fake.notified > 0
+    assert fake.transport.version() in ("TLSv1.2", "TLSv1.3")
+    fake.client_writes(b"USERNAME alice\nPING\n")
+    assert fake.serve_until_quiet() == b"USERNAME alice\nPING\n"
+    assert fake.transport.send(UNRECOGNISED + b"\n") == len(UNRECOGNISED) + 1
+    assert not fake.transport.wants_write  # the kernel took it all
+    assert fake.client_reads() == UNRECOGNISED + b"\n"
+
+
+def test_transport_says_when_it_holds_input_select_cannot_see(tls_files: TLSFiles) -> None:
+    """TLSTransport: a 300 KB burst read 5000 bytes at a time: a read that
+    stops at its bound with input left inside says `holds_input`, so that the
+    reactor reads again with the kernel empty, and every byte comes out."""
+    fake = FakeConnection(tls_files)
+    fake.handshake()
+    burst = b"".join(b"%05d " % index + b"x" * 94 + b"\n" for index in range(3000))
+    fake.client_writes(burst)
+    data = b""
+    held_with_the_kernel_empty = 0
+    while fake.raw.arrived or fake.transport.holds_input:
+        held_with_the_kernel_empty += not fake.raw.arrived
+        data += fake.server_reads(5000) or b""
+    assert data == burst
+    assert held_with_the_kernel_empty > 0  # the case this flag exists for
+    assert fake.server_reads(5000) is None  # and nothing is left once it is clear
+
+
+def test_transport_send_when_the_kernel_takes_only_part(tls_files: TLSFiles) -> None:
+    """TLSTransport: a send the kernel takes only part of keeps the rest of
+    the ciphertext (`wants_write`, notified), takes no more plaintext until
+    it is flushed, and the client gets every byte in order."""
+    fake = FakeConnection(tls_files)
+    fake.handshake()
+    fake.notified = 0
+    small = b"RECEIVE bob " + b"s" * 9000 + b"\n"
+    fake.raw.room = 1000
+    assert fake.transport.send(small) == len(small)  # all encrypted, on its way
+    assert fake.transport.wants_write and fake.notified == 1
+    with pytest.raises(BlockingIOError):
+        fake.transport.send(b"RECEIVE bob behind\n")  # ciphertext still waiting
+    received = fake.client_reads()
+    assert small.startswith(received) and len(received) < len(small)
+    fake.raw.room = None
+    fake.transport.flush()
+    assert not fake.transport.wants_write and fake.notified == 2
+    # More than WRITE_CHUNK, with room for a little over one chunk: it
+    # encrypts chunk by chunk while the kernel takes them, and says how much.
+    large = b"".join(b"RECEIVE bob %06d " % index + b"l" * 100 + b"\n" for index in range(2000))
+    assert len(large) > 2 * tls.WRITE_CHUNK
+    fake.raw.room = tls.WRITE_CHUNK + 1000
+    taken = fake.transport.send(large)
+    assert taken % tls.WRITE_CHUNK == 0 and 0 < taken < len(large)
+    fake.raw.room = None
+    fake.transport.flush()
+    while taken < len(large):
+        taken += fake.transport.send(memoryview(large)[taken:])
+    assert received + fake.client_reads() == small + large
+
+
+def test_transport_end_of_input_by_close_notify_after_the_last_lines(
+    tls_files: TLSFiles,
+) -> None:
+    """TLSTransport: close_notify in the same packet as the last lines: the
+    lines, then the end of input (b""), held meanwhile where select cannot
+    see it."""
+    fake = FakeConnection(tls_files)
+    fake.handshake()
+    fake.client_writes(b"SEND bye\nSEND unterminated", close_notify=True)
+    assert fake.server_reads() == b"SEND bye\nSEND unterminated"
+    assert fake.transport.holds_input  # the end, not handed out yet
+    assert not fake.raw.arrived
+    assert fake.server_reads() == b""
+    assert not fake.transport.holds_input
+
+
+def test_transport_end_of_input_without_close_notify(tls_files: TLSFiles) -> None:
+    """TLSTransport: the TCP end without close_notify (ncat, a TLS client's
+    half-close) is the end of input after the data before it, not an error;
+    answers can still be sent."""
+    fake = FakeConnection(tls_files)
+    fake.handshake()
+    fake.client_writes(b"PING\n")
+    fake.raw.ended = True
+    assert fake.serve_until_quiet() == b"PING\n"
+    assert fake.server_reads() == b""
+    assert fake.transport.send(UNRECOGNISED + b"\n") == len(UNRECOGNISED) + 1
+    assert fake.client_reads() == UNRECOGNISED + b"\n"
+
+
+def test_transport_close_says_close_notify(tls_files: TLSFiles) -> None:
+    """TLSTransport: close sends close_notify after the output, then closes
+    the socket; the client sees a clean end."""
+    fake = FakeConnection(tls_files)
+    fake.handshake()
+    fake.transport.send(b"RECEIVE bob last\n")
+    fake.transport.close()
+    assert fake.raw.closed
+    assert fake.client_reads() == b"RECEIVE bob last\n"
+    # close_notify: TLS's clean end (without it, SSLWantReadError: more to come).
+    assert fake.client.read(100) == b""
+
+
+def test_transport_failed_handshake_fails_every_later_call(tls_files: TLSFiles) -> None:
+    """TLSTransport: bytes that are no TLS fail the handshake with an
+    SSLError (an OSError, so the reactor closes the connection), and every
+    later call meets the same error."""
+    fake = FakeConnection(tls_files)
+    fake.raw.arrived += b"USERNAME lost\nSEND hello\n"
+    with pytest.raises(ssl.SSLError) as failure:
+        fake.transport.recv(chat.READ_SIZE)
+    for call in (lambda: fake.transport.recv(1), lambda: fake.transport.send(b"x")):
+        with pytest.raises(ssl.SSLError) as again:
+            call()
+        assert again.value is failure.value
+    assert not fake.transport.established
+
+
+# ============================================================================
+# The TLS port of the real server
+# ============================================================================
 
 
 def tls_config(files: TLSFiles, **options: Any) -> TLSConfig:
