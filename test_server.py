@@ -2204,6 +2204,13 @@ def test_connect_reset_cycles_leak_no_descriptors() -> None:
 
 
 # ============================================================================
+# TLS; Monitoring
+# ============================================================================
+# In test_tls.py (the transport against fakes, then the TLS port) and
+# test_metrics.py (the text and the HTTP answers, then the metrics port).
+
+
+# ============================================================================
 # The program
 # ============================================================================
 
@@ -2547,17 +2554,9 @@ def test_bad_command_line(args: list[str], mention: str) -> None:
 # ============================================================================
 # Model-based and fuzz tests
 # ============================================================================
-# Model-based and byte-fuzz tests of the real server, over real sockets.
-#
-# A plain Python model of the room, written from PROTOCOL.md alone (it never
-# calls protocol.py), predicts every line each client must receive; the tests
-# drive a real in-process ChatServer and compare byte for byte. Every byte a
-# client writes is cut into random pieces, each sent with its own sendall.
-#
-# Ordering rests on one fact: the server answers each connection's lines in
-# order, so once the reply to a client's trailing `PING` (an unknown command)
-# has arrived, everything that client sent before it has been processed, and
-# every RECEIVE it caused has been handed to its recipients.
+# Model-based and byte-fuzz tests of the real server, over real sockets. The
+# room model, its state machine (`ChatMachine`) and the strategies they draw
+# from are in chat_testing.py, which says how they sync.
 
 
 def test_state_machine_matches_the_room_model() -> None:
