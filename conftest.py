@@ -1,7 +1,9 @@
 """What every test file shares: the contract's lines, typed from PROTOCOL.md;
-one way to wait (`poll`); the test clients; the servers, in-process
-(`start_server`, the `server` fixture) or as a `python chat.py` child
-(`launch`); and the Hypothesis profiles.
+one way to wait (`poll`); the test clients; the servers, on a thread
+(`start_server`, the `server` fixture), turned by the test itself
+(`in_process`, `turns`, `Pumped`, with a `FakeClock`) or as a `python
+chat.py` child (`launch`); and the Hypothesis profiles. The rest of the
+shared machinery is in chat_testing.py.
 
 Every blocking read or connect gives up after TIMEOUT; nothing waits on
 the clock for an event it could observe instead.
