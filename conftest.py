@@ -1,7 +1,9 @@
 """What every test file shares: the contract's lines, typed from PROTOCOL.md;
-one way to wait (`poll`); the test clients; the servers, in-process
-(`start_server`, the `server` fixture) or as a `python chat.py` child
-(`launch`); and the Hypothesis profiles.
+one way to wait (`poll`); the test clients; the servers, on a thread
+(`start_server`, the `server` fixture), turned by the test itself
+(`in_process`, `turns`, `Pumped`, with a `FakeClock`) or as a `python
+chat.py` child (`launch`); and the Hypothesis profiles. The rest of the
+shared machinery is in chat_testing.py.
 
 Every blocking read or connect gives up after TIMEOUT; nothing waits on
 the clock for an event it could observe instead.
@@ -191,6 +193,43 @@ class FakeClock:
 # --- An in-process server driven from the test thread (with a FakeClock) -----
 
 
+@contextlib.contextmanager
+def in_process(**options: Any) -> Iterator[ChatServer]:
+    """A ChatServer on port 0 of 127.0.0.1 that runs only when the test
+    turns its loop (`run_once`, `turns`, a `Pumped` client); closed when the
+    block ends. `options` are ChatServer's keyword arguments."""
+    server = ChatServer("127.0.0.1", 0, **options)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def turns(
+    server: ChatServer,
+    until: Callable[[], bool],
+    count: int | None = None,
+    *,
+    what: str = "the awaited event",
+    each: Callable[[], object] | None = None,
+) -> bool:
+    """Turn `server`'s loop in this thread (`run_once`; a fake clock stands
+    still) until `until()`, calling `each` after every turn: by default for
+    up to TIMEOUT of real time, then fail saying `what`; or for at most
+    `count` turns, and say whether it came true (for what must not happen)."""
+    deadline = time.monotonic() + TIMEOUT
+    done = 0
+    while not until():
+        if done == count:
+            return False
+        assert count is not None or time.monotonic() < deadline, f"gave up waiting for {what}"
+        server.run_once(max_wait=0.01)
+        if each is not None:
+            each()
+        done += 1
+    return True
+
+
 class Pumped:
     """A client of a ChatServer that runs in this very thread: every wait
     turns the server's loop (`run_once`) until the awaited bytes arrive,
@@ -240,10 +279,8 @@ class Pumped:
         return taken
 
     def pump_until(self, done: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while not done():
-            assert time.monotonic() < deadline, f"gave up waiting for {what}"
-            self.pump()
+        """`turns` of the server, reading what arrives after each."""
+        turns(self.server, done, what=what, each=self.take_available)
 
     def send(self, data: bytes) -> None:
         view = memoryview(data)

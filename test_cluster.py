@@ -10,7 +10,6 @@ conftest's table, not from protocol.py.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import shutil
 import signal
@@ -42,10 +41,12 @@ from conftest import (
     Pumped,
     ServerProcess,
     free_port,
+    in_process,
     launch,
     poll,
     run_chat,
     sends,
+    turns,
     username,
 )
 from room import FORMS, name_keys
@@ -998,10 +999,18 @@ def test_leases_are_renewed_every_third_of_the_lease(redis: Redis) -> None:
     clock = FakeClock()
     # The timeout puts the heartbeat (half of it) after the renewals.
     room = cluster_module.room_factory(redis.url, room="chat", lease_ms=3000, timeout=5.0)
-    server = ChatServer("127.0.0.1", 0, clock=clock, room=room)
-    try:
+    with in_process(clock=clock, room=room) as server:
         alice = Pumped(server)
-        alice.register("alice")
+
+        def taken() -> bool:
+            # Until the room's first round trip to Redis, a name is answered
+            # ERROR Service unavailable.: ask again until the room is up.
+            alice.send(username("alice"))
+            reply = alice.sync()
+            assert reply in ([], [SERVICE_UNAVAILABLE]), reply
+            return reply == []
+
+        turns(server, taken, what="the room to take a name")
         key = redis_keys("alice")[0]
         assert 0 < redis.command(b"PTTL", key) <= 3000
         # The renewal is due a third of the lease after connecting.
@@ -1012,8 +1021,6 @@ def test_leases_are_renewed_every_third_of_the_lease(redis: Redis) -> None:
         assert renewed  # to the lease
         assert server.view.next_timer_due() == pytest.approx(clock.now + 1.0)
         alice.close()
-    finally:
-        server.close()
 
 
 def fake_clock_server(
@@ -1025,26 +1032,8 @@ def fake_clock_server(
     server = ChatServer("127.0.0.1", 0, clock=clock, room=factory)
     room = server.view.room
     assert isinstance(room, cluster_module.RedisRoom)
-    for _ in range(200):
-        if room.available:
-            break
-        server.run_once(max_wait=0.01)
-    assert room.available
+    assert turns(server, lambda: room.available, 200)
     return server, clock, room
-
-
-def turns(server: ChatServer, until: Callable[[], bool], count: int | None = None) -> bool:
-    """Run loop turns (in real time; the fake clock stands still) until
-    `until()`: `count` of them, or by default for up to TIMEOUT seconds (a
-    round trip to Redis on a loaded machine); whether it came true."""
-    deadline = time.monotonic() + TIMEOUT
-    for done in itertools.count():
-        if until():
-            return True
-        if done == count or (count is None and time.monotonic() >= deadline):
-            return False
-        server.run_once(max_wait=0.01)
-    raise AssertionError("unreachable")
 
 
 def answer(client: socket.socket) -> bytes:

@@ -18,6 +18,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import protocol
+from chat_testing import FakeMember, make_room
 from confusables_table import CONFUSABLES
 from protocol import (
     BadSend,
@@ -28,10 +29,8 @@ from protocol import (
     Send,
     SetName,
     TelnetState,
-    format_receive,
     parse_line,
     receive,
-    same_name,
     skeleton,
     split_lines,
 )
@@ -322,6 +321,21 @@ def set_name(name: str) -> SetName:
     """The SetName a valid `name` must give, worked out from the contract."""
     key = unicodedata.normalize("NFKC", name).casefold()
     return SetName(name, key, model_skeleton(name), model_skeleton(key))
+
+
+def same_name(first: SetName, second: SetName) -> bool:
+    """Whether the server counts `first` and `second` as one name: its room
+    (room.name_keys, one table per form) refuses `second` while another
+    member holds `first`. protocol.same_name says the same from the two
+    names alone, but the server never calls it: this asks what it calls."""
+    room, host = make_room()
+    holder, asking = FakeMember("holder"), FakeMember("asking")
+    room.set_name(holder, first)
+    assert holder.name == first.name
+    room.set_name(asking, second)
+    taken = host.direct.get(asking) == NAME_TAKEN
+    assert taken or asking.name == second.name  # refused as taken, or taken silently
+    return taken
 
 
 @dataclass(frozen=True)
@@ -693,9 +707,10 @@ def lookalike_pairs(draw: st.DrawFn) -> tuple[str, str]:
 @example(("Straße", "STRASSE"))
 @example(("ǆ", "dž"))  # one of the few characters whose skeleton is not stable
 @settings(max_examples=200)
-def test_same_name_matches_the_contract(pair: tuple[str, str]) -> None:
-    """same_name on check_name's results agrees with the rule computed from
-    the two names directly, and is symmetric and reflexive."""
+def test_the_rooms_sameness_matches_the_contract(pair: tuple[str, str]) -> None:
+    """The room's sameness (name_keys, as the server holds names) on
+    check_name's results agrees with the rule computed from the two names
+    directly, and is symmetric and reflexive."""
     first, second = (parse_line(b"USERNAME " + name.encode()) for name in pair)
     if not (isinstance(first, SetName) and isinstance(second, SetName)):
         return  # a swap made the name invalid: covered by the rows above
@@ -851,12 +866,18 @@ def test_valid_message_is_relayed_byte_for_byte(message: bytes) -> None:
 @example("bob", b"  hi\tthere ")
 @example("ｔｅｉｘｅ", "👩\u200d💻 ok".encode())
 def test_receive_line_round_trips(name: str, message: bytes) -> None:
-    """What SetName and Send accept comes out as one clean RECEIVE line,
+    """What SetName and Send accept comes out as one clean RECEIVE line (the
+    receive prefix the room gives a member, as the reactor publishes it),
     from which a client recovers both parts by splitting on spaces."""
-    assert parse_line(b"USERNAME " + name.encode()) == set_name(name)
+    command = parse_line(b"USERNAME " + name.encode())
+    assert command == set_name(name)
     assert parse_line(b"SEND " + message) == Send(message)
 
-    line = format_receive(name, message)
+    room, _ = make_room()
+    member = FakeMember("sender")
+    room.set_name(member, command)
+    # chat.py's read path: the member's prefix, the message as sent, "\n".
+    line = member.receive_prefix + message + b"\n"
     assert line == b"RECEIVE " + name.encode() + b" " + message + b"\n"
 
     verb, _, rest = line[:-1].partition(b" ")

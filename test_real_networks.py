@@ -51,11 +51,13 @@ from conftest import (
     FakeClock,
     Pumped,
     StderrReader,
+    in_process,
     launch,
     poll,
     raise_fd_limit,
     receive,
     start_server,
+    turns,
 )
 
 # The keepalive the dead-peer tests run with, and the contract's bound for it.
@@ -95,15 +97,6 @@ def connection_of(server: ChatServer, client_port: int) -> chat.Connection:
         if conn.peer.endswith(f":{client_port}"):
             return conn
     raise AssertionError(f"no connection from port {client_port}")
-
-
-@contextlib.contextmanager
-def in_process(**options: object) -> Iterator[ChatServer]:
-    server = ChatServer("127.0.0.1", 0, **options)  # type: ignore[arg-type]
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 # --- network namespaces -------------------------------------------------------
@@ -593,10 +586,7 @@ def test_a_connection_closed_in_time_leaves_no_register_timeout_behind() -> None
         client = Pumped(server)
         assert client.sync() == []
         client.close()
-        deadline = time.monotonic() + TIMEOUT
-        while server.open_count:
-            assert time.monotonic() < deadline, "the close was never noticed"
-            server.run_once(max_wait=0.005)
+        turns(server, lambda: not server.open_count, what="the close to be noticed")
         # The reply to PING started the stall check: it runs and finds nothing.
         clock.advance(chat.STALL_CHECK)
         server.run_once(max_wait=0)

@@ -7,7 +7,9 @@ everything it sent before has been processed, and every RECEIVE it caused
 has been handed to the recipients' sockets. Tests wait on such replies
 (`Client.sync`), or poll with a deadline (`poll`), never on the clock; every
 read has a timeout. The contract's lines, the clients and the servers
-(`server`, `start_server`, `launch`) are in conftest.py.
+(`server`, `start_server`, `launch`, `in_process`, `turns`) are in
+conftest.py; the real telnet's pty and proxy, the room model and its state
+machine in chat_testing.py.
 
 The sections follow the headings of this repository's PROTOCOL.md, in its
 order; each test's docstring names the contract row it holds. Index:
@@ -17,7 +19,8 @@ Its opening: "what a person typing into nc localhost 8080 would expect"
     test_nc_seed_session_two, test_nc_seed_session_one (the real nc)
 Connecting; Lines
   TCP, dual-stack; --host       test_default_host_serves_ipv4_and_ipv6_together,
-                                test_program_without_host_serves_ipv4_and_ipv6
+                                test_program_without_host_serves_ipv4_and_ipv6,
+                                test_host_ipv6_any_is_logged_as_ipv6_only
   Port, PORT, port 0            test_module_port_is_the_default,
                                 test_port_zero_logs_the_real_port
   Line ends (\\n, \\r\\n)         test_crlf_line_endings,
@@ -64,9 +67,11 @@ Limits and failures
   Slow consumers                test_slow_consumer_is_disconnected_others_unaffected,
                                 test_slow_consumer_is_dropped_without_slowing_the_others,
                                 test_many_slow_consumers_and_several_senders_keep_one_order
-  Fairness                      test_flooder_does_not_starve_a_conversation
+  Fairness                      test_flooder_does_not_starve_a_conversation,
+                                test_a_turn_processes_a_bounded_share_of_each_connections_lines
   Too many connections, fds     test_server_full,
-                                test_fd_exhaustion_does_not_spin_and_service_continues
+                                test_fd_exhaustion_does_not_spin_and_service_continues,
+                                test_accept_pauses_for_exactly_accept_pause_after_emfile
   End of input                  test_half_close_processes_everything_then_closes,
                                 test_half_close_answers_the_final_line,
                                 test_half_close_with_many_replies_pending
@@ -75,36 +80,21 @@ Limits and failures
                                 test_connect_reset_cycles_leak_no_descriptors
   No input can crash it         see "Model-based and fuzz tests"
 Real networks                   test_real_networks.py (network namespaces, the fake clock)
-TLS                             test_tls_seed_session_one, test_tls_seed_session_two,
-                                test_tls_and_plain_users_share_one_room,
-                                test_openssl_s_client_session, test_ncat_ssl_session,
-                                test_failed_handshake_closes_that_connection_only,
-                                test_stalled_handshake_is_closed_at_the_deadline,
-                                test_register_timeout_includes_the_handshake,
-                                test_tls_burst_beyond_one_read_is_processed_without_more_input,
-                                test_tls_input_left_behind_a_long_backlog_is_read_without_more_input,
-                                test_tls_end_of_input_with_the_last_lines_in_one_packet,
-                                test_tls_output_the_kernel_cannot_take_waits_in_order,
-                                test_a_read_that_must_write_switches_interest_to_writing,
-                                test_sighup_reloads_the_certificate_for_new_connections,
-                                test_sighup_with_broken_files_keeps_the_old_certificate,
-                                test_sighup_without_tls_is_logged_and_ignored,
-                                test_tls_slow_consumer_is_disconnected_others_unaffected,
-                                test_tls_options_are_explained_and_checked,
-                                test_state_machine_with_tls_clients
-Monitoring                      test_metrics_has_every_metric_of_the_contract,
-                                test_metrics_count_what_happens,
-                                test_metrics_other_requests_get_404,
-                                test_a_slow_metrics_client_is_dropped_at_its_deadline_and_never_blocks_the_chat,
-                                test_metrics_with_curl_as_in_the_readme
+TLS                             test_tls.py (the transport against fakes, and the TLS port)
+Monitoring                      test_metrics.py
 The program
   Usage, --help, --log-level    test_help_explains_every_option, test_log_level_in_any_case,
                                 test_log_level_above_info_hides_connections,
                                 test_cluster_options_without_redis_are_ignored_with_a_warning
   One thread, one loop          test_closing_a_server_twice_is_harmless (ChatServer embedded),
                                 test_a_wake_up_is_drained_so_the_loop_waits_again
+  Timers (the fake clock)       test_timers_run_in_deadline_order_once_due,
+                                test_a_cancelled_timer_never_runs,
+                                test_a_timer_set_by_a_callback_for_now_runs_next_turn,
+                                test_many_cancelled_timers_do_not_pile_up
   Logs                          test_logs_show_events_but_never_message_text,
-                                test_log_name_starts_every_line
+                                test_log_name_starts_every_line,
+                                test_a_bad_redis_port_is_one_plain_line
   Ctrl-C or SIGTERM             test_signal_stops_the_server_within_a_second,
                                 test_signal_stops_at_once_with_output_queued
   Port in use, bad option       test_port_already_in_use, test_host_that_cannot_be_bound,
@@ -114,11 +104,11 @@ Model-based and fuzz tests      test_state_machine_matches_the_room_model (deliv
                                 reply), test_fuzzer_beside_a_chatting_pair (no input can crash
                                 it or make it send anything outside the protocol)
 Room and batch, no sockets      test_room.py
+This file's index               test_the_index_names_every_test_of_this_file_and_nothing_else
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import operator
@@ -129,43 +119,51 @@ import resource
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import threading
 import time
-import unicodedata
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from itertools import pairwise
 from pathlib import Path
-from selectors import EVENT_READ, EVENT_WRITE
 from typing import Any, Final
 
 import pytest
-from hypothesis import event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    Bundle,
-    MultipleResults,
-    RuleBasedStateMachine,
-    consumes,
-    initialize,
-    invariant,
-    multiple,
-    precondition,
-    rule,
     run_state_machine_as_test,
 )
 
 import chat
-import metrics
+from chat_testing import (
+    SEED_ONE_INPUT,
+    SEED_ONE_REPLY,
+    ChatMachine,
+    PtyTelnet,
+    RecordingProxy,
+    RoomModel,
+    assert_contract_line,
+    assert_cut_short,
+    cut_points,
+    expect_exactly,
+    good_messages,
+    lines_near_limit,
+    machine_settings,
+    name_line,
+    no_iac,
+    read_through_sync,
+    seed_session_one,
+    seed_session_two,
+    send_lines,
+    send_randomly_cut,
+    take_name_within,
+)
 from conftest import (
-    ERRORS,
+    HERE,
     LINE_TOO_LONG,
     LISTENING,
     MAX_LINE,
-    MAX_NAME,
     MESSAGE_EMPTY,
     MESSAGE_INVALID,
     NAME_EMPTY,
@@ -175,22 +173,15 @@ from conftest import (
     NAME_TAKEN,
     NAME_TOO_LONG,
     SERVER_FULL,
-    SERVICE_UNAVAILABLE,
     SYNC,
     SYNC_REPLY,
-    TIMED_OUT_WAITING,
     TIMEOUT,
     UNRECOGNISED,
     Client,
     FakeClock,
     Netcat,
-    Pumped,
     RunningServer,
-    ServerProcess,
-    TLSClient,
-    TLSFiles,
-    certificate_der,
-    client_context,
+    in_process,
     launch,
     nc_path,
     poll,
@@ -203,8 +194,6 @@ from conftest import (
     start_server,
     username,
 )
-from confusables_table import CONFUSABLES
-from tls import TLSConfig, TLSTransport
 
 # ============================================================================
 # Helpers of this file (the shared ones are in conftest.py)
@@ -214,13 +203,6 @@ from tls import TLSConfig, TLSTransport
 # The zero-width joiner sequence "woman technologist": format characters
 # (Cf) are allowed in messages.
 ZWJ_EMOJI: Final = "\U0001f469\u200d\U0001f4bb"
-
-
-def expect_exactly(client: Client, expected: bytes) -> None:
-    """`client` receives exactly `expected` and, as its sync proves, nothing
-    more so far."""
-    assert client.exactly(len(expected)) == expected
-    assert client.sync() == []
 
 
 def send_in_pieces(client: Client, data: bytes, sizes: Sequence[int], pace: float = 0.0) -> None:
@@ -238,50 +220,9 @@ def send_in_pieces(client: Client, data: bytes, sizes: Sequence[int], pace: floa
             time.sleep(pace)
 
 
-def take_name_within(client: Client, name: str, seconds: float) -> None:
-    """Retry USERNAME until accepted: for names freed by an event the test
-    cannot sync on (a reset, a slow consumer). Bounded by a deadline."""
-
-    def taken() -> bool:
-        client.send(username(name))
-        reply = client.sync()
-        assert reply in ([], [NAME_TAKEN]), reply
-        return reply == []
-
-    poll(f"{name!r} to be freed", taken, seconds)
-
-
 # ============================================================================
 # The opening: the README's sessions, as a person types them into nc
 # ============================================================================
-
-
-SEED_ONE_INPUT: Final = b"USERNAME mia\nSEND Hello, world!\nUSERNAME not valid\n"
-
-
-SEED_ONE_REPLY: Final = NAME_HAS_SPACES + b"\n"
-
-
-def seed_session_one(mia: Client) -> None:
-    """README session one, byte for byte, on `mia`'s connection."""
-    mia.send(SEED_ONE_INPUT)
-    expect_exactly(mia, SEED_ONE_REPLY)
-    mia.send(b"NOT_A_COMMAND test\n")
-    expect_exactly(mia, UNRECOGNISED + b"\n")
-
-
-def seed_session_two(teixe: Client, jeff: Client) -> None:
-    """README session two, byte for byte, between two connections."""
-    teixe.send(b"USERNAME teixe\n")
-    assert teixe.sync() == []
-    jeff.send(b"USERNAME jeff\n")
-    assert jeff.sync() == []
-    teixe.send(b"SEND hi\n")
-    assert teixe.sync() == []  # the sender gets nothing back
-    expect_exactly(jeff, b"RECEIVE teixe hi\n")
-    jeff.send(b"SEND bye\n")
-    assert jeff.sync() == []
-    expect_exactly(teixe, b"RECEIVE jeff bye\n")
 
 
 def test_seed_session_one(server: RunningServer) -> None:
@@ -391,8 +332,14 @@ def test_program_without_host_serves_ipv4_and_ipv6() -> None:
 def test_host_ipv6_any_is_logged_as_ipv6_only() -> None:
     """--host narrows it: `--host ::` listens on IPv6 only, and says so."""
     with launch(host="::") as running:
-        with Client(("::1", running.port)) as v6:
-            v6.register("six")
+        with pytest.raises(ConnectionRefusedError):
+            Client(("127.0.0.1", running.port)).close()
+        with Client(("::1", running.port)) as six, Client(("::1", running.port)) as other:
+            six.register("six")
+            other.register("other")
+            six.send(b"SEND over IPv6\n")
+            assert six.sync() == []
+            assert other.sync() == [receive("six", "over IPv6")]
         assert f"listening on [::]:{running.port} (IPv6 only)" in running.log.text()
 
 
@@ -960,144 +907,6 @@ def telnet_path() -> str:
             pytest.fail("telnet is missing", pytrace=False)
         pytest.skip("telnet is not installed")
     return path
-
-
-class RecordingProxy:
-    """A TCP relay for one connection, to `upstream`, that keeps every byte
-    each way: what `telnet` really sent and got."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(TIMEOUT)
-        self.port: int = self.listener.getsockname()[1]
-        self.lock = threading.Lock()
-        self.sent = bytearray()  # client to server
-        self.got = bytearray()  # server to client
-        self.sockets: list[socket.socket] = []
-        self.threads = [threading.Thread(target=self._serve, daemon=True)]
-        self.threads[0].start()
-
-    def _serve(self) -> None:
-        with contextlib.suppress(OSError):
-            near, _ = self.listener.accept()
-            far = socket.create_connection(self.upstream, timeout=TIMEOUT)
-            for sock in (near, far):
-                sock.settimeout(None)  # the pumps end when close() shuts them down
-                self.sockets.append(sock)
-            for source, sink, record in ((near, far, self.sent), (far, near, self.got)):
-                pump = threading.Thread(target=self._pump, args=(source, sink, record))
-                pump.daemon = True
-                pump.start()
-                self.threads.append(pump)
-
-    def _pump(self, source: socket.socket, sink: socket.socket, record: bytearray) -> None:
-        with contextlib.suppress(OSError):
-            while chunk := source.recv(65536):
-                with self.lock:
-                    record += chunk
-                sink.sendall(chunk)
-            sink.shutdown(socket.SHUT_WR)
-
-    def client_sent(self) -> bytes:
-        with self.lock:
-            return bytes(self.sent)
-
-    def client_got(self) -> bytes:
-        with self.lock:
-            return bytes(self.got)
-
-    def close(self) -> None:
-        self.listener.close()
-        for sock in self.sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-        for thread in self.threads:
-            thread.join(TIMEOUT)
-
-    def __enter__(self) -> RecordingProxy:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _take_the_terminal() -> None:
-    """In the child, after setsid: make its pty (fd 0) the controlling
-    terminal, so that Ctrl-C raises SIGINT in telnet, which then sends
-    IAC IP and IAC DO TIMING-MARK."""
-    import fcntl
-    import termios
-
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-
-class PtyTelnet:
-    """`telnet ARGS...` in a pseudo-terminal, as a person runs it: keys are
-    written to the pty, the screen is read by a thread; every wait has a
-    deadline."""
-
-    def __init__(self, telnet: str, *args: str, home: Path) -> None:
-        self.master, slave = os.openpty()
-        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "TERM": "dumb"}
-        try:
-            self.process = subprocess.Popen(
-                [telnet, *args],
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-                env=env,  # HOME: no ~/.telnetrc of the user's
-                start_new_session=True,
-                preexec_fn=_take_the_terminal,
-            )
-        finally:
-            os.close(slave)
-        self.screen = b""
-        self.seen = 0
-        self.changed = threading.Condition()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        with contextlib.suppress(OSError):  # EIO once telnet has exited
-            while chunk := os.read(self.master, 65536):
-                with self.changed:
-                    self.screen += chunk
-                    self.changed.notify_all()
-
-    def type(self, keys: bytes) -> None:
-        os.write(self.master, keys)
-
-    def expect(self, text: bytes) -> bytes:
-        """Wait for `text` on the screen after what was seen; return what
-        came before it."""
-        with self.changed:
-            found = self.changed.wait_for(lambda: text in self.screen[self.seen :], TIMEOUT)
-            assert found, f"{text!r} not on the screen: {self.screen[self.seen :]!r}"
-            end = self.screen.index(text, self.seen)
-            before = self.screen[self.seen : end]
-            self.seen = end + len(text)
-        return before
-
-    def sync(self) -> bytes:
-        """Type PING; the screen before its reply (the echo of what was
-        typed, and what the server sent)."""
-        self.type(b"PING\r")
-        return self.expect(SYNC_REPLY)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(TIMEOUT)
-        os.close(self.master)
-        self.reader.join(TIMEOUT)
-
-    def __enter__(self) -> PtyTelnet:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def test_real_telnet_session_through_ctrl_c(
@@ -1723,6 +1532,7 @@ def test_slow_consumer_is_disconnected_others_unaffected(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Slow consumers: past the output limit, closed, name freed, logged."""
+    caplog.set_level(logging.INFO, logger="chat")
     running = start_server(output_limit=64 * 1024)
     try:
         slow = running.small_window_client()
@@ -1747,11 +1557,27 @@ def test_slow_consumer_is_disconnected_others_unaffected(
         # The server closed it: its stream ends, and holds a prefix of what
         # was sent, in order.
         stream = b"".join(b"RECEIVE sender " + message + b"\n" for message in sent)
-        got = slow.read_to_eof()
-        assert stream.startswith(got)
-        assert any("slow consumer" in record.getMessage() for record in caplog.records)
+        assert_cut_short(slow.read_to_eof(), stream)
+        log = "\n".join(record.getMessage() for record in caplog.records)
+        assert_closed_as_slow_consumers(log, [slow], 64 * 1024)
+        assert running.server.stats.disconnections["slow_consumer"] == 1
     finally:
         running.stop()
+
+
+def assert_closed_as_slow_consumers(log: str, clients: list[Client], limit: int) -> None:
+    """`log` says that each of `clients` passed the output limit `limit` and
+    was closed for it: the slow-consumer lines, not the output budget's
+    ("slow consumer: over the total output budget"). A connection is logged
+    as <fd N PEER 'name'>; its peer is the client's own address."""
+    for client in clients:
+        host, port = client.sock.getsockname()[:2]
+        who = re.escape(f" {host}:{port}") + r"(?: '[^']*')?>"
+        unsent = rf"{who} is a slow consumer: \d+ bytes unsent \(limit {limit}\); closing it$"
+        assert re.search(unsent, log, re.MULTILINE), f"no output-limit line for port {port}"
+        closed = rf"{who} disconnected: slow consumer$"
+        assert re.search(closed, log, re.MULTILINE), f"no slow-consumer close for port {port}"
+    assert "output budget" not in log
 
 
 def timed_sync(client: Client) -> tuple[list[bytes], float]:
@@ -1805,12 +1631,10 @@ def test_slow_consumer_is_dropped_without_slowing_the_others() -> None:
 
         # What the slow client gets before the end is a prefix of what it
         # was owed, cut where the server gave up on it.
-        received = slow.read_to_eof()
         owed = b"".join(line + b"\n" for line in stream)
-        assert owed.startswith(received)
-        assert len(received) < len(owed)
+        assert_cut_short(slow.read_to_eof(), owed)
 
-        assert "slow consumer" in server.finish()
+        assert_closed_as_slow_consumers(server.finish(), [slow], 1024 * 1024)
 
 
 def test_many_slow_consumers_and_several_senders_keep_one_order() -> None:
@@ -1877,11 +1701,8 @@ def test_many_slow_consumers_and_several_senders_keep_one_order() -> None:
 
         owed = b"".join(line + b"\n" for line in order)
         for client in slow:
-            received = client.read_to_eof()
-            assert owed.startswith(received)
-            assert len(received) < len(owed)
-        assert "slow consumer" in server.log.text()
-        server.finish()
+            assert_cut_short(client.read_to_eof(), owed)
+        assert_closed_as_slow_consumers(server.finish(), slow, output_limit)
 
 
 # --- Fairness ----------------------------------------------------------------
@@ -1891,44 +1712,41 @@ def test_a_turn_processes_a_bounded_share_of_each_connections_lines() -> None:
     """Fairness: the server processes a bounded number of each connection's
     lines per loop turn (LINES_PER_TURN), the rest in later turns, in order."""
     clock = FakeClock()
-    server = chat.ChatServer("127.0.0.1", 0, clock=clock)
-    try:
-        with (
-            socket.create_connection(server.address, timeout=TIMEOUT) as flooder,
-            socket.create_connection(server.address, timeout=TIMEOUT) as watcher,
-        ):
-            watcher.sendall(username("watcher"))
-            flooder.sendall(username("flooder"))
-            for _ in range(3):
-                server.run_once(max_wait=0.1)
-            total = 3 * chat.LINES_PER_TURN + 7
-            flooder.sendall(b"".join(send_line(f"m{i}") for i in range(total)))
-            received = b""
+    with (
+        in_process(clock=clock) as server,
+        socket.create_connection(server.address, timeout=TIMEOUT) as flooder,
+        socket.create_connection(server.address, timeout=TIMEOUT) as watcher,
+    ):
+        watcher.sendall(username("watcher"))
+        flooder.sendall(username("flooder"))
+        for _ in range(3):
+            server.run_once(max_wait=0.1)
+        total = 3 * chat.LINES_PER_TURN + 7
+        flooder.sendall(b"".join(send_line(f"m{i}") for i in range(total)))
+        received = b""
 
-            def one_turn_delivers(expected: int) -> None:
-                """One turn, then exactly `expected` lines in all so far."""
-                nonlocal received
-                server.run_once(max_wait=TIMEOUT)
-                while received.count(b"\n") < expected:
-                    received += watcher.recv(1 << 20)
-                # Nothing more: the server has not run since.
-                watcher.setblocking(False)
-                with pytest.raises(BlockingIOError):
-                    received += watcher.recv(1 << 20)
-                watcher.settimeout(TIMEOUT)
-                assert received.count(b"\n") == expected
-
-            # The first turn reads the whole burst (one recv) but processes
-            # only its share; each later turn one more share.
-            for turn in (1, 2, 3):
-                one_turn_delivers(turn * chat.LINES_PER_TURN)
+        def one_turn_delivers(expected: int) -> None:
+            """One turn, then exactly `expected` lines in all so far."""
+            nonlocal received
             server.run_once(max_wait=TIMEOUT)
-            watcher.settimeout(TIMEOUT)
-            while received.count(b"\n") < total:
+            while received.count(b"\n") < expected:
                 received += watcher.recv(1 << 20)
-            assert received.split(b"\n")[:-1] == [receive("flooder", f"m{i}") for i in range(total)]
-    finally:
-        server.close()
+            # Nothing more: the server has not run since.
+            watcher.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                received += watcher.recv(1 << 20)
+            watcher.settimeout(TIMEOUT)
+            assert received.count(b"\n") == expected
+
+        # The first turn reads the whole burst (one recv) but processes
+        # only its share; each later turn one more share.
+        for turn in (1, 2, 3):
+            one_turn_delivers(turn * chat.LINES_PER_TURN)
+        server.run_once(max_wait=TIMEOUT)
+        watcher.settimeout(TIMEOUT)
+        while received.count(b"\n") < total:
+            received += watcher.recv(1 << 20)
+        assert received.split(b"\n")[:-1] == [receive("flooder", f"m{i}") for i in range(total)]
 
 
 class Reader(threading.Thread):
@@ -2187,8 +2005,7 @@ def test_accept_pauses_for_exactly_accept_pause_after_emfile() -> None:
     """Limits and failures: running out of descriptors pauses accepting for
     ACCEPT_PAUSE on the reactor's clock (no spin), then resumes."""
     clock = FakeClock()
-    server = chat.ChatServer("127.0.0.1", 0, clock=clock)
-    try:
+    with in_process(clock=clock) as server:
         listener = FailingListener(server.view.listeners[0].sock)
         server.view.listeners[0].sock = listener  # type: ignore[assignment]
         with socket.create_connection(server.address, timeout=TIMEOUT) as client:
@@ -2211,8 +2028,6 @@ def test_accept_pauses_for_exactly_accept_pause_after_emfile() -> None:
             for _ in range(10):
                 server.run_once(max_wait=0.1)
             assert client.recv(100) == b"ERROR Unrecognised command.\n"
-    finally:
-        server.close()
 
 
 # --- End of input from a client ----------------------------------------------
@@ -2392,748 +2207,10 @@ def test_connect_reset_cycles_leak_no_descriptors() -> None:
 
 
 # ============================================================================
-# TLS
+# TLS; Monitoring
 # ============================================================================
-# Certificates: the `tls_files` fixture (conftest.py), made with openssl.
-
-
-def tls_config(files: TLSFiles, **options: Any) -> TLSConfig:
-    return TLSConfig(0, str(files.cert), str(files.key), **options)
-
-
-@pytest.fixture
-def tls_server(tls_files: TLSFiles) -> Iterator[RunningServer]:
-    running = start_server(tls=tls_config(tls_files))
-    yield running
-    running.stop()
-
-
-def tls_port(running: RunningServer) -> int:
-    address = running.server.tls_address
-    assert address is not None
-    return address[1]
-
-
-class BioClient:
-    """A TLS client that decides what goes into each packet: an SSLObject
-    over memory BIOs, on a blocking socket with a timeout. It verifies
-    nothing (these tests are about the server's I/O, not about trust)."""
-
-    def __init__(self, address: tuple[str, int], receive_buffer: int | None = None) -> None:
-        self.raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if receive_buffer is not None:
-            self.raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-        self.raw.settimeout(TIMEOUT)
-        self.raw.connect(address)
-        self.incoming = ssl.MemoryBIO()
-        self.outgoing = ssl.MemoryBIO()
-        self.tls = client_context().wrap_bio(self.incoming, self.outgoing)
-
-    def start_handshake(self) -> None:
-        """Send the ClientHello, and read nothing."""
-        with contextlib.suppress(ssl.SSLWantReadError):
-            self.tls.do_handshake()
-        self.raw.sendall(self.outgoing.read())
-
-    def finish_handshake(self) -> None:
-        while True:
-            try:
-                self.tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                if self.outgoing.pending:
-                    self.raw.sendall(self.outgoing.read())
-                self._receive()
-        if self.outgoing.pending:
-            self.raw.sendall(self.outgoing.read())
-
-    def send(self, data: bytes, *, close_notify: bool = False) -> None:
-        """`data`, and maybe close_notify after it, in one sendall."""
-        self.tls.write(data)
-        if close_notify:
-            with contextlib.suppress(ssl.SSLWantReadError):
-                self.tls.unwrap()
-        self.raw.sendall(self.outgoing.read())
-
-    def read_to_eof(self) -> bytes:
-        data = b""
-        while True:
-            try:
-                piece = self.tls.read(65536)
-                if not piece:  # close_notify
-                    return data
-                data += piece
-            except ssl.SSLWantReadError:
-                if not self._receive():
-                    return data
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return data
-
-    def _receive(self) -> bool:
-        chunk = self.raw.recv(65536)
-        if chunk:
-            self.incoming.write(chunk)
-        else:
-            self.incoming.write_eof()
-        return bool(chunk)
-
-    def close(self) -> None:
-        self.raw.close()
-
-
-def pump(server: chat.ChatServer, until: Callable[[], bool], what: str) -> None:
-    """Run `server`'s turns in this thread until `until()`, for at most TIMEOUT."""
-    deadline = time.monotonic() + TIMEOUT
-    while not until():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        server.run_once(max_wait=0.01)
-
-
-def only_connection(server: chat.ChatServer) -> chat.Connection:
-    found = server.view.connections()
-    assert len(found) == 1, found
-    return found[0]
-
-
-def test_tls_seed_session_one(tls_server: RunningServer) -> None:
-    """TLS: README session one, byte for byte, over TLS (everything else holds on the TLS port)."""
-    seed_session_one(tls_server.tls_client())
-
-
-def test_tls_seed_session_two(tls_server: RunningServer) -> None:
-    """TLS: README session two, byte for byte, both users over TLS."""
-    seed_session_two(tls_server.tls_client(), tls_server.tls_client())
-
-
-@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
-def test_tls_and_plain_users_share_one_room(
-    tls_server: RunningServer, version: ssl.TLSVersion
-) -> None:
-    """TLS: same room: a TLS user's message reaches plain users and back (TLS 1.2 and 1.3)."""
-    context = client_context(*TLSClient.trusted)
-    context.maximum_version = version
-    raw = socket.create_connection(("127.0.0.1", tls_port(tls_server)), timeout=TIMEOUT)
-    secure = tls_server.client()  # replaced by a TLS socket with that version
-    secure.sock.close()
-    secure.sock = context.wrap_socket(raw, server_hostname="localhost")
-    assert isinstance(secure.sock, ssl.SSLSocket)
-    assert secure.sock.version() == version.name.replace("v1_", "v1.")
-    secure.register("secure")
-    plain = tls_server.member("plain")
-    other = tls_server.tls_client()
-    other.register("other")
-    secure.send(b"SEND from tls\n")
-    assert secure.sync() == []
-    assert plain.sync() == [receive("secure", "from tls")]
-    assert other.sync() == [receive("secure", "from tls")]
-    plain.send(b"SEND from plain\n")
-    assert plain.sync() == []
-    assert secure.sync() == [receive("plain", "from plain")]
-    assert other.sync() == [receive("plain", "from plain")]
-
-
-def test_openssl_s_client_session(tls_server: RunningServer, tls_files: TLSFiles) -> None:
-    """TLS: a real `openssl s_client -quiet` session (certificate verified), with a plain user."""
-    port = tls_port(tls_server)
-    command = ["openssl", "s_client", "-quiet", "-connect", f"127.0.0.1:{port}"]
-    command += ["-CAfile", str(tls_files.cert), "-verify_return_error"]
-    teixe = Netcat(port, command)
-    try:
-        teixe.type(b"USERNAME teixe\n")
-        assert teixe.sync() == []
-        jeff = tls_server.member("jeff")
-        teixe.type(b"SEND hi\n")
-        assert teixe.sync() == []
-        assert jeff.sync() == [b"RECEIVE teixe hi"]
-        jeff.send(b"SEND bye\n")
-        assert jeff.sync() == []
-        assert teixe.sync() == [b"RECEIVE jeff bye"]
-    finally:
-        teixe.kill()
-
-
-def test_ncat_ssl_session(tls_server: RunningServer) -> None:
-    """TLS: a real `ncat --ssl` session, to the end of its input and exit 0."""
-    port = tls_port(tls_server)
-    teixe = Netcat(port, ["ncat", "--ssl", "127.0.0.1", str(port)])
-    try:
-        teixe.type(b"USERNAME teixe\n")
-        assert teixe.sync() == []
-        jeff = tls_server.member("jeff")
-        teixe.type(b"SEND hi\n")
-        assert teixe.sync() == []
-        assert jeff.sync() == [b"RECEIVE teixe hi"]
-        jeff.send(b"SEND bye\n")
-        assert jeff.sync() == []
-        assert teixe.sync() == [b"RECEIVE jeff bye"]
-        sync = SYNC_REPLY + b"\n"
-        assert teixe.finish() == 2 * sync + b"RECEIVE jeff bye\n" + sync
-        take_name_within(jeff, "teixe", TIMEOUT)  # its end of input freed the name
-    finally:
-        teixe.kill()
-
-
-@pytest.mark.parametrize(
-    "first_bytes",
-    [
-        b"USERNAME lost\nSEND hello\n",
-        b"GET / HTTP/1.0\r\n\r\n",
-        b"\x16\x03\x01\x00\x10" + bytes(16),  # a handshake record of zeros
-    ],
-    ids=["plain-client", "http", "bad-record"],
-)
-def test_failed_handshake_closes_that_connection_only(
-    tls_server: RunningServer, first_bytes: bytes, caplog: pytest.LogCaptureFixture
-) -> None:
-    """TLS: a failed handshake (plain client on the TLS port, bad record): closed alone, logged."""
-    caplog.set_level(logging.INFO, logger="chat")
-    secure = tls_server.tls_client()
-    secure.register("secure")
-    plain = tls_server.member("plain")
-    wrong = Client(("127.0.0.1", tls_port(tls_server)))
-    tls_server.clients.append(wrong)
-    wrong.send(first_bytes)
-    answer = wrong.read_to_eof()  # closed: at most a TLS alert, never a chat line
-    assert b"ERROR" not in answer and b"RECEIVE" not in answer
-    stats = tls_server.server.stats
-    poll("the failure to be counted", lambda: stats.disconnections["tls_handshake"] == 1)
-    assert any("TLS handshake failed" in record.getMessage() for record in caplog.records)
-    secure.send(b"SEND still here\n")
-    assert secure.sync() == []
-    assert plain.sync() == [receive("secure", "still here")]
-    plain.send(b"SEND and here\n")
-    assert plain.sync() == []
-    assert secure.sync() == [receive("plain", "and here")]
-
-
-def test_stalled_handshake_is_closed_at_the_deadline(tls_files: TLSFiles) -> None:
-    """TLS: a handshake not finished within 10 s closes that connection (the reactor's timers)."""
-    clock = FakeClock()
-    server = chat.ChatServer("127.0.0.1", 0, tls=tls_config(tls_files), clock=clock)
-    try:
-        stalled = BioClient(("127.0.0.1", tls_port_of(server)))
-        hello = ssl.MemoryBIO()
-        probe = client_context().wrap_bio(ssl.MemoryBIO(), hello)
-        with contextlib.suppress(ssl.SSLWantReadError):
-            probe.do_handshake()
-        stalled.raw.sendall(hello.read()[:40])  # the start of a ClientHello, then nothing
-        pump(server, lambda: server.open_count == 1, "the connection to be accepted")
-        server.run_once(max_wait=0.05)
-        clock.advance(9.9)
-        server.run_once(max_wait=0)
-        assert server.open_count == 1
-        clock.advance(0.1)
-        server.run_once(max_wait=0)
-        assert server.open_count == 0
-        assert server.stats.disconnections["tls_handshake"] == 1
-        assert stalled.raw.recv(100) == b""
-        stalled.close()
-    finally:
-        server.close()
-
-
-def tls_port_of(server: chat.ChatServer) -> int:
-    address = server.tls_address
-    assert address is not None
-    return address[1]
-
-
-def test_register_timeout_includes_the_handshake(tls_files: TLSFiles) -> None:
-    """Unregistered connections: on the TLS port the handshake is part of --register-timeout."""
-    clock = FakeClock()
-    server = chat.ChatServer(
-        "127.0.0.1", 0, tls=tls_config(tls_files), clock=clock, register_timeout=5
-    )
-    try:
-        client = BioClient(("127.0.0.1", tls_port_of(server)))
-        pump(server, lambda: server.open_count == 1, "the connection to be accepted")
-        clock.advance(4)  # the handshake starts 4 s after the accept...
-        client.start_handshake()
-        with ThreadPoolExecutor(1) as pool:
-            done = pool.submit(client.finish_handshake)
-            pump(server, done.done, "the handshake")
-            done.result()
-        clock.advance(0.9)  # ...so 5 s after the accept, not after the handshake,
-        server.run_once(max_wait=0)
-        assert server.open_count == 1
-        clock.advance(0.1)  # ...it is told and closed
-        server.run_once(max_wait=0)
-        assert client.read_to_eof() == TIMED_OUT_WAITING + b"\n"
-        assert server.stats.disconnections["registration_timeout"] == 1
-        client.close()
-    finally:
-        server.close()
-
-
-@pytest.mark.parametrize("read_size", [chat.READ_SIZE, 5000], ids=["READ_SIZE", "5000"])
-def test_tls_burst_beyond_one_read_is_processed_without_more_input(
-    tls_files: TLSFiles, read_size: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """TLS, fairness: a 300 KB burst, all in the kernel at once, all relayed, nothing after it."""
-    # The trap: a read bounded by READ_SIZE stops with decrypted or whole
-    # records left in the transport, maybe with the kernel empty, and
-    # select does not say they are there. The server runs in this thread
-    # only while the test says, so the whole burst waits in the kernel
-    # before it reads any. With reads of 5000 bytes (less than a TLS
-    # record's 16 KiB) every read stops so, the last one included; with
-    # READ_SIZE it depends on where records fall (it stalled 1 run in 10
-    # before the fix).
-    monkeypatch.setattr(chat, "READ_SIZE", read_size)
-    server = chat.ChatServer("127.0.0.1", 0, tls=tls_config(tls_files))
-    address = ("127.0.0.1", tls_port_of(server))
-    messages = [b"%05d " % index + b"x" * 94 for index in range(3000)]
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            clients = [pool.submit(TLSClient, address) for _ in range(2)]
-            pump(server, lambda: all(client.done() for client in clients), "the handshakes")
-            sender, reader = (client.result() for client in clients)
-            for client, name in ((sender, "sender"), (reader, "reader")):
-                done = pool.submit(client.register, name)
-                pump(server, done.done, "a name")
-                done.result()
-            pool.submit(sender.send, sends(messages)).result(TIMEOUT)
-            relayed = pool.submit(reader.lines, len(messages))
-            pump(server, relayed.done, "every line relayed")
-            assert relayed.result() == receives("sender", messages)
-            sender.close()
-            reader.close()
-    finally:
-        server.close()
-
-
-def test_tls_input_left_behind_a_long_backlog_is_read_without_more_input(
-    tls_files: TLSFiles,
-) -> None:
-    """TLS, fairness: 300,000 blank lines, then a SEND, in one burst: the SEND is relayed."""
-    # One read of blank lines queues far more than LINES_PER_TURN, so the
-    # connection is not read again until they are processed; by then the
-    # rest of the burst is decrypted in the transport and the kernel is
-    # empty, and no event will come: only the read-again list brings it back.
-    server = chat.ChatServer("127.0.0.1", 0, tls=tls_config(tls_files))
-    address = ("127.0.0.1", tls_port_of(server))
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            clients = [pool.submit(TLSClient, address) for _ in range(2)]
-            pump(server, lambda: all(client.done() for client in clients), "the handshakes")
-            sender, reader = (client.result() for client in clients)
-            for client, name in ((sender, "sender"), (reader, "reader")):
-                done = pool.submit(client.register, name)
-                pump(server, done.done, "a name")
-                done.result()
-            pool.submit(sender.send, b"\n" * 300_000 + b"SEND done\n").result(TIMEOUT)
-            relayed = pool.submit(reader.lines, 1)
-            pump(server, relayed.done, "the line after the blank ones")
-            assert relayed.result() == receives("sender", [b"done"])
-            sender.close()
-            reader.close()
-    finally:
-        server.close()
-
-
-def test_tls_end_of_input_with_the_last_lines_in_one_packet(tls_server: RunningServer) -> None:
-    """End of input over TLS: close_notify with the last lines, TCP open: processed, then closed."""
-    reader = tls_server.member("reader")
-    claimant = tls_server.client()
-    client = BioClient(("127.0.0.1", tls_port(tls_server)))
-    try:
-        client.start_handshake()
-        client.finish_handshake()
-        # Decrypted in one read: the end of input stays in the transport,
-        # where select cannot see it, with nothing more to come.
-        client.send(b"USERNAME last\nSEND bye\nSEND unterminated", close_notify=True)
-        assert reader.lines(2) == [receive("last", "bye"), receive("last", "unterminated")]
-        take_name_within(claimant, "last", TIMEOUT)  # freed: the end of input was seen
-        # (What the server says after close_notify an OpenSSL client refuses
-        # to read: "application data after close notify". Clients that want
-        # the answers end with a TCP half-close instead, as ncat does.)
-        while client.raw.recv(65536):
-            pass  # closed by the server, within the socket's timeout
-    finally:
-        client.close()
-    assert tls_server.server.stats.disconnections["client_closed"] == 1
-
-
-def test_tls_output_the_kernel_cannot_take_waits_in_order(tls_files: TLSFiles) -> None:
-    """TLS: output waiting for the socket (ciphertext and plaintext) arrives whole and in order."""
-    running = start_server(tls=tls_config(tls_files), output_limit=16 << 20)
-    try:
-        slow = running.tls_client(receive_buffer=4096)
-        slow.register("slow")
-        sender = running.member("sender")
-        messages = [b"%05d " % index + b"y" * 2000 for index in range(1500)]  # 3 MB
-        sender.send(sends(messages))
-        assert sender.sync() == []
-        assert running.server.unsent > 0  # the server holds some of it
-        assert slow.lines(len(messages)) == receives("sender", messages)
-        assert slow.sync() == []
-        poll("the output to drain", lambda: running.server.unsent == 0)
-    finally:
-        running.stop()
-
-
-def test_a_read_that_must_write_switches_interest_to_writing(
-    tls_files: TLSFiles, tmp_path: Path
-) -> None:
-    """TLS: a handshake reply the socket cannot take waits for writability (read wants write)."""
-    # A reply bigger than the kernel takes: a certificate message of ~60 KB
-    # (the leaf, then 150 more certificates: clients take up to 100 KB) and
-    # a small send buffer on the listener, which accepted sockets inherit.
-    chain = tmp_path / "chain.pem"
-    chain.write_text(tls_files.cert.read_text() + tls_files.other_cert.read_text() * 150)
-    clock = FakeClock()
-    config = TLSConfig(0, str(chain), str(tls_files.key))
-    server = chat.ChatServer("127.0.0.1", 0, tls=config, clock=clock)
-    try:
-        tls_listener = server.view.tls_listener
-        assert tls_listener is not None
-        tls_listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        client = BioClient(("127.0.0.1", tls_port_of(server)), receive_buffer=4096)
-        client.start_handshake()  # and read nothing yet
-        pump(server, lambda: server.open_count == 1, "the connection to be accepted")
-        conn = only_connection(server)
-        tls = conn.sock
-        assert isinstance(tls, TLSTransport)
-
-        def watched() -> int:
-            return server.view.events(conn)
-
-        pump(server, lambda: watched() & EVENT_WRITE != 0, "write interest")
-        assert tls.wants_write and not conn.out
-        with ThreadPoolExecutor(1) as pool:
-            done: Future[None] = pool.submit(client.finish_handshake)
-            pump(server, done.done, "the handshake")
-            done.result()
-            pump(server, lambda: watched() == EVENT_READ, "reading only again")
-            done = pool.submit(client.send, b"USERNAME big\nPING\n")
-            pump(server, done.done, "the lines to be sent")
-            reply: Future[bytes] = pool.submit(client.read_to_eof)
-            pump(server, lambda: server.stats.bytes_sent > 0, "the reply")
-            server.close()  # the end of what `reply` reads
-            assert reply.result(TIMEOUT) == UNRECOGNISED + b"\n"
-        client.close()
-    finally:
-        server.close()
-
-
-def test_sighup_reloads_the_certificate_for_new_connections(
-    tls_files: TLSFiles, tmp_path: Path
-) -> None:
-    """TLS: SIGHUP reloads the certificate and key for new connections; open ones carry on."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.write_bytes(tls_files.cert.read_bytes())
-    key.write_bytes(tls_files.key.read_bytes())
-    with launch("--tls-port", "0", "--tls-cert", str(cert), "--tls-key", str(key)) as server:
-        old = server.tls_client()
-        old.register("old")
-        assert old.peer_certificate() == certificate_der(tls_files.cert)
-        cert.write_bytes(tls_files.other_cert.read_bytes())  # renewed
-        key.write_bytes(tls_files.other_key.read_bytes())
-        server.process.send_signal(signal.SIGHUP)
-        poll("the reload", lambda: "reloaded the TLS certificate" in server.log.text())
-        new = server.tls_client()
-        new.register("new")
-        assert new.peer_certificate() == certificate_der(tls_files.other_cert)
-        old.send(b"SEND still here\n")
-        assert old.sync() == []
-        assert new.sync() == [receive("old", "still here")]
-        new.send(b"SEND hello\n")
-        assert new.sync() == []
-        assert old.sync() == [receive("new", "hello")]
-        server.finish()
-
-
-@pytest.mark.parametrize("breakage", ["mismatched", "missing", "not-pem"])
-def test_sighup_with_broken_files_keeps_the_old_certificate(
-    tls_files: TLSFiles, tmp_path: Path, breakage: str
-) -> None:
-    """TLS: SIGHUP with unreadable or mismatched files keeps the old certificate, logs an error."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.write_bytes(tls_files.cert.read_bytes())
-    key.write_bytes(tls_files.key.read_bytes())
-    with launch("--tls-port", "0", "--tls-cert", str(cert), "--tls-key", str(key)) as server:
-        old = server.tls_client()
-        old.register("old")
-        if breakage == "mismatched":
-            cert.write_bytes(tls_files.other_cert.read_bytes())  # the key is not its key
-        elif breakage == "missing":
-            key.unlink()
-        else:
-            key.write_text("not a key\n")
-        server.process.send_signal(signal.SIGHUP)
-        poll("the error", lambda: "cannot reload the TLS certificate" in server.log.text())
-        assert "ERROR cannot reload the TLS certificate" in server.log.text()
-        new = server.tls_client()
-        new.register("new")
-        assert new.peer_certificate() == certificate_der(tls_files.cert)
-        old.send(b"SEND still here\n")
-        assert old.sync() == []
-        assert new.sync() == [receive("old", "still here")]
-        server.finish()
-
-
-def test_sighup_without_tls_is_logged_and_ignored() -> None:
-    """TLS: without TLS, SIGHUP is ignored (logged); the server carries on."""
-    with launch() as server:
-        alice = server.member("alice")
-        server.process.send_signal(signal.SIGHUP)
-        poll("the log line", lambda: "SIGHUP ignored" in server.log.text())
-        bob = server.member("bob")
-        alice.send(b"SEND hi\n")
-        assert alice.sync() == []
-        assert bob.sync() == [receive("alice", "hi")]
-        server.finish()
-
-
-@pytest.mark.parametrize("limit", ["output_limit", "output_budget"])
-def test_tls_slow_consumer_is_disconnected_others_unaffected(
-    tls_files: TLSFiles, limit: str
-) -> None:
-    """Slow consumers, output budget on the TLS port: closed, name freed, the rest unaffected."""
-    reason = {"output_limit": "slow_consumer", "output_budget": "memory_budget"}[limit]
-    options: dict[str, Any] = {limit: 64 * 1024}
-    running = start_server(tls=tls_config(tls_files), **options)
-    try:
-        slow = running.tls_client(receive_buffer=4096)
-        slow.register("slow")  # and from now on it never reads
-        sender = running.tls_client()
-        sender.register("sender")
-        fast = running.member("fast")
-        claimant = running.tls_client()
-        sent: list[bytes] = []
-        deadline = time.monotonic() + 30
-        while True:
-            batch = [b"%06d " % (len(sent) + index) + b"z" * 2000 for index in range(16)]
-            sender.send(sends(batch))
-            assert sender.sync() == []
-            assert fast.sync() == receives("sender", batch)
-            sent += batch
-            claimant.send(username("slow"))
-            reply = claimant.sync()
-            if reply == []:
-                break  # the slow consumer is gone and its name is free
-            assert reply == [NAME_TAKEN]
-            assert time.monotonic() < deadline, "the slow consumer was never disconnected"
-        stream = b"".join(line + b"\n" for line in receives("sender", sent))
-        assert stream.startswith(slow.read_to_eof())
-        assert running.server.stats.disconnections[reason] == 1
-    finally:
-        running.stop()
-
-
-def test_tls_options_are_explained_and_checked(tls_files: TLSFiles) -> None:
-    """The program: --help has a "TLS" group; incomplete options, a bad key: one line, exit 2."""
-    text = run_chat("--help").stdout.decode()
-    assert "TLS:" in text
-    for option in ("--tls-port", "--tls-cert", "--tls-key", "SIGHUP"):
-        assert option in text
-    incomplete = run_chat("0", "--tls-port", "0")
-    assert incomplete.returncode == 2
-    assert b"--tls-cert" in incomplete.stderr and incomplete.stderr.count(b"\n") == 1
-    mismatched = run_chat(
-        *("0", "--host", "127.0.0.1", "--tls-port", "0"),
-        *("--tls-cert", str(tls_files.cert), "--tls-key", str(tls_files.other_key)),
-    )
-    assert mismatched.returncode == 2
-    assert mismatched.stderr.startswith(b"chat.py: cannot load the TLS certificate: ")
-    assert mismatched.stderr.count(b"\n") == 1
-    missing = tls_files.key.with_name("missing.pem")
-    unreadable = run_chat(
-        *("0", "--host", "127.0.0.1", "--tls-port", "0"),
-        *("--tls-cert", str(tls_files.cert), "--tls-key", str(missing)),
-    )
-    assert unreadable.returncode == 2
-    assert (
-        unreadable.stderr
-        == (
-            f"chat.py: cannot load the TLS certificate: {missing}: No such file or directory\n"
-        ).encode()
-    )
-
-
-# ============================================================================
-# Monitoring
-# ============================================================================
-
-
-def scrape(address: tuple[str, int], request: bytes = b"GET /metrics HTTP/1.1\r\n\r\n") -> bytes:
-    """One HTTP request to the metrics port; the whole answer."""
-    with socket.create_connection(address, timeout=TIMEOUT) as sock:
-        sock.sendall(request)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-    return answer
-
-
-METRIC_LINE: Final = re.compile(r'^([a-z_]+)(?:\{reason="([a-z_]+)"\})? (\d+(?:\.\d+)?)$')
-
-
-def parse_metrics(answer: bytes) -> dict[str, float]:
-    """The samples of a Prometheus text answer, by `name` or `name{reason}`;
-    fails unless every metric has HELP and TYPE lines before its samples."""
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
-    assert b"Content-Type: text/plain; version=0.0.4" in head
-    samples: dict[str, float] = {}
-    described: dict[str, set[str]] = {}
-    for line in body.decode().splitlines():
-        if line.startswith("# "):
-            kind, name, _ = line[2:].split(" ", 2)
-            described.setdefault(name, set()).add(kind)
-            continue
-        found = METRIC_LINE.match(line)
-        assert found, f"not a sample line: {line!r}"
-        name, reason, value = found.groups()
-        assert described.get(name) == {"HELP", "TYPE"}, f"{name} has no HELP and TYPE"
-        samples[f"{name}{{{reason}}}" if reason else name] = float(value)
-    return samples
-
-
-CONTRACT_METRICS: Final = (
-    "chat_connections_open",
-    "chat_members",
-    "chat_connections_accepted_total",
-    "chat_messages_total",
-    "chat_deliveries_total",
-    "chat_bytes_sent_total",
-    "chat_unsent_bytes",
-)
-# Spelled from PROTOCOL.md, not taken from metrics.py, so that a label
-# missing or misspelled there fails here.
-DISCONNECTION_REASONS: Final = (
-    "client_closed",
-    "reset",
-    "slow_consumer",
-    "memory_budget",
-    "timed_out",
-    "registration_timeout",
-    "per_address",
-    "server_full",
-    "tls_handshake",
-    "server_shutdown",
-    "internal_error",
-)
-
-
-@pytest.fixture
-def monitored() -> Iterator[RunningServer]:
-    running = start_server(metrics_address=("127.0.0.1", 0), max_clients=3)
-    yield running
-    running.stop()
-
-
-def metrics_of(running: RunningServer) -> dict[str, float]:
-    assert running.server.metrics is not None
-    return parse_metrics(scrape(running.server.metrics.address))
-
-
-def test_metrics_has_every_metric_of_the_contract(monitored: RunningServer) -> None:
-    """Monitoring: GET /metrics lists every metric, with # HELP and # TYPE."""
-    samples = metrics_of(monitored)
-    for name in CONTRACT_METRICS:
-        assert name in samples
-    for reason in ("server_full", "per_address"):
-        assert samples[f"chat_connections_refused_total{{{reason}}}"] == 0
-    for reason in DISCONNECTION_REASONS:
-        assert samples[f"chat_disconnections_total{{{reason}}}"] == 0
-    assert "chat_redis_up" not in samples  # cluster mode only
-
-
-def test_metrics_count_what_happens(monitored: RunningServer) -> None:
-    """Monitoring: connections, members, messages, deliveries, bytes and
-    disconnections are counted where they happen."""
-    alice, bob = monitored.member("alice"), monitored.member("bob")
-    anonymous = monitored.client()
-    alice.send(send_line("one") + send_line("two"))
-    assert alice.sync() == []
-    assert bob.sync() == [receive("alice", "one"), receive("alice", "two")]
-    refused = monitored.client()  # the fourth: over max_clients
-    assert refused.read_to_eof() == SERVER_FULL + b"\n"
-    anonymous.close()
-    poll(
-        "the closed connection to be counted",
-        lambda: metrics_of(monitored)["chat_connections_open"] == 2,
-    )
-    samples = metrics_of(monitored)
-    assert samples["chat_members"] == 2
-    assert samples["chat_connections_accepted_total"] == 3
-    assert samples["chat_messages_total"] == 2
-    assert samples["chat_deliveries_total"] == 2  # each to bob only
-    # Four replies to PING (two syncs each), two RECEIVE lines, the refusal.
-    replies = 4 * len(SYNC_REPLY + b"\n")
-    lines = len(receive("alice", "one") + receive("alice", "two")) + 2
-    assert samples["chat_bytes_sent_total"] == replies + lines + len(SERVER_FULL + b"\n")
-    assert samples["chat_unsent_bytes"] == 0
-    assert samples["chat_connections_refused_total{server_full}"] == 1
-    assert samples["chat_disconnections_total{server_full}"] == 1
-    assert samples["chat_disconnections_total{client_closed}"] == 1
-
-
-def test_metrics_other_requests_get_404(monitored: RunningServer) -> None:
-    """Monitoring: any other request gets a 404; a bad one does not touch the chat."""
-    assert monitored.server.metrics is not None
-    address = monitored.server.metrics.address
-    alice = monitored.member("alice")
-    for request in (
-        b"GET / HTTP/1.1\r\n\r\n",
-        b"POST /metrics HTTP/1.1\r\n\r\n",
-        b"\xff\xfe garbage\n\n",
-        b"GET /metrics" + b"x" * 10_000,  # no end of head within the bound
-    ):
-        assert scrape(address, request).startswith(b"HTTP/1.1 404 Not Found\r\n")
-    assert alice.sync() == []
-
-
-def test_a_slow_metrics_client_is_dropped_at_its_deadline_and_never_blocks_the_chat() -> None:
-    """Monitoring: a slow HTTP client never affects the chat; it is closed
-    at its deadline (on the reactor's clock)."""
-    clock = FakeClock()
-    server = chat.ChatServer("127.0.0.1", 0, clock=clock, metrics_address=("127.0.0.1", 0))
-    try:
-        assert server.metrics is not None
-        with socket.create_connection(server.metrics.address, timeout=TIMEOUT) as slow:
-            slow.sendall(b"GET /metr")  # and nothing more
-            client = Pumped(server)
-            assert client.sync() == []  # the chat goes on meanwhile
-            clock.advance(metrics.REQUEST_DEADLINE)
-            server.run_once(max_wait=0)
-            slow.settimeout(TIMEOUT)
-            assert slow.recv(100) == b""  # closed, unanswered
-    finally:
-        server.close()
-
-
-def test_metrics_with_curl_as_in_the_readme() -> None:
-    """Monitoring: `--metrics-port` on 127.0.0.1 by default, read with curl."""
-    curl = shutil.which("curl")
-    if curl is None:
-        if os.environ.get("CI"):
-            pytest.fail("curl is missing")
-        pytest.skip("curl is not installed")
-    with launch("--metrics-port", "0") as running:
-        running.member("alice")
-        found = poll_log(running, re.compile(r"metrics at http://127\.0\.0\.1:(\d+)/metrics"))
-        result = subprocess.run(
-            [curl, "-s", "-i", f"http://127.0.0.1:{found.group(1)}/metrics"],
-            capture_output=True,
-            timeout=TIMEOUT,
-        )
-    samples = parse_metrics(result.stdout)
-    assert samples["chat_members"] == 1
-
-
-def poll_log(running: ServerProcess, pattern: re.Pattern[str]) -> re.Match[str]:
-    """Wait for a line matching `pattern` in the server's log."""
-    found: list[re.Match[str]] = []
-
-    def seen() -> bool:
-        match = pattern.search(running.log.text())
-        if match:
-            found.append(match)
-        return match is not None
-
-    poll(f"{pattern.pattern!r} in the log", seen)
-    return found[0]
+# In test_tls.py (the transport against fakes, then the TLS port) and
+# test_metrics.py (the text and the HTTP answers, then the metrics port).
 
 
 # ============================================================================
@@ -3211,13 +2288,10 @@ def test_closing_a_server_twice_is_harmless() -> None:
 
 def test_a_wake_up_is_drained_so_the_loop_waits_again() -> None:
     """One loop: after a wake-up (what stop and SIGHUP do) select has nothing ready, so it waits."""
-    server = chat.ChatServer("127.0.0.1", 0)
-    try:
+    with in_process() as server:
         server.reload_tls()  # without TLS: logged and ignored, but it wakes the loop
         server.run_once(max_wait=TIMEOUT)
         assert server.view.ready_now() == []  # the wake-up socket would spin it
-    finally:
-        server.close()
 
 
 # --- Timers: one heap, one clock (a fake one here) ---------------------------
@@ -3483,782 +2557,14 @@ def test_bad_command_line(args: list[str], mention: str) -> None:
 # ============================================================================
 # Model-based and fuzz tests
 # ============================================================================
-# Model-based and byte-fuzz tests of the real server, over real sockets.
-#
-# A plain Python model of the room, written from PROTOCOL.md alone (it never
-# calls protocol.py), predicts every line each client must receive; the tests
-# drive a real in-process ChatServer and compare byte for byte. Every byte a
-# client writes is cut into random pieces, each sent with its own sendall.
-#
-# Ordering rests on one fact: the server answers each connection's lines in
-# order, so once the reply to a client's trailing `PING` (an unknown command)
-# has arrived, everything that client sent before it has been processed, and
-# every RECEIVE it caused has been handed to its recipients.
-
-
-# --- The model ---------------------------------------------------------------
-
-
-def model_key(name: str) -> str:
-    """What makes two names the same name (PROTOCOL.md, USERNAME)."""
-    return unicodedata.normalize("NFKC", name).casefold()
-
-
-def model_skeleton(text: str) -> str:
-    """UTS #39, section 4, as PROTOCOL.md words it: NFD, every character
-    through confusables.txt, NFD again."""
-    decomposed = unicodedata.normalize("NFD", text)
-    mapped = "".join(CONFUSABLES.get(char, char) for char in decomposed)
-    return unicodedata.normalize("NFD", mapped)
-
-
-def model_same_name(a: str, b: str) -> bool:
-    """PROTOCOL.md, USERNAME: the same key, or the same look as typed, or
-    keys that look the same."""
-    return (
-        model_key(a) == model_key(b)
-        or model_skeleton(a) == model_skeleton(b)
-        or model_skeleton(model_key(a)) == model_skeleton(model_key(b))
-    )
-
-
-def model_name_error(raw: bytes) -> bytes | None:
-    """The reply to `USERNAME <raw>` from the first failing row of the table
-    that does not depend on the room; None if the name is well-formed."""
-    if not raw:
-        return NAME_EMPTY
-    try:
-        name = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return NAME_INVALID
-    if any(char.isspace() for char in name):
-        return NAME_HAS_SPACES
-    if any(unicodedata.category(char) in ("Cc", "Cf") for char in name):
-        return NAME_INVALID
-    # Characters that show nothing (the strategies draw them from INVISIBLES),
-    # or a combining mark with nothing to sit on.
-    if any(char in INVISIBLES for char in name) or unicodedata.category(name[0]) in (
-        "Mn",
-        "Mc",
-        "Me",
-    ):
-        return NAME_INVALID
-    if len(name) > MAX_NAME:
-        return NAME_TOO_LONG
-    return None
-
-
-def model_message_error(raw: bytes) -> bytes | None:
-    """The reply to `SEND <raw>` from a named connection; None if relayed."""
-    if not raw:
-        return MESSAGE_EMPTY
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return MESSAGE_INVALID
-    if text.isspace():
-        return MESSAGE_EMPTY
-    if any(unicodedata.category(char) == "Cc" and char != "\t" for char in text):
-        return MESSAGE_INVALID
-    return None
-
-
-def model_lines(stream: bytes, *, at_eof: bool) -> list[bytes]:
-    """The lines of everything one connection sent, as PROTOCOL.md frames
-    them: split on "\\n", one "\\r" before it dropped; at end of input an
-    unterminated rest is a line too (its "\\r", not being before a "\\n",
-    stays). An over-long line stays whole here; `RoomModel.feed` answers it."""
-    *complete, rest = stream.split(b"\n")
-    lines = [line.removesuffix(b"\r") for line in complete]
-    if at_eof and rest:
-        lines.append(rest)
-    return lines
-
-
-# The lines the model and the fuzzer may see: "Server is full." and "Service
-# unavailable." are never provoked here.
-MODEL_ERRORS: Final = ERRORS - {SERVER_FULL, SERVICE_UNAVAILABLE}
-
-
-Output = tuple[int, bytes]  # (connection, line it must receive, without "\n")
-
-
-class RoomModel:
-    """The room as PROTOCOL.md describes it: who holds which name."""
-
-    def __init__(self) -> None:
-        self.names: dict[int, str] = {}  # connection -> name as typed
-
-    def holder(self, name: str, asking: int) -> int | None:
-        """Who else holds a name that counts as `name`."""
-        for who, held in self.names.items():
-            if who != asking and model_same_name(held, name):
-                return who
-        return None
-
-    def feed(self, who: int, line: bytes) -> list[Output]:
-        """What one line from `who` makes the server send, in order."""
-        if not line:
-            return []
-        if len(line) > MAX_LINE:
-            return [(who, LINE_TOO_LONG)]
-        verb, _, argument = line.partition(b" ")
-        if verb == b"USERNAME":
-            error = model_name_error(argument)
-            if error is not None:
-                return [(who, error)]
-            name = argument.decode("utf-8")
-            if self.holder(name, who) is not None:
-                return [(who, NAME_TAKEN)]
-            self.names[who] = name
-            return []
-        if verb == b"SEND":
-            sender = self.names.get(who)
-            if sender is None:
-                return [(who, NAME_REQUIRED)]
-            error = model_message_error(argument)
-            if error is not None:
-                return [(who, error)]
-            line = b"RECEIVE " + sender.encode("utf-8") + b" " + argument
-            return [(other, line) for other in self.names if other != who]
-        return [(who, UNRECOGNISED)]
-
-    def feed_stream(self, who: int, stream: bytes, *, at_eof: bool) -> list[Output]:
-        outputs: list[Output] = []
-        for line in model_lines(stream, at_eof=at_eof):
-            outputs += self.feed(who, line)
-        return outputs
-
-    def leave(self, who: int) -> None:
-        self.names.pop(who, None)
-
-
-def assert_contract_line(line: bytes) -> None:
-    """`line` (received, without its "\\n") is one the contract allows: an
-    exact ERROR line, or a RECEIVE with a valid name and message; valid
-    UTF-8 whose only control character may be a TAB inside a RECEIVE."""
-    text = line.decode("utf-8")  # raises on invalid UTF-8
-    if line.startswith(b"RECEIVE "):
-        # A valid name holds no whitespace, so the first space ends it.
-        name, space, message = line.removeprefix(b"RECEIVE ").partition(b" ")
-        assert space, line
-        assert model_name_error(name) is None, line
-        assert model_message_error(message) is None, line
-        allowed = "\t"
-    else:
-        assert line in MODEL_ERRORS, line
-        allowed = ""
-    controls = [char for char in text if unicodedata.category(char) == "Cc"]
-    assert all(char in allowed for char in controls), line
-
-
-# --- Socket helpers ----------------------------------------------------------
-
-
-def cut_points(size: int) -> st.SearchStrategy[list[int]]:
-    """Where to cut `size` bytes into pieces: not at all, at a few random
-    places, at every byte (short payloads) or every few bytes (long ones)."""
-    if size < 2:
-        return st.just([])
-    random_cuts = st.lists(st.integers(1, size - 1), max_size=12, unique=True).map(sorted)
-    # At most about 512 pieces, so a 5 KB line is not 5,000 syscalls.
-    smallest = max(1, size // 512)
-    strides = st.integers(smallest, max(smallest, size // 2)).map(
-        lambda step: list(range(step, size, step))
-    )
-    return st.one_of(st.just([]), random_cuts, strides)
-
-
-def send_randomly_cut(data: st.DataObject, conn: Client, payload: bytes) -> None:
-    """Send `payload` in randomly cut pieces, one sendall each."""
-    cuts = data.draw(cut_points(len(payload)), label="cuts")
-    for start, end in pairwise([0, *cuts, len(payload)]):
-        conn.send(payload[start:end])
-
-
-def read_through_sync(conn: Client, expected: Sequence[bytes]) -> list[bytes]:
-    """The lines before the reply to the SYNC sent after lines whose replies
-    are `expected`. Any unknown command gets the same reply as SYNC, so this
-    reads until it has seen one more of those than `expected` holds. Linear
-    in what it reads (Client.line re-copies its buffer for every line)."""
-    wanted = list(expected).count(UNRECOGNISED) + 1
-    lines: list[bytes] = []
-    while True:
-        *complete, conn.buffer = conn.buffer.split(b"\n")
-        for index, line in enumerate(complete):
-            if line == UNRECOGNISED:
-                wanted -= 1
-                if wanted == 0:
-                    rest = complete[index + 1 :]
-                    conn.buffer = b"".join(line + b"\n" for line in rest) + conn.buffer
-                    return lines
-            lines.append(line)
-        chunk = conn.sock.recv(65536)  # the socket's timeout bounds this
-        if not chunk:
-            raise EOFError(f"closed before the sync reply; got {lines!r}")
-        conn.buffer += chunk
-
-
-# --- Strategies --------------------------------------------------------------
-
-
-line_endings = st.sampled_from([b"\n", b"\r\n"])
-
-
-def no_iac(data: bytes) -> bytes:
-    """`data` without the byte 0xFF, which is always telnet's IAC (PROTOCOL.md,
-    "Telnet"): the model has no telnet; the telnet tests and test_protocol.py's
-    properties of protocol.receive cover those bytes."""
-    return data.replace(b"\xff", b"\xfe")
-
-
-# Name characters chosen for how they compare: "ß"/"ẞ"/"ss", the long s,
-# the Kelvin and Ohm signs (NFKC makes them K and Ω), dotted I, a ligature,
-# a combining accent (so "é" has two spellings), 4-byte emoji.
-NAME_ALPHABET: Final = "abksxyzABKSXYZ019_-.éÉßẞſΩ\u2126\u212aİıﬁжЖあ日🙂\u0301"
-
-
-# Whitespace by str.isspace(), including the C0 separators \x1c-\x1f and
-# NEL, which are also control characters: the whitespace row comes first.
-SPACES: Final = (" ", "\t", "\u00a0", "\u3000", "\u2028", "\u1680", "\x0b", "\x1c", "\x1f", "\x85")
-
-
-# Control (Cc) and format (Cf) characters that are not whitespace.
-CONTROLS: Final = ("\x1b", "\x00", "\x07", "\x7f", "\x9b")
-
-
-FORMATS: Final = ("\u200b", "\u200d", "\ufeff", "\u202e", "\u00ad", "\u2066")
-
-
-# Characters that show nothing and are neither whitespace, Cc nor Cf
-# (PROTOCOL.md, USERNAME, v2): fillers, the blank braille pattern, the
-# combining grapheme joiner, variation selectors.
-INVISIBLES: Final = (
-    "\u034f",
-    "\u115f",
-    "\u1160",
-    "\u3164",
-    "\uffa0",
-    "\u2800",
-    "\ufe0f",
-    "\U000e0100",
-)
-
-
-# Letters from other scripts that look like Latin ones, and look-alikes
-# within Latin: what a user would try in order to pass for another.
-LOOKALIKES: Final = {
-    "a": "а",
-    "e": "е",
-    "o": "о",
-    "x": "х",
-    "y": "у",
-    "B": "Β",
-    "K": "Κ",
-    "X": "Χ",
-    "Z": "Ζ",
-    "l": "1",
-    "I": "l",
-    "0": "O",
-}
-
-
-# Invalid UTF-8 wherever it is put (see test_protocol.py), plus a truncated
-# two-byte sequence, which is invalid unless a continuation byte follows.
-INVALID_UTF8: Final = (b"\xfe", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\x80", b"\xc3")
-
-
-fresh_names = st.text(NAME_ALPHABET, min_size=1, max_size=10)
-
-
-# Around the 32-code-point limit, in characters of 1 to 4 bytes.
-boundary_names = st.one_of(
-    st.text(NAME_ALPHABET, min_size=31, max_size=34),
-    st.builds(
-        lambda char, count: char * count,
-        st.sampled_from(["a", "é", "あ", "🙂"]),
-        st.sampled_from([32, 33]),
-    ),
-)
-
-
-def fullwidth(name: str) -> str:
-    """ASCII printable characters as their fullwidth forms (NFKC undoes it)."""
-    return "".join(chr(ord(char) + 0xFEE0) if "!" <= char <= "~" else char for char in name)
-
-
-def name_variants(name: str) -> st.SearchStrategy[str]:
-    """Spellings of `name` that PROTOCOL.md may count as the same name, and
-    one that it never does."""
-    return st.sampled_from(
-        [
-            name,
-            name.upper(),
-            name.lower(),
-            name.swapcase(),
-            name.casefold(),
-            fullwidth(name),
-            unicodedata.normalize("NFD", name),
-            unicodedata.normalize("NFKC", name),
-            name + "2",
-            "".join(LOOKALIKES.get(char, char) for char in name),
-            "".join(LOOKALIKES.get(char, char) for char in name.upper()),
-        ]
-    )
-
-
-def name_line(name: str) -> bytes:
-    """`USERNAME <name>` without an end: the strategies add one."""
-    return username(name, end=b"")
-
-
-def insert(base: bytes, extra: bytes, position: int) -> bytes:
-    position = min(position, len(base))
-    return base[:position] + extra + base[position:]
-
-
-bad_name_lines = st.one_of(
-    st.sampled_from([b"USERNAME", b"USERNAME "]),
-    st.builds(
-        lambda name, char, at: b"USERNAME " + insert(name.encode(), char.encode(), at),
-        fresh_names,
-        st.sampled_from(SPACES + CONTROLS + FORMATS + INVISIBLES),
-        st.integers(0, 40),
-    ),
-    # A combining mark first: nothing to sit on.
-    fresh_names.map(lambda name: b"USERNAME \xcc\x81" + name.encode()),
-    st.builds(
-        lambda name, bad, at: b"USERNAME " + insert(name.encode(), bad, at),
-        fresh_names,
-        st.sampled_from(INVALID_UTF8),
-        st.integers(0, 40),
-    ),
-    # An argument starting with the second of two spaces holds a space.
-    fresh_names.map(lambda name: b"USERNAME  " + name.encode()),
-    boundary_names.map(name_line),
-)
-
-
-MESSAGE_TOKENS: Final = (
-    "hi",
-    "Hello, world!",
-    " ",
-    "\t",
-    "é",
-    "e\u0301",
-    "日本語",
-    "🙂",
-    "👩\u200d💻",
-    "👨\u200d👩\u200d👧",
-    "🏳\ufe0f\u200d🌈",
-    "\u200b",
-    "\u00a0",
-    "\u3000",
-    "\u2028",
-    "SEND x",
-    "USERNAME y",
-    "RECEIVE a b",
-    "ERROR",
-)
-
-
-good_messages = (
-    st.builds(
-        lambda lead, tokens: lead + "".join(tokens),
-        st.sampled_from(["", " ", "  ", "\t", " \t"]),
-        st.lists(st.sampled_from(MESSAGE_TOKENS), min_size=1, max_size=8),
-    )
-    .map(str.encode)
-    .filter(lambda message: model_message_error(message) is None)
-)
-
-
-send_lines = good_messages.map(lambda message: b"SEND " + message)
-
-
-bad_send_lines = st.one_of(
-    st.sampled_from([b"SEND", b"SEND "]),
-    # Whitespace only (NEL and \x1f are whitespace before they are controls).
-    st.lists(st.sampled_from(SPACES), min_size=1, max_size=4).map(
-        lambda spaces: b"SEND " + "".join(spaces).encode()
-    ),
-    st.builds(
-        lambda message, bad, at: b"SEND " + insert(message, bad, at),
-        good_messages,
-        st.sampled_from(
-            [
-                b"\x1b[2J",
-                b"\x1b]0;owned\x07",
-                b"\x00",
-                b"\x7f",
-                b"\xc2\x9b",
-                b"\r",
-                b"\x08",
-                *INVALID_UTF8,
-            ]
-        ),
-        st.integers(0, 60),
-    ),
-)
-
-
-unknown_lines = st.one_of(
-    st.sampled_from(
-        [
-            b"PING",
-            b"send hi",
-            b"SENDhi",
-            b"USERNAMEx y",
-            b" SEND hi",
-            b"SEND\thi",
-            b"Send hi",
-            b"username bob",
-            b"RECEIVE a b",
-            b"\x00",
-            b"\xfeSEND hi",
-            b"\x1b[2J",
-            b"QUIT",
-        ]
-    ),
-    st.binary(min_size=1, max_size=12).filter(lambda line: b"\n" not in line).map(no_iac),
-)
-
-
-@st.composite
-def lines_near_limit(draw: st.DrawFn) -> bytes:
-    """A line of 4,093 to 5,200 bytes, filled with characters of 1 to 4
-    bytes, so that a byte/character mix-up shows at the 4,096 limit."""
-    head = draw(st.sampled_from([b"SEND ", b"USERNAME ", b"NOPE "]))
-    length = draw(st.one_of(st.integers(4093, 4099), st.integers(4100, 5200)))
-    fill = draw(st.sampled_from(["x", "é", "🙂", "\t"])).encode()
-    body = head + fill * ((length - len(head)) // len(fill))
-    return body + b"x" * (length - len(body))
-
-
-# --- The state machine -------------------------------------------------------
-
-
-MAX_PEERS: Final = 6
-
-
-class Peer:
-    """One test connection in the machine's bundle."""
-
-    def __init__(self, ident: int, conn: Client) -> None:
-        self.ident = ident
-        self.conn = conn
-
-    def __repr__(self) -> str:
-        return f"peer{self.ident}"
-
-
-class ChatMachine(RuleBasedStateMachine):
-    """Up to six clients on one fresh server; after every step each live
-    client's whole stream is compared with what the room model predicts.
-
-    Disconnect timing: a close or reset is seen by the server some time
-    after the client's call returns, so the step that does it also proves
-    the server has let go. For a client that held a name, a fresh probe
-    connection polls (with a deadline) until it can take that name, then
-    half-closes and reads to EOF; the server frees a name before it closes
-    the connection, so the EOF proves the name is free again. Only then does
-    the step end, so later steps never race with the disconnect. A half-close
-    needs no polling: the client reads to EOF itself, and the name must then
-    be free at the first try. A client without a name leaves no trace the
-    others could see, so its disconnect needs no proof.
-    """
-
-    peers = Bundle("peers")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.running: RunningServer = self.open_server()
-        self.room = RoomModel()
-        self.live: dict[int, Peer] = {}
-        self.pending: dict[int, list[bytes]] = {}  # lines due, not yet read
-        self.seen_names: list[str] = []  # every name ever accepted
-        self.next_ident = 0
-
-    def teardown(self) -> None:
-        self.running.stop()
-
-    def open_server(self) -> RunningServer:
-        return start_server()
-
-    def open_client(self, ident: int) -> Client:
-        """The connection of peer number `ident`."""
-        return self.running.client()
-
-    # --- model bookkeeping ------------------------------------------------
-
-    def expect(self, outputs: list[Output]) -> None:
-        for who, line in outputs:
-            self.pending[who].append(line)
-        for name in self.room.names.values():
-            if name not in self.seen_names:
-                self.seen_names.append(name)
-
-    def forget(self, peer: Peer) -> None:
-        self.room.leave(peer.ident)
-        del self.live[peer.ident]
-        del self.pending[peer.ident]
-
-    def check(self, peer: Peer, got: list[bytes]) -> None:
-        want = self.pending[peer.ident]
-        assert got == want, f"{peer}: got {got!r}, expected {want!r}"
-        want.clear()
-
-    def check_everyone(self, data: st.DataObject, *, but: Peer | None = None) -> None:
-        """Sync every live client (`but` one) and compare its whole stream.
-        The SYNCs go out together and are read afterwards: each stream is
-        independent."""
-        peers = [peer for peer in self.live.values() if peer is not but]
-        # One way of cutting for all: a draw per client would make failures
-        # much slower to shrink, for no new kind of input.
-        cuts = data.draw(cut_points(len(SYNC)), label="sync cuts")
-        for peer in peers:
-            for start, end in pairwise([0, *cuts, len(SYNC)]):
-                peer.conn.send(SYNC[start:end])
-        for peer in peers:
-            self.check(peer, read_through_sync(peer.conn, self.pending[peer.ident]))
-
-    def act(
-        self,
-        peer: Peer,
-        payload: bytes,
-        data: st.DataObject,
-        *,
-        head_sent: int = 0,
-        but: Peer | None = None,
-    ) -> None:
-        """`peer` sends `payload` (of which the first `head_sent` bytes went
-        out earlier); then every stream (but `but`'s) must be as predicted.
-        The acting client's SYNC travels with its payload; the others sync
-        only once its reply proves every RECEIVE it caused has been sent."""
-        self.expect(self.room.feed_stream(peer.ident, payload, at_eof=False))
-        send_randomly_cut(data, peer.conn, payload[head_sent:] + SYNC)
-        self.check(peer, read_through_sync(peer.conn, self.pending[peer.ident]))
-        self.check_everyone(data, but=but)
-
-    def prove_name_free(self, name: str, *, may_wait: bool) -> None:
-        """A fresh probe takes `name` (polling until `TIMEOUT` if `may_wait`),
-        then gives it back by half-closing and reading to EOF. Nobody sends
-        meanwhile, so the probe receives nothing but its replies."""
-        probe = self.running.client()
-
-        def taken() -> bool:
-            probe.send(username(name) + SYNC)
-            reply = read_through_sync(probe, [])
-            if reply == []:
-                return True
-            assert reply == [NAME_TAKEN], reply
-            assert may_wait, f"{name!r} is still taken after its holder got EOF"
-            return False
-
-        poll(f"{name!r} to be freed", taken)
-        assert probe.half_close() == b""
-
-    # --- rules --------------------------------------------------------------
-
-    @invariant()
-    def server_is_running(self) -> None:
-        assert self.running.thread.is_alive()
-
-    def new_peer(self) -> Peer:
-        peer = Peer(self.next_ident, self.open_client(self.next_ident))
-        self.next_ident += 1
-        self.live[peer.ident] = peer
-        self.pending[peer.ident] = []
-        return peer
-
-    # Disconnect rules use clients up, so without a head start and a second
-    # way in, most runs would have one client and no RECEIVE to check.
-    @initialize(
-        target=peers,
-        names=st.lists(st.one_of(st.none(), fresh_names), min_size=2, max_size=4),
-        data=st.data(),
-    )
-    def first_peers(self, names: list[str | None], data: st.DataObject) -> MultipleResults[Peer]:
-        peers = [self.new_peer() for _ in names]
-        for peer, name in zip(peers, names, strict=True):
-            if name is not None:
-                self.act(peer, username(name, data.draw(line_endings)), data)
-        return multiple(*peers)
-
-    @precondition(lambda self: len(self.live) < MAX_PEERS)
-    @rule(target=peers)
-    def connect(self) -> Peer:
-        return self.new_peer()
-
-    @precondition(lambda self: len(self.live) < MAX_PEERS)
-    @rule(target=peers, name=fresh_names, data=st.data())
-    def connect_and_take_a_name(self, name: str, data: st.DataObject) -> Peer:
-        peer = self.new_peer()
-        self.act(peer, username(name, data.draw(line_endings)), data)
-        return peer
-
-    def name_lines(self) -> st.SearchStrategy[bytes]:
-        """Valid names, fresh or spelled like one seen before (taken or not)."""
-        fresh = st.one_of(fresh_names, fresh_names, boundary_names)
-        if not self.seen_names:
-            return fresh.map(name_line)
-        seen = st.sampled_from(self.seen_names).flatmap(name_variants)
-        return st.one_of(fresh, seen, seen).map(name_line)
-
-    def any_line(self) -> st.SearchStrategy[bytes]:
-        return st.one_of(
-            self.name_lines(),
-            bad_name_lines,
-            send_lines,
-            bad_send_lines,
-            unknown_lines,
-            st.just(b""),
-        )
-
-    @rule(peer=peers, data=st.data())
-    def set_name(self, peer: Peer, data: st.DataObject) -> None:
-        self.act(peer, data.draw(self.name_lines()) + data.draw(line_endings), data)
-
-    @rule(peer=peers, data=st.data())
-    def set_bad_name(self, peer: Peer, data: st.DataObject) -> None:
-        self.act(peer, data.draw(bad_name_lines) + data.draw(line_endings), data)
-
-    @rule(peer=peers, data=st.data())
-    def send_message(self, peer: Peer, data: st.DataObject) -> None:
-        self.act(peer, data.draw(send_lines) + data.draw(line_endings), data)
-
-    @rule(peer=peers, data=st.data())
-    def send_bad_message(self, peer: Peer, data: st.DataObject) -> None:
-        self.act(peer, data.draw(bad_send_lines) + data.draw(line_endings), data)
-
-    @rule(peer=peers, data=st.data())
-    def send_unknown_command(self, peer: Peer, data: st.DataObject) -> None:
-        self.act(peer, data.draw(unknown_lines) + data.draw(line_endings), data)
-
-    @rule(peer=peers, data=st.data())
-    def send_blank_line(self, peer: Peer, data: st.DataObject) -> None:
-        self.act(peer, data.draw(line_endings), data)
-
-    @rule(peer=peers, data=st.data())
-    def send_long_line(self, peer: Peer, data: st.DataObject) -> None:
-        self.act(peer, data.draw(lines_near_limit()) + data.draw(line_endings), data)
-
-    @rule(peer=peers, data=st.data())
-    def send_burst(self, peer: Peer, data: st.DataObject) -> None:
-        """Several lines in one go: the server must answer them in order."""
-        lines = data.draw(st.lists(self.any_line(), min_size=2, max_size=5))
-        self.act(peer, b"".join(line + data.draw(line_endings) for line in lines), data)
-
-    @precondition(lambda self: len(self.live) >= 2)
-    @rule(first=peers, data=st.data())
-    def interleave(self, first: Peer, data: st.DataObject) -> None:
-        """`first` sends part of a line; another client acts in full; then
-        `first` ends its line. A connection's unfinished line must neither
-        be processed early nor hold up the others, and must not change what
-        that connection receives meanwhile. (No over-long line here: when
-        its answer comes relative to the other client's lines is not in the
-        contract.)"""
-        second = data.draw(st.sampled_from([p for p in self.live.values() if p is not first]))
-        line = data.draw(self.any_line()) + data.draw(line_endings)
-        cut = data.draw(st.integers(0, len(line) - 1), label="cut")
-        send_randomly_cut(data, first.conn, line[:cut])
-        self.act(second, data.draw(self.any_line()) + data.draw(line_endings), data, but=first)
-        self.act(first, line, data, head_sent=cut)
-
-    @rule(peer=consumes(peers), data=st.data())
-    def close(self, peer: Peer, data: st.DataObject) -> None:
-        """A plain close, after a few last lines that get no reply (valid
-        SENDs, blank lines): 'lines already received are processed'. Lines
-        with a reply are left out on purpose: a reply reaching a closed
-        socket makes its kernel answer RST, which may rightly destroy the
-        lines the server has not read yet."""
-        name = self.room.names.get(peer.ident)
-        farewell = b""
-        if name is not None:
-            lines = data.draw(st.lists(st.one_of(send_lines, st.just(b"")), max_size=3))
-            farewell = b"".join(line + data.draw(line_endings) for line in lines)
-        outputs = self.room.feed_stream(peer.ident, farewell, at_eof=True)
-        assert all(who != peer.ident for who, _ in outputs), "the model expects a reply"
-        self.forget(peer)
-        self.expect(outputs)
-        if farewell:
-            send_randomly_cut(data, peer.conn, farewell)
-        peer.conn.close()
-        if name is not None:
-            # Once the name is free the close is processed, and so is every
-            # line before it: the RECEIVEs are out before the others sync.
-            self.prove_name_free(name, may_wait=True)
-        self.check_everyone(data)
-
-    @rule(peer=consumes(peers), data=st.data())
-    def reset(self, peer: Peer, data: st.DataObject) -> None:
-        """An RST instead of a FIN: that client is dropped, silently."""
-        name = self.room.names.get(peer.ident)
-        self.forget(peer)
-        peer.conn.reset()
-        if name is not None:
-            self.prove_name_free(name, may_wait=True)
-        self.check_everyone(data)
-
-    @rule(peer=consumes(peers), data=st.data())
-    def half_close(self, peer: Peer, data: st.DataObject) -> None:
-        """shutdown(SHUT_WR), maybe after a last line without "\\n": every
-        line is processed, the replies arrive, then EOF and the name is free."""
-        lines = data.draw(st.lists(self.any_line(), max_size=2))
-        payload = b"".join(line + data.draw(line_endings) for line in lines)
-        payload += data.draw(
-            st.one_of(st.just(b""), self.any_line(), self.any_line().map(lambda x: x + b"\r"))
-        )
-        self.expect(self.room.feed_stream(peer.ident, payload, at_eof=True))
-        name = self.room.names.get(peer.ident)
-        want = b"".join(line + b"\n" for line in self.pending[peer.ident])
-        self.forget(peer)
-        send_randomly_cut(data, peer.conn, payload)
-        got = peer.conn.half_close()
-        assert got == want, f"{peer}: got {got!r} before EOF, expected {want!r}"
-        if name is not None:
-            self.prove_name_free(name, may_wait=False)
-        self.check_everyone(data)
-
-
-def machine_settings() -> settings:
-    """The loaded profile with a bounded budget: a run of 35 steps over real
-    sockets costs about as much as a hundred plain examples. The soak
-    profile keeps its own (much larger) number of examples."""
-    current = settings()
-    examples = current.max_examples
-    if os.environ.get("HYPOTHESIS_PROFILE", "ci") != "soak":
-        examples = min(examples, 60)
-    return settings(
-        current, max_examples=examples, stateful_step_count=40, report_multiple_bugs=False
-    )
+# Model-based and byte-fuzz tests of the real server, over real sockets. The
+# room model, its state machine (`ChatMachine`) and the strategies they draw
+# from are in chat_testing.py, which says how they sync.
 
 
 def test_state_machine_matches_the_room_model() -> None:
     """Every line each client receives is what the room model predicts, step by step."""
     run_state_machine_as_test(ChatMachine, settings=machine_settings())
-
-
-class TLSChatMachine(ChatMachine):
-    """ChatMachine with every other client on the TLS port (its closes,
-    resets and half-closes over TLS: close_notify, with TCP left open)."""
-
-    files: TLSFiles
-
-    def open_server(self) -> RunningServer:
-        return start_server(tls=tls_config(self.files))
-
-    def open_client(self, ident: int) -> Client:
-        return self.running.tls_client() if ident % 2 else self.running.client()
-
-
-def test_state_machine_with_tls_clients(tls_files: TLSFiles) -> None:
-    """TLS: everything else holds on the TLS port: the room model with every other client on TLS."""
-    TLSChatMachine.files = tls_files
-    current = machine_settings()
-    run_state_machine_as_test(
-        TLSChatMachine, settings=settings(current, max_examples=min(current.max_examples, 10))
-    )
 
 
 # --- Byte-level fuzzing ------------------------------------------------------
@@ -4499,3 +2805,22 @@ def test_fuzzer_beside_a_chatting_pair(stream: bytes, named: bool, data: st.Data
         run_fuzz_round(running, stream, named, data)
     finally:
         running.stop()
+
+
+# ============================================================================
+# This file's index
+# ============================================================================
+
+
+def test_the_index_names_every_test_of_this_file_and_nothing_else() -> None:
+    """The index in this file's docstring lists every test here, and each
+    name in it is a test here (or a test file that exists)."""
+    assert __doc__ is not None
+    indexed = set(re.findall(r"\b(test_\w+)\b(?!\.py)", __doc__))
+    files = set(re.findall(r"\b(test_\w+\.py)\b", __doc__))
+    here = {
+        name for name, value in globals().items() if name.startswith("test_") and callable(value)
+    }
+    assert sorted(here - indexed) == [], "tests missing from the index"
+    assert sorted(indexed - here) == [], "index entries that are no test of this file"
+    assert sorted(file for file in files if not (HERE / file).is_file()) == []
