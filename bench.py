@@ -11,6 +11,7 @@ or NATS pub/sub, for comparison, through the same client code).
     python3 bench.py --spawn --cluster 2 --reuse-port fanout   # Redis + 2 chat.py
     python3 bench.py --ports 9001,9002 latency                 # clients round robin
     python3 bench.py --spawn hostile -k 2000 --server-arg=--output-budget=67108864
+    python3 bench.py --spawn hostile -k 2000 --line-size 1024 --flood-rate 5242880
     python3 bench.py --spawn --tls fanout            # chat.py's TLS port
     python3 bench.py --spawn --redis --tls fanout    # Redis with TLS
 
@@ -52,6 +53,7 @@ import re
 import resource
 import selectors
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -65,6 +67,8 @@ from typing import Any, cast
 
 HERE = Path(__file__).resolve().parent
 RECV_SIZE = 256 * 1024
+# What a flooder hands the kernel at once.
+FLOOD_WRITE = 64 * 1024
 # A non-blocking read that found nothing: over TLS (--tls) a record not yet
 # whole, or a read that must wait for a write, says so in its own words.
 WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
@@ -924,12 +928,58 @@ class PairRun:
     seconds: float = 0.0
     disconnected: str | None = None  # which of the pair the server closed, and how
     pending: float | None = None  # a round trip still unanswered at the end (seconds)
+    # A numbered flood (--flood-rate): lines each of the pair found missing
+    # (a number skipped) or out of order (a number lower than the last).
+    flood_missing: int = 0
+    flood_out_of_order: int = 0
 
     def trip_ms(self, fraction: float) -> float | None:
         trips = sorted(self.round_trips)
         if not trips:
             return None
         return round(1000 * trips[min(len(trips) - 1, int(fraction * len(trips)))], 3)
+
+
+def flood_line(size: int) -> bytes:
+    """A valid SEND line of `size` bytes before its "\\n" (at least 6)."""
+    return b"SEND " + b"f" * max(1, size - 5) + b"\n"
+
+
+def numbered(line: bytes, number: int) -> bytes:
+    """`line` (a SEND) with `number` in front of its message, its size kept."""
+    prefix = b"SEND %d " % number
+    return prefix + line[len(prefix) :]
+
+
+def paced_flooder(sock: socket.socket, line: bytes, rate: float) -> int:
+    """Fork a process that sends `line`s, numbered from 0 (`numbered`), to
+    `sock` in FLOOD_WRITE-sized writes at `rate` bytes per second (and drops
+    what it receives), so the flood keeps its pace whatever the pair's loop
+    is doing; its pid."""
+    per_write = max(1, FLOOD_WRITE // len(line))
+    pid = os.fork()
+    if pid:
+        return pid
+    try:  # the child: nothing of the parent's may run here
+        sock.setblocking(True)
+        sock.settimeout(1.0)
+        started = time.perf_counter()
+        sent = 0
+        number = 0
+        while True:
+            due = started + sent / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            burst = b"".join(numbered(line, number + i) for i in range(per_write))
+            number += per_write
+            sock.sendall(burst)
+            sent += len(burst)
+            with contextlib.suppress(BlockingIOError):
+                sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+    except BaseException:
+        pass
+    os._exit(0)
 
 
 def chat_under_flood(
@@ -940,21 +990,31 @@ def chat_under_flood(
     stop_after: Callable[[int, float], bool],
     label: str,
     every_tick: Callable[[], None] = lambda: None,
+    line: bytes = flood_line(45),
+    flood_rate: float | None = None,
 ) -> PairRun:
     """ping (u0) and pong (u1) exchange a message each way every `interval`
-    seconds while flooder (u2) sends as fast as the server takes it, until
-    `stop_after(round trips, seconds)` or the server closes one of the pair.
-    The flooder sends valid messages, so the pair must read the flood too:
-    the round trip measures both the server's fairness and its fan-out."""
+    seconds while flooder (u2) sends `line` as fast as the server takes it
+    (or, with `flood_rate`, at that many bytes per second from a process of
+    its own), until `stop_after(round trips, seconds)` or the server closes
+    one of the pair. The flooder sends valid messages, so the pair must read
+    the flood too: the round trip measures both the server's fairness and
+    its fan-out."""
     for sock in (ping, pong, flooder):
         sock.setblocking(False)
-    line = b"SEND " + b"f" * 40 + b"\n"
-    burst = line * (65536 // len(line))
+    burst = line * max(1, FLOOD_WRITE // len(line))
     selector = selectors.DefaultSelector()
     selector.register(ping, selectors.EVENT_READ, "ping")
     selector.register(pong, selectors.EVENT_READ, "pong")
-    selector.register(flooder, selectors.EVENT_READ | selectors.EVENT_WRITE, "flooder")
+    flooder_pid = None
+    if flood_rate is None:
+        selector.register(flooder, selectors.EVENT_READ | selectors.EVENT_WRITE, "flooder")
+    else:
+        flooder_pid = paced_flooder(flooder, line, flood_rate)
     tails = {"ping": b"", "pong": b""}
+    # With a numbered flood: each side's partial line, and the next number due.
+    partial = {"ping": b"", "pong": b""}
+    next_number = {"ping": 0, "pong": 0}
     run = PairRun()
     exchange = 0
     sent_at = 0.0
@@ -996,6 +1056,17 @@ def chat_under_flood(
                 run.disconnected = f"{role}: closed by the server"
                 break
             run.flood_lines += chunk.count(b"\n")
+            if flood_rate is not None:
+                lines = (partial[role] + chunk).split(b"\n")
+                partial[role] = lines.pop()
+                for received in lines:
+                    if received.startswith(b"RECEIVE u2 "):
+                        number = int(received[11 : received.index(b" ", 11)])
+                        if number > next_number[role]:
+                            run.flood_missing += number - next_number[role]
+                        elif number < next_number[role]:
+                            run.flood_out_of_order += 1
+                        next_number[role] = number + 1
             data = tails[role] + chunk
             tails[role] = data[-32:]
             if role == "pong" and b"RECEIVE u0 ping-%d\n" % exchange in data:
@@ -1016,6 +1087,9 @@ def chat_under_flood(
     run.seconds = time.perf_counter() - started
     if waiting:
         run.pending = time.perf_counter() - sent_at
+    if flooder_pid is not None:
+        os.kill(flooder_pid, signal.SIGKILL)
+        os.waitpid(flooder_pid, 0)
     progress.done()
     selector.close()
     return run
@@ -1086,6 +1160,8 @@ def hostile(target: Target, args: argparse.Namespace) -> None:
         lambda _, seconds: seconds >= args.duration or time.monotonic() >= deadline,
         "hostile",
         sample_rss,
+        flood_line(args.line_size),
+        args.flood_rate,
     )
     peak = target.rss_bytes("VmHWM")
     rss_after = target.rss_bytes()
@@ -1096,6 +1172,8 @@ def hostile(target: Target, args: argparse.Namespace) -> None:
         "target": target.describe(),
         "non_readers": args.k,
         "non_reader_rcvbuf": args.rcvbuf,
+        "flood_line_bytes": args.line_size,
+        "flood_rate_bytes_per_s": args.flood_rate,
         "seconds": round(run.seconds, 3),
         "round_trips": len(run.round_trips),
         "round_trip_p50_ms": run.trip_ms(0.5),
@@ -1103,6 +1181,10 @@ def hostile(target: Target, args: argparse.Namespace) -> None:
         "round_trip_max_ms": run.trip_ms(1.0),
         "round_trip_unanswered_ms": None if run.pending is None else round(1000 * run.pending),
         "flood_lines_per_s_at_pair": round(run.flood_lines / 2 / run.seconds),
+        "flood_lines_missing_at_pair": None if args.flood_rate is None else run.flood_missing,
+        "flood_lines_out_of_order_at_pair": (
+            None if args.flood_rate is None else run.flood_out_of_order
+        ),
         "pair_disconnected": run.disconnected is not None,
         "pair_disconnected_how": run.disconnected,
         "server_peak_rss_kib": None if peak is None else peak // 1024,
@@ -1113,6 +1195,11 @@ def hostile(target: Target, args: argparse.Namespace) -> None:
         "output_budget_from": "--server-arg" if budget_given else "the protocol's default",
         # Goals, shown and not asserted: "met", "missed" or "unknown".
         "goal_pair_never_disconnected": goal(run.disconnected is None),
+        "goal_pair_saw_the_flood_whole_and_in_order": goal(
+            None
+            if args.flood_rate is None
+            else run.flood_missing == 0 and run.flood_out_of_order == 0
+        ),
         "goal_round_trip_p99_under_250_ms": goal(None if p99 is None else p99 < 250),
         "goal_peak_rss_under_budget_plus_64_mib": goal(
             None if peak is None else peak < budget + 64 * 1024 * 1024
@@ -1315,6 +1402,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=4096,
         help="SO_RCVBUF of each non-reader, set before it connects (default 4096)",
+    )
+    p.add_argument(
+        "--line-size",
+        type=int,
+        default=45,
+        help="bytes of each flood line, its newline not counted (default 45)",
+    )
+    p.add_argument(
+        "--flood-rate",
+        type=float,
+        default=None,
+        help="bytes per second the flooder sends, paced, from a process of its own "
+        "(default: as fast as the server takes them, from the pair's loop)",
     )
     args = parser.parse_args(argv)
     args.server_args = args.server_args + getattr(args, "late_server_args", [])

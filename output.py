@@ -29,7 +29,7 @@ DEFAULT_OUTPUT_BUDGET: Final = 256 << 20
 # slow consumer; checked every STALL_CHECK seconds while anyone has some.
 STALL_TIMEOUT: Final = 60.0
 STALL_CHECK: Final = 5.0
-# Once this many bytes of RECEIVE lines are batched (or a quarter of the
+# Once this many bytes of RECEIVE lines are batched (or an eighth of the
 # output limit, if less), the turn stops processing and flushes, so neither
 # the batch nor a turn grows without bound when many connections send at
 # once, and one turn cannot take a reader from under the high water mark
@@ -37,19 +37,30 @@ STALL_CHECK: Final = 5.0
 BATCH_BYTES: Final = 256 * 1024
 
 
+def high_water(output_limit: int) -> int:
+    """Backpressure's mark (PROGRESS_WINDOW), for this output limit: six
+    turns' worth (`turn_bytes`) under the limit, so that a member that reads
+    has six turns to show it before it is cut."""
+    return output_limit // 4
+
+
 def turn_bytes(output_limit: int) -> int:
     """What one turn may batch, for this output limit."""
-    return max(4096, min(BATCH_BYTES, output_limit // 4))
+    return max(4096, min(BATCH_BYTES, output_limit // 8))
 
 
-# Backpressure (PROTOCOL.md, "Limits and failures": one flooder costs nobody
-# their connection): while a member that is reading holds more than half the
-# output limit unsent (the high water mark), the room reads and processes
-# no input, so no sender is read faster than the readers drain. A member
-# counts as reading while its output shrank within the last
-# PROGRESS_WINDOW seconds: one that stopped holds nobody back for longer,
-# and is closed by the slow-consumer rules as before.
-PROGRESS_WINDOW: Final = 0.5
+# Backpressure (PROTOCOL.md, "Limits and failures": one flooder costs
+# nobody their connection): while a member that is reading holds more than
+# a quarter of the output limit unsent (the high water mark), the room reads
+# and processes no input, so no sender is read faster than the readers
+# drain. A member counts as reading for PROGRESS_WINDOW seconds: when it
+# passes the mark, if the kernel took an eighth of the mark of its output
+# since it began to queue, some of it lately; and again for every such step
+# it drains while over the mark. One that stopped, or that
+# lets a few bytes through now and then (a full window that the kernel
+# opens a crack), holds nobody back for longer, and is closed by the
+# slow-consumer rules as before.
+PROGRESS_WINDOW: Final = 0.2
 
 log = logging.getLogger("chat")
 
@@ -71,12 +82,15 @@ class Outbox:
         # consumers held a fifth more than the budget.
         self.held = 0
         self._shrank_at: dict[Connection, float] = {}
-        # The connections over the high water mark that are reading, and
-        # until when each counts as reading unless its output shrinks again;
-        # the same on a heap, earliest first, whose stale entries go when
-        # they come up. Only those connections are ever looked at.
-        self._reading_until: dict[Connection, float] = {}
-        self._reading_heap: list[tuple[float, int, Connection]] = []
+        # The connections over the high water mark: how much each had
+        # unsent when it last earned a window, and until when it counts as
+        # reading; the windows that are open on a heap, earliest first,
+        # whose stale entries go when they come up. Only connections over
+        # the mark are ever looked at, and only when their output moves.
+        self._over_mark: dict[Connection, tuple[int, float]] = {}
+        # Bytes the kernel took of each queue since it formed.
+        self._drained: dict[Connection, int] = {}
+        self._windows: list[tuple[float, int, Connection]] = []
         self._order = itertools.count()
 
     def __bool__(self) -> bool:
@@ -86,22 +100,26 @@ class Outbox:
         """While a member that is reading is over the high water mark: until
         when it counts as reading at the latest (it may drain sooner); else
         None."""
-        heap = self._reading_heap
-        reading_until = self._reading_until
-        while heap:
-            until, _, conn = heap[0]
-            current = reading_until.get(conn)
-            if current == until and until > now:
+        windows = self._windows
+        over_mark = self._over_mark
+        while windows:
+            until, _, conn = windows[0]
+            if until > now and conn in over_mark and over_mark[conn][1] == until:
                 return until
-            heapq.heappop(heap)
-            if current == until:
-                del reading_until[conn]  # it stopped reading
+            heapq.heappop(windows)  # lapsed, or replaced, or under the mark
         return None
 
-    def _reading(self, conn: Connection, since: float) -> None:
-        until = since + PROGRESS_WINDOW
-        self._reading_until[conn] = until
-        heapq.heappush(self._reading_heap, (until, next(self._order), conn))
+    @property
+    def progress_step(self) -> int:
+        """What a member must drain to count as reading (PROGRESS_WINDOW)."""
+        return max(1, self.high_water // 8)
+
+    def _open_window(self, conn: Connection, unsent: int, until: float, now: float) -> None:
+        """`conn` is over the mark with `unsent` bytes, reading until `until`
+        (none of it if that is not after `now`)."""
+        self._over_mark[conn] = (unsent, until)
+        if until > now:
+            heapq.heappush(self._windows, (until, next(self._order), conn))
 
     def queue(self, conn: Connection, data: bytes | memoryview, now: float) -> None:
         """Output for `conn`, behind what it has unsent already."""
@@ -114,9 +132,14 @@ class Outbox:
             before = out.__sizeof__()
             out += data
             self.held += out.__sizeof__() - before
-            if len(out) > self.high_water and conn not in self._reading_until:
-                # Reading as of the last time its output shrank, if lately.
-                self._reading(conn, self._shrank_at[conn])
+            if len(out) > self.high_water and conn not in self._over_mark:
+                # Reading as of the last time its output shrank, if it has
+                # drained a step since it began to queue: a client that
+                # stopped reading passes the mark with nothing drained but
+                # the cracks its kernel opens now and then.
+                reading = self._drained.get(conn, 0) >= self.progress_step
+                until = self._shrank_at[conn] + PROGRESS_WINDOW if reading else now
+                self._open_window(conn, len(out), until, now)
         self.total += len(data)
 
     def took(self, conn: Connection, sent: int, now: float) -> None:
@@ -128,10 +151,14 @@ class Outbox:
             self.held += out.__sizeof__() - before
             self.total -= sent
             self._shrank_at[conn] = now
-            if len(out) > self.high_water:
-                self._reading(conn, now)
-            else:
-                self._reading_until.pop(conn, None)
+            self._drained[conn] = self._drained.get(conn, 0) + sent
+            over_mark = self._over_mark.get(conn)
+            if over_mark is None:
+                return
+            if len(out) <= self.high_water:
+                del self._over_mark[conn]
+            elif len(out) <= over_mark[0] - self.progress_step:
+                self._open_window(conn, len(out), now + PROGRESS_WINDOW, now)  # it reads
 
     def drop(self, conn: Connection) -> None:
         """`conn`'s output is gone (sent, or its connection closing)."""
@@ -140,7 +167,8 @@ class Outbox:
             self.held -= conn.out.__sizeof__()
             conn.out = None  # and its memory with it
             del self._shrank_at[conn]
-            self._reading_until.pop(conn, None)
+            self._over_mark.pop(conn, None)
+            self._drained.pop(conn, None)
 
     @property
     def over_budget(self) -> bool:
@@ -187,7 +215,7 @@ class Writer:
         output_budget: int,
     ) -> None:
         self.output_limit = output_limit
-        self.outbox = Outbox(output_budget, output_limit // 2)
+        self.outbox = Outbox(output_budget, high_water(output_limit))
         # What one turn may batch (see BATCH_BYTES).
         self.turn_bytes = turn_bytes(output_limit)
         self._schedule = schedule
@@ -208,7 +236,7 @@ class Writer:
         """New limits (None: unchanged), from the next write on."""
         if output_limit is not None:
             self.output_limit = output_limit
-            self.outbox.high_water = output_limit // 2
+            self.outbox.high_water = high_water(output_limit)
             self.turn_bytes = turn_bytes(output_limit)
         if output_budget is not None:
             self.outbox.budget = output_budget

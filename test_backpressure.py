@@ -26,6 +26,8 @@ import chat
 import output
 from conftest import TIMEOUT, FakeClock, Pumped, receive, send_line
 from connection import Connection
+from fakes import FakeTransport
+from output import Outbox
 
 # Small limits keep the bursts small: the rule does not depend on the size.
 OUTPUT_LIMIT = 64 * 1024
@@ -140,6 +142,7 @@ def test_holding_back_input_leaves_select_nothing_to_spin_on(
         with contextlib.suppress(BlockingIOError):
             pending = pending[flooder.sock.send(pending) :]
         server.run_once(max_wait=0.001)
+        reader.take_available(1024)  # reading, more slowly than the flood
         if server.view.events(sender) == 0:
             break
     else:
@@ -174,3 +177,62 @@ def test_the_old_way_loses_the_reader_without_backpressure(
     feed(server, clock, flooder, flood(count), reader, flood_received(count), 4096)
     assert reader.eof
     assert len(reader.buffer) < len(flood_received(count))
+
+
+# --- The rule itself, without sockets (output.Outbox) ------------------------
+
+
+def test_a_member_over_the_mark_holds_input_back_while_it_drains() -> None:
+    """Backpressure: a member that drained a step's worth since its output
+    began to queue holds the room's input back when it passes the high water
+    mark, for a window from when its output last shrank, and for another each
+    time it drains a step more; a trickle earns nothing; under the mark it
+    holds nothing."""
+    mark = 64_000
+    outbox = Outbox(budget=1 << 30, high_water=mark)
+    step = outbox.progress_step
+    reader = Connection(FakeTransport(), "reader")
+    window = output.PROGRESS_WINDOW
+    outbox.queue(reader, b"x" * mark, now=10.0)
+    outbox.took(reader, step, now=10.05)  # it reads
+    outbox.queue(reader, b"x" * step, now=10.06)
+    assert outbox.holding_back_until(10.06) is None  # at the mark, not over it
+    outbox.queue(reader, b"x" * 2 * step, now=10.1)
+    assert outbox.holding_back_until(10.1) == 10.05 + window  # shrank last at 10.05
+    outbox.took(reader, step - 1, now=10.12)  # not quite a step
+    assert outbox.holding_back_until(10.12) == 10.05 + window
+    outbox.took(reader, 1, now=10.15)  # a step in all: a new window
+    assert outbox.holding_back_until(10.15) == 10.15 + window
+    outbox.took(reader, 10, now=10.16)  # a trickle earns nothing
+    assert outbox.holding_back_until(10.16) == 10.15 + window
+    assert outbox.holding_back_until(10.15 + window) is None  # lapsed: it stopped
+    outbox.took(reader, step, now=10.5)  # under the mark again
+    assert outbox.holding_back_until(10.5) is None
+    outbox.queue(reader, b"x" * step, now=10.6)  # over it, having shrunk at 10.5
+    assert outbox.holding_back_until(10.6) == 10.5 + window
+
+
+def test_a_member_that_only_trickles_over_the_mark_holds_nothing_back() -> None:
+    """Backpressure: a member that passed the mark with nothing drained (it
+    stopped reading) holds nothing back, nor when the kernel then takes a
+    crack of its output now and then."""
+    outbox = Outbox(budget=1 << 30, high_water=64_000)
+    stuck = Connection(FakeTransport(), "stuck")
+    outbox.queue(stuck, b"x" * 60_000, now=0.0)
+    outbox.queue(stuck, b"x" * 10_000, now=0.01)
+    assert outbox.holding_back_until(0.01) is None
+    for turn in range(1, 10):
+        outbox.took(stuck, 4096, now=0.01 * turn)  # the kernel opens a crack
+        assert outbox.holding_back_until(0.01 * turn) is None
+
+
+def test_a_member_that_never_drained_holds_nothing_back() -> None:
+    """Backpressure: a member whose output last shrank more than a window ago
+    (a client that stopped reading) holds nothing back when it passes the
+    mark, nor as its output keeps growing."""
+    outbox = Outbox(budget=1 << 30, high_water=1000)
+    stuck = Connection(FakeTransport(), "stuck")
+    outbox.queue(stuck, b"x" * 500, now=0.0)
+    for turn in range(1, 50):
+        outbox.queue(stuck, b"x" * 500, now=turn * 1.0)
+        assert outbox.holding_back_until(turn * 1.0) is None

@@ -43,6 +43,20 @@ SCENARIOS = {
     # A small output limit, so that the non-readers are closed within the
     # second and the count of slow consumers is exercised.
     "hostile": ["hostile", "-k", "20", "--duration", "1", "--server-arg=--output-limit=65536"],
+    # The load, small: numbered 1 KiB lines, paced, from a process of
+    # their own; the pair must see every one of them, in order.
+    "hostile-paced": [
+        "hostile",
+        "-k",
+        "20",
+        "--duration",
+        "1",
+        "--line-size",
+        "1024",
+        "--flood-rate",
+        "1048576",
+        "--server-arg=--output-limit=65536",
+    ],
 }
 CASES = [
     *[("chat", scenario) for scenario in SCENARIOS],
@@ -87,6 +101,11 @@ FIELDS = {
         "goal_peak_rss_under_budget_plus_64_mib",
     },
 }
+FIELDS["hostile-paced"] = FIELDS["hostile"] | {
+    "flood_lines_missing_at_pair",
+    "flood_lines_out_of_order_at_pair",
+    "goal_pair_saw_the_flood_whole_and_in_order",
+}
 
 
 def require(target: str) -> None:
@@ -130,7 +149,7 @@ def test_bench_scenario_runs_and_loses_nothing(target: str, scenario: str) -> No
     else:
         args = [*TARGETS[target], "--timeout", "30", *SCENARIOS[scenario]]
     result = last_json(run_bench(*args))
-    assert result["scenario"] == scenario
+    assert result["scenario"] == scenario.removesuffix("-paced")
     assert FIELDS[scenario] <= result.keys()
     assert result["target"] == DESCRIBED.get(target, target)
     if target in ("redis", "nats", "redis-tls"):
@@ -140,8 +159,12 @@ def test_bench_scenario_runs_and_loses_nothing(target: str, scenario: str) -> No
         assert result["broadcast_reached"] == 50
     elif scenario == "flood":
         assert result["round_trips"] == 5
-    elif scenario == "hostile":
+    elif scenario.startswith("hostile"):
         assert result["pair_disconnected"] is False
+        if scenario == "hostile-paced":
+            assert result["flood_lines_per_s_at_pair"] > 0
+            assert result["flood_lines_missing_at_pair"] == 0
+            assert result["flood_lines_out_of_order_at_pair"] == 0
         # Each non-reader gets far more than 64 KiB within the second.
         assert result["slow_consumers_closed"] >= 1
         assert sum(result["slow_consumer_reasons"].values()) == result["slow_consumers_closed"]
