@@ -200,11 +200,13 @@ class Arriving:
 
 
 class AfterHeader:
-    """A socket as a connection.Transport whose first reads hand out what
+    """A socket as a connection.Transport whose first read hands out what
     came after the PROXY header in the door's read: the client's first
-    bytes (lines, or a TLS ClientHello). Once they are out, `recv` is the
-    socket's own, as `send` always is: no extra call on any later read or
-    write."""
+    bytes (lines, or a TLS ClientHello). They are at most one read of
+    READ_SIZE, as the Reader's (and a TLS transport's first) read is, so
+    none stay behind where select cannot see them. Once they are out,
+    `recv` is the socket's own, as `send` always is: no extra call on any
+    later read or write."""
 
     __slots__ = ("sock", "_first", "recv", "send", "fileno", "close")
 
@@ -324,11 +326,6 @@ class Door:
                 self._per_address[key] = count
             else:
                 del self._per_address[key]
-
-    @property
-    def arriving(self) -> int:
-        """Connections from a balancer whose PROXY header is not read yet."""
-        return len(self._arriving)
 
     def close(self) -> None:
         for listener in self._listeners:

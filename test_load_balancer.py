@@ -9,10 +9,12 @@ clients from 127.0.0.2 and up.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import re
 import socket
+import ssl
 import struct
 import textwrap
 import time
@@ -26,6 +28,8 @@ import chat
 from conftest import (
     NAME_EMPTY,
     SERVER_FULL,
+    SYNC,
+    SYNC_REPLY,
     TIMED_OUT_WAITING,
     TIMEOUT,
     TOO_MANY_FROM_ADDRESS,
@@ -37,12 +41,15 @@ from conftest import (
     TLSFiles,
     client_context,
     launch,
+    poll,
     receive,
     run_chat,
     send_line,
     username,
 )
 from haproxy_testing import connect_from, running_haproxy
+from test_server import seed_session_one, seed_session_two
+from tls import TLSConfig
 
 BALANCER = "127.0.0.9"
 TRUSTED = [ipaddress.ip_network(f"{BALANCER}/32")]
@@ -206,6 +213,55 @@ def test_bytes_after_the_header_in_the_same_read_are_the_clients_first(
     assert bob.sync() == [receive("alice", "hi")]
 
 
+def test_on_the_tls_port_the_header_comes_in_clear_and_the_handshake_after_it(
+    make: Make, tls_files: TLSFiles
+) -> None:
+    """On the TLS port the header is read in clear; the ClientHello sent
+    with it in one piece starts the handshake, and the client is named by
+    the header."""
+    server = make(tls=TLSConfig(0, str(tls_files.cert), str(tls_files.key)))
+    assert server.tls_address is not None
+    raw = bound_to(BALANCER)()
+    raw.settimeout(TIMEOUT)
+    raw.connect(("127.0.0.1", server.tls_address[1]))
+    raw.setblocking(False)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    raw.sendall(v2("127.0.0.2", 5002) + outgoing.read())
+
+    def turn() -> None:
+        """One turn of the server; what it sent, to the client's TLS."""
+        server.run_once(max_wait=0.005)
+        with contextlib.suppress(BlockingIOError):
+            incoming.write(raw.recv(65536))
+        if outgoing.pending:
+            raw.sendall(outgoing.read())
+
+    deadline = time.monotonic() + TIMEOUT
+    answer = b""
+    try:
+        while True:
+            assert time.monotonic() < deadline, "gave up waiting for the handshake"
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                turn()
+        tls.write(username("alice") + SYNC)
+        raw.sendall(outgoing.read())
+        while not answer.endswith(b"\n"):
+            assert time.monotonic() < deadline, f"gave up waiting for the answer: {answer!r}"
+            turn()
+            with contextlib.suppress(ssl.SSLWantReadError):
+                answer += tls.read(65536)
+    finally:
+        raw.close()
+    assert answer == SYNC_REPLY + b"\n"
+    assert peers(server) == ["127.0.0.2:5002"]
+
+
 # --- closed without a reply ------------------------------------------------------------
 
 
@@ -359,9 +415,10 @@ def test_behind_haproxy_the_server_sees_each_real_client(
     tmp_path: Path, tls_files: TLSFiles, server_options: str
 ) -> None:
     """HAProxy (v1 and v2 headers) in front of the plain port and, passing
-    TLS through, the TLS port: the log names each client's own address and
-    port, --max-per-address counts each client across both ports, and the
-    chat works end to end."""
+    TLS through, the TLS port: both README sessions work end to end, the
+    log names each client's own address and port, and --max-per-address 1
+    counts each client, across both ports: a second connection from one
+    is refused, one from another address is not."""
     tls_args = [
         "--tls-port",
         "0",
@@ -370,9 +427,8 @@ def test_behind_haproxy_the_server_sees_each_real_client(
         "--tls-key",
         str(tls_files.key),
     ]
-    with launch(
-        "--proxy-protocol", f"{BALANCER}/32", "--max-per-address", "1", *tls_args
-    ) as chat_py:
+    trust = ["--proxy-protocol", f"{BALANCER}/32", "--max-per-address", "1"]
+    with launch(*trust, *tls_args) as chat_py:
         backends = {"plain": ("127.0.0.1", chat_py.port), "tls": ("127.0.0.1", chat_py.tls_port)}
         with (
             running_haproxy(
@@ -382,34 +438,37 @@ def test_behind_haproxy_the_server_sees_each_real_client(
                 backends["tls"], tmp_path, server_options=server_options, source=BALANCER
             ) as tls,
         ):
-            alice = ClientFrom("127.0.0.2", plain.address)
-            bob = TLSClientFrom("127.0.0.3", tls.address)
-            alice_port, bob_port = alice.sock.getsockname()[1], bob.sock.getsockname()[1]
+            with ClientFrom("127.0.0.4", plain.address) as first:
+                first_port = first.sock.getsockname()[1]
+                seed_session_one(first)
+            poll(
+                "teixe to be freed",
+                lambda: f"127.0.0.4:{first_port}> disconnected" in chat_py.log.text(),
+            )
+            teixe = ClientFrom("127.0.0.2", plain.address)
+            jeff = TLSClientFrom("127.0.0.3", tls.address)
+            teixe_port, jeff_port = teixe.sock.getsockname()[1], jeff.sock.getsockname()[1]
             try:
-                alice.register("alice")
-                bob.register("bob")  # HAProxy's own address holds two now: not counted
+                # HAProxy's own address holds both: each counts as its client.
+                seed_session_two(teixe, jeff)
                 with ClientFrom("127.0.0.2", plain.address) as twin:
                     assert twin.read_to_eof() == TOO_MANY_FROM_ADDRESS + b"\n"
-                with pytest.raises(OSError):  # the TLS port refuses without a word
-                    TLSClientFrom("127.0.0.3", tls.address).close()
+                with ClientFrom("127.0.0.3", tls.address) as twin:  # before any handshake
+                    assert twin.read_to_eof() == b""  # the TLS port refuses without a word
                 with ClientFrom("127.0.0.4", plain.address) as carol:
                     carol.register("carol")
-                alice.send(send_line("hello bob"))
-                assert bob.sync() == [receive("alice", "hello bob")]
-                bob.send(send_line("hello alice"))
-                assert alice.sync() == [receive("bob", "hello alice")]
             finally:
-                alice.close()
-                bob.close()
+                teixe.close()
+                jeff.close()
         log = chat_py.finish()
     version = "v2" if "v2" in server_options else "v1"
     through = rf"through 127\.0\.0\.9:\d+ \(PROXY {version}\)"
     expected = [
-        rf"127\.0\.0\.2:{alice_port}> connected {through}",
-        rf"127\.0\.0\.3:{bob_port}> connected on the TLS port {through}",
+        rf"127\.0\.0\.4:{first_port}> connected {through}",
+        rf"127\.0\.0\.2:{teixe_port}> connected {through}",
+        rf"127\.0\.0\.3:{jeff_port}> connected on the TLS port {through}",
         rf"refused 127\.0\.0\.2:\d+ {through}: 1 connections from 127\.0\.0\.2 ",
         rf"refused 127\.0\.0\.3:\d+ {through}: 1 connections from 127\.0\.0\.3 ",
-        rf"127\.0\.0\.4:\d+> connected {through}",
         "expecting a PROXY protocol header from 127.0.0.9/32",
     ]
     for pattern in expected:
