@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 import chat
+import metrics
 from conftest import (
     NAME_EMPTY,
     SERVER_FULL,
@@ -147,6 +148,41 @@ def test_the_header_address_counts_for_the_per_address_limit_and_the_log(
     assert re.search(r"127\.0\.0\.2:5002> connected through 127\.0\.0\.9:\d+", caplog.text)
     assert "refused 127.0.0.2:5003 through 127.0.0.9:" in caplog.text
     assert server.stats.refused["per_address"] == 1
+
+
+def v2_inet6(source: str, source_port: int) -> bytes:
+    block = socket.inet_pton(socket.AF_INET6, source) + socket.inet_pton(socket.AF_INET6, "::1")
+    block += struct.pack("!HH", source_port, 8080)
+    return SIGNATURE + b"\x21\x21" + struct.pack("!H", len(block)) + block
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        lambda source, port: f"PROXY TCP6 {source} ::1 {port} 8080\r\n".encode(),
+        v2_inet6,
+    ],
+    ids=["v1", "v2"],
+)
+def test_an_ipv6_client_counts_by_its_64_through_a_dual_stack_listener(
+    clock: FakeClock, header: Callable[[str, int], bytes]
+) -> None:
+    """On a dual-stack listener, the IPv4 balancer (seen as ::ffff:127.0.0.9)
+    is trusted, and an IPv6 client of its header counts by its /64."""
+    server = chat.ChatServer(None, 0, clock=clock, proxy_networks=TRUSTED, max_per_address=1)
+    try:
+        first = from_balancer(server)
+        first.send(header("2001:db8:1:2::5", 5005))
+        assert first.sync() == []
+        assert peers(server) == ["[2001:db8:1:2::5]:5005"]
+        neighbour = from_balancer(server)
+        neighbour.send(header("2001:db8:1:2:ffff::6", 5006))  # the same /64
+        assert neighbour.read_to_eof() == TOO_MANY_FROM_ADDRESS + b"\n"
+        elsewhere = from_balancer(server)
+        elsewhere.send(header("2001:db8:1:3::5", 5007))
+        assert elsewhere.sync() == []
+    finally:
+        server.close()
 
 
 @pytest.mark.parametrize("header", [b"PROXY UNKNOWN\r\n", V2_LOCAL], ids=["unknown", "local"])
@@ -286,6 +322,10 @@ def test_a_malformed_header_closes_without_a_reply(
     assert client.read_to_eof() == b""
     assert server.open_count == 0 and server.stats.accepted == 0
     assert server.stats.disconnections["protocol_error"] == 1
+    samples = metrics.render(
+        metrics.chat_metrics(server.stats, open_count=server.open_count, members=0, unsent=0)
+    )
+    assert b'chat_disconnections_total{reason="protocol_error"} 1\n' in samples
     assert f"disconnected before its PROXY header: protocol error ({reason}" in caplog.text
 
 
