@@ -63,6 +63,7 @@ from output import (
     STALL_CHECK,
     STALL_TIMEOUT,
 )
+from proxy_header import proxy_network
 from reactor import ChatServer
 from room import ConfigurationError, LocalRoom, Room
 from timers import Timers
@@ -285,6 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="connections over N from one address (IPv6: one /64) are told 'ERROR Too many "
         "connections from your address.' and closed; 127.0.0.1 and ::1 are not counted "
         f"(default: {DEFAULT_MAX_PER_ADDRESS})",
+    )
+    internet.add_argument(
+        "--proxy-protocol",
+        type=proxy_network,
+        action="append",
+        default=None,
+        metavar="CIDR",
+        help="connections from this network (a CIDR or one address; repeat for more) come "
+        "from a load balancer: each must begin with a PROXY protocol header (v1 or v2), "
+        "whose client address is then the connection's own, for --max-per-address and "
+        "the logs (default: none)",
     )
     tls = parser.add_argument_group(
         "TLS",
@@ -650,6 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             room=room,
             sockets=sockets,
             on_reload=on_reload,
+            proxy_networks=args.proxy_protocol or (),
         )
     except ConfigurationError as error:
         print(f"chat.py: {error}", file=sys.stderr)
@@ -672,6 +685,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("listening on %s", _describe_listener(args.host, server.address))
     if server.tls_address is not None:
         log.info("listening for TLS on %s", _describe_listener(args.host, server.tls_address))
+    if args.proxy_protocol:
+        networks = ", ".join(map(str, args.proxy_protocol))
+        log.info("expecting a PROXY protocol header from %s", networks)
     if server.metrics is not None:
         log.info("metrics at http://%s/metrics", format_peer(server.metrics.address))
     _warn_about_unused_options(args)

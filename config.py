@@ -37,12 +37,14 @@ LIVE_SETTINGS: Final = (
 # and --help.
 _NOT_SETTINGS: Final = frozenset({"config", "help"})
 
-Kind = type[bool] | type[int] | type[float] | type[str]
+# A repeatable option (--proxy-protocol) is an array of strings.
+Kind = type[bool] | type[int] | type[float] | type[str] | type[list[str]]
 _KIND_NAMES: Final[dict[Kind, str]] = {
     bool: "true or false",
     int: "a whole number",
     float: "a number",
     str: "a string",
+    list: "an array of strings",
 }
 
 
@@ -85,6 +87,8 @@ def setting_table(parser: argparse.ArgumentParser) -> dict[str, Setting]:
 def _kind(action: argparse.Action) -> Kind:
     if isinstance(action, argparse._StoreTrueAction):
         return bool
+    if isinstance(action, argparse._AppendAction):
+        return list
     if action.type is None:
         return str
     # The check's own return annotation: _port says int, _redis_timeout float.
@@ -103,10 +107,20 @@ def given_on_command_line(
     """The options `argv` gives, by dest, and their values: `parser` (a
     fresh one: its defaults are changed) parses it with every default
     taken out."""
+    repeatable = set()
     for action in parser._actions:
-        action.default = _ABSENT
+        if isinstance(action, argparse._AppendAction):
+            # argparse appends to the default: None stands for absent here.
+            action.default = None
+            repeatable.add(action.dest)
+        else:
+            action.default = _ABSENT
     given = vars(parser.parse_args(argv))
-    return {dest: value for dest, value in given.items() if value is not _ABSENT}
+    return {
+        dest: value
+        for dest, value in given.items()
+        if value is not _ABSENT and not (dest in repeatable and value is None)
+    }
 
 
 def parse_settings(
@@ -134,6 +148,8 @@ def parse_settings(
 def _check(setting: Setting, value: object) -> object:
     """`value` as the option's own check takes it, or the problem."""
     kind = setting.kind
+    if kind is list:
+        return _check_each(setting, value)
     # bool is an int to Python, not to TOML; an int is a fine float.
     fits = (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))) or (
         kind is float and isinstance(value, int) and not isinstance(value, bool)
@@ -146,6 +162,19 @@ def _check(setting: Setting, value: object) -> object:
         return setting.check(str(value))
     except (argparse.ArgumentTypeError, ValueError) as error:
         return ConfigProblem(str(error))
+
+
+def _check_each(setting: Setting, value: object) -> object:
+    """An array of strings, each as the repeatable option's check takes it."""
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        return ConfigProblem(f"must be {_KIND_NAMES[list]}, not {_describe(value)}")
+    checked = []
+    for item in value:
+        try:
+            checked.append(item if setting.check is None else setting.check(item))
+        except (argparse.ArgumentTypeError, ValueError) as error:
+            return ConfigProblem(str(error))
+    return checked
 
 
 def _describe(value: object) -> str:

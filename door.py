@@ -8,6 +8,14 @@ connection's --register-timeout. The `TLSPort` is the TLS listener, and
 `TLSKind` what its connections' transport (tls.TLSTransport) tells the
 loop: a new kind of transport comes in here, with its listener and its
 `Kind`, and the read path, the write path and the room stay as they are.
+
+Behind a load balancer (--proxy-protocol): a connection from a trusted
+network stays at the door (`Arriving`) until its PROXY header is read
+(proxy_header.parse_header), on every listener alike; only then is it let
+in, under the client's address the header gives, as if that client had
+connected itself. What came after the header is handed to the connection
+as its first bytes (`AfterHeader`), so the read path and the transports
+(TLS included: the handshake starts after the header) never see a header.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import ipaddress
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from selectors import EVENT_READ, BaseSelector
 from typing import Final, cast
@@ -32,9 +40,19 @@ from connection import (
     Connection,
     Kind,
     Schedule,
+    Transport,
 )
+from host import CLOSE_REASONS
 from metrics import Stats
-from timers import Timers
+from proxy_header import (
+    DEFAULT_HEADER_TIMEOUT,
+    Incomplete,
+    Malformed,
+    Network,
+    parse_header,
+    trusted,
+)
+from timers import Timer, Timers
 from tls import TLSConfig, TLSConfigError, TLSTransport, error_detail, load_context
 
 DEFAULT_MAX_CLIENTS: Final = 10_000
@@ -139,9 +157,10 @@ def tune_for_clients(listener: socket.socket, keepalive: int) -> None:
     listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, unacked * 1000)
 
 
-# What a socket let in becomes: its socket, its peer's address for the
-# logs, and the key --max-per-address counts it under.
-Admit = Callable[[socket.socket, str, str | None], Connection]
+# What a socket let in becomes: its socket (or the socket with the bytes
+# that came after a PROXY header, AfterHeader), its peer's address for
+# the logs, and the key --max-per-address counts it under.
+Admit = Callable[[Transport, str, str | None], Connection]
 
 
 class Listener:
@@ -157,12 +176,63 @@ class Listener:
         self.plain = plain
 
 
+class Arriving:
+    """A connection from a trusted balancer whose PROXY header has not all
+    come yet: its socket, the balancer's address, the listener it came in
+    by, the bytes so far, when it was accepted, and its deadline."""
+
+    __slots__ = ("sock", "peer", "balancer", "listener", "data", "accepted_at", "deadline")
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        balancer: tuple[str, int],
+        listener: Listener,
+        accepted_at: float,
+    ) -> None:
+        self.sock = sock
+        self.balancer = balancer
+        self.peer = format_peer(balancer)
+        self.listener = listener
+        self.data = b""
+        self.accepted_at = accepted_at
+        self.deadline: Timer | None = None
+
+
+class AfterHeader:
+    """A socket as a connection.Transport whose first read hands out what
+    came after the PROXY header in the door's read: the client's first
+    bytes (lines, or a TLS ClientHello). They are at most one read of
+    READ_SIZE, as the Reader's (and a TLS transport's first) read is, so
+    none stay behind where select cannot see them. Once they are out,
+    `recv` is the socket's own, as `send` always is: no extra call on any
+    later read or write."""
+
+    __slots__ = ("sock", "_first", "recv", "send", "fileno", "close")
+
+    def __init__(self, sock: socket.socket, first: bytes) -> None:
+        self.sock = sock
+        self._first = first
+        self.recv: Callable[[int], bytes] = self._replay
+        self.send: Callable[[bytes | bytearray | memoryview], int] = sock.send
+        self.fileno: Callable[[], int] = sock.fileno
+        self.close: Callable[[], None] = sock.close
+
+    def _replay(self, size: int, /) -> bytes:
+        first, self._first = self._first[:size], self._first[size:]
+        if not self._first:
+            self.recv = self.sock.recv
+        return first
+
+
 class Door:
     """Where connections come in: accepting from the listeners, refusing
     those over the limits (--max-clients, --max-per-address), pausing when
     the process runs out of file descriptors, and timing how long each one
     takes to choose a name (--register-timeout): `expired` is told of
-    those that take too long."""
+    those that take too long. A connection from `proxy_networks` is let
+    in once its PROXY header names the client (see the module's
+    docstring); until then it counts towards --max-clients only."""
 
     def __init__(
         self,
@@ -175,6 +245,7 @@ class Door:
         max_clients: int,
         max_per_address: int,
         register_timeout: float,
+        proxy_networks: Sequence[Network] = (),
     ) -> None:
         self.max_clients = max_clients
         self.max_per_address = max_per_address
@@ -189,6 +260,8 @@ class Door:
         self._per_address: dict[str, int] = {}
         self._paused = False
         self._failing = False  # out of fds since the last good accept
+        self._proxy_networks = tuple(proxy_networks)
+        self._arriving: dict[Arriving, None] = {}  # headers not read yet
 
     def open(self, sock: socket.socket, admit: Admit = Connection, *, plain: bool = True) -> None:
         """Accept from `sock`; `admit` makes each socket let in a connection."""
@@ -260,38 +333,145 @@ class Door:
                 self._selector.unregister(listener.sock)
             listener.sock.close()
         self._listeners.clear()
+        for arriving in list(self._arriving):
+            self._turn_away(arriving, "server_shutdown", "")
 
     def _let_in(self, sock: socket.socket, address: tuple[str, int], listener: Listener) -> None:
         sock.setblocking(False)
-        peer = format_peer(address)
-        key = address_key(address[0])
         if self.open_count >= self.max_clients:
+            peer = format_peer(address)
             log.warning("refused %s: server is full (limit %d)", peer, self.max_clients)
             self._refuse(sock, protocol.SERVER_FULL if listener.plain else b"", "server_full")
             return
+        # Counted from the accept: a balancer's connection holds a
+        # descriptor whatever its header will say.
+        self.open_count += 1
+        accepted_at = self._timers.turn_time
+        if self._proxy_networks and trusted(address[0], self._proxy_networks):
+            self._await_header(Arriving(sock, address, listener, accepted_at))
+            return
+        self._admit(sock, address, listener, accepted_at)
+
+    def _admit(
+        self,
+        sock: socket.socket,
+        address: tuple[str, int],
+        listener: Listener,
+        accepted_at: float,
+        *,
+        first: bytes = b"",
+        via: str = "",
+    ) -> None:
+        """Let in the client at `address`, unless it is over
+        --max-per-address; `first` are bytes of its read already, `via`
+        says through which balancer it came, for the log."""
+        peer = format_peer(address)
+        key = address_key(address[0])
         if key is not None:
             count = self._per_address.get(key, 0)
             if self.max_per_address and count >= self.max_per_address:
                 log.warning(
-                    "refused %s: %d connections from %s already (limit %d)",
+                    "refused %s%s: %d connections from %s already (limit %d)",
                     peer,
+                    via,
                     count,
                     key,
                     self.max_per_address,
                 )
+                self.open_count -= 1
                 line = protocol.TOO_MANY_FROM_ADDRESS if listener.plain else b""
                 self._refuse(sock, line, "per_address")
                 return
             self._per_address[key] = count + 1
-        self.open_count += 1
         self._stats.accepted += 1
-        conn = listener.admit(sock, peer, key)
-        self._schedule.watch_new(conn)
+        conn = listener.admit(AfterHeader(sock, first) if first else sock, peer, key)
+        schedule = self._schedule
+        schedule.watch_new(conn)
+        if first:
+            schedule.holds_input(conn)  # read next turn: select cannot see them
         if self.register_timeout:
-            self._schedule.start_timer(
-                conn, REGISTRATION, self.register_timeout, partial(self._expired, conn)
-            )
-        log.info("%r connected%s", conn, conn.kind.arrival)
+            # From the accept: a balancer's header is part of that time.
+            delay = accepted_at + self.register_timeout - self._timers.turn_time
+            schedule.start_timer(conn, REGISTRATION, delay, partial(self._expired, conn))
+        log.info("%r connected%s%s", conn, conn.kind.arrival, via)
+
+    # --- behind a load balancer: the PROXY header ---------------------------
+
+    def _await_header(self, arriving: Arriving) -> None:
+        """Read `arriving`'s header as it comes, within the register timeout
+        (or DEFAULT_HEADER_TIMEOUT without one)."""
+        self._arriving[arriving] = None
+        timeout = self.register_timeout or DEFAULT_HEADER_TIMEOUT
+        arriving.deadline = self._timers.call_at(
+            arriving.accepted_at + timeout, partial(self._header_late, arriving, timeout)
+        )
+        self._selector.register(arriving.sock, EVENT_READ, partial(self._read_header, arriving))
+        # A balancer often sends its header with the handshake: it is here
+        # already, and the client is let in now rather than a turn later.
+        self._read_header(arriving, EVENT_READ)
+
+    def _read_header(self, arriving: Arriving, events: int) -> None:
+        """`arriving`'s socket is readable (a handler of the loop's)."""
+        if arriving not in self._arriving:
+            return  # turned away earlier in this turn
+        try:
+            data = arriving.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            reason = "timed_out" if error.errno == errno.ETIMEDOUT else "reset"
+            self._turn_away(arriving, reason, error.strerror or str(error))
+            return
+        if not data:
+            self._turn_away(arriving, "client_closed", "before the end of its PROXY header")
+            return
+        arriving.data += data
+        parsed = parse_header(arriving.data)
+        if isinstance(parsed, Incomplete):
+            return
+        if isinstance(parsed, Malformed):
+            self._turn_away(arriving, "protocol_error", parsed.reason)
+            return
+        self._forget(arriving)
+        # PROXY UNKNOWN, v2 LOCAL and other families: the balancer itself.
+        client = arriving.balancer if parsed.source is None else parsed.source
+        self._admit(
+            arriving.sock,
+            client,
+            arriving.listener,
+            arriving.accepted_at,
+            first=arriving.data[parsed.length :],
+            via=f" through {arriving.peer} (PROXY v{parsed.version})",
+        )
+
+    def _header_late(self, arriving: Arriving, timeout: float) -> None:
+        arriving.deadline = None  # it ran
+        self._turn_away(arriving, "registration_timeout", f"no PROXY header within {timeout:g} s")
+
+    def _turn_away(self, arriving: Arriving, reason: str, detail: str) -> None:
+        """Close `arriving` without a word (a balancer would pass any
+        answer on to a client it does not know), for `reason`, one of
+        CLOSE_REASONS."""
+        self._forget(arriving)
+        self.open_count -= 1
+        self._stats.disconnections[reason] += 1
+        words = CLOSE_REASONS[reason]
+        log.info(
+            "%s disconnected before its PROXY header: %s",
+            arriving.peer,
+            f"{words} ({detail})" if detail else words,
+        )
+        arriving.sock.close()
+
+    def _forget(self, arriving: Arriving) -> None:
+        """`arriving` leaves the door's care: out of the selector, its
+        deadline cancelled."""
+        del self._arriving[arriving]
+        if arriving.deadline is not None:
+            arriving.deadline.cancel()
+            arriving.deadline = None
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(arriving.sock)
 
     def _refuse(self, sock: socket.socket, line: bytes, reason: str) -> None:
         self._stats.refused[reason] += 1
@@ -384,7 +564,7 @@ class TLSPort:
         self._context = context  # connections already open keep theirs
         log.info("reloaded the TLS certificate %s and key %s", config.cert, config.key)
 
-    def admit(self, sock: socket.socket, peer: str, key: str | None) -> Connection:
+    def admit(self, sock: Transport, peer: str, key: str | None) -> Connection:
         """A socket let in on the TLS port: its connection, handshake to come."""
         transport = TLSTransport(sock, self._context)
         conn = Connection(transport, peer, key, TLS)

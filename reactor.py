@@ -17,7 +17,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from selectors import EVENT_READ, EVENT_WRITE, DefaultSelector
 from typing import Final
 
@@ -38,6 +38,7 @@ from host import CLOSE_REASONS, Host, Member
 from metrics import Metric, MetricsServer, Stats, chat_metrics
 from output import DEFAULT_OUTPUT_BUDGET, DEFAULT_OUTPUT_LIMIT, Writer
 from processing import Processor
+from proxy_header import Network
 from room import LocalRoom, Room
 from timers import Clock, Timer, Timers
 from tls import TLSConfig, load_context
@@ -94,7 +95,9 @@ class ChatServer:
     is taken), by what they serve: "chat", "tls", "metrics"; the server
     listens on those instead of binding its own. `on_reload` runs in the
     loop after `reload_tls` (SIGHUP) asks, before the certificate is
-    reloaded."""
+    reloaded. A connection from one of `proxy_networks` (--proxy-protocol)
+    must begin with a PROXY header, whose client address is then its own
+    (door.Door)."""
 
     def __init__(
         self,
@@ -114,6 +117,7 @@ class ChatServer:
         clock: Clock = time.monotonic,
         sockets: Mapping[str, socket.socket] | None = None,
         on_reload: Callable[[], None] | None = None,
+        proxy_networks: Sequence[Network] = (),
     ) -> None:
         # First, so that a bad certificate fails before anything is bound.
         tls_context = None if tls is None else load_context(tls.cert, tls.key)
@@ -140,6 +144,7 @@ class ChatServer:
             max_clients=max_clients,
             max_per_address=max_per_address,
             register_timeout=register_timeout,
+            proxy_networks=proxy_networks,
         )
         sockets = {} if sockets is None else sockets
         made = sockets.get("chat")
@@ -277,8 +282,9 @@ class ChatServer:
         self._room.end_turn()
 
     def _run_handler(self, handler: Callable[[int], None], mask: int) -> None:
-        """A socket of the room's or the metrics' own is ready. A bug there
-        must not take every connection down with the loop."""
+        """A socket of the room's, the metrics' or the door's own (a PROXY
+        header on its way) is ready. A bug there must not take every
+        connection down with the loop."""
         try:
             handler(mask)
         except Exception:

@@ -101,6 +101,7 @@ DISCONNECTION_REASONS: Final = (
     "tls_handshake",
     "server_shutdown",
     "internal_error",
+    "protocol_error",  # v3
 )
 
 

@@ -42,11 +42,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from connection import Transport  # a socket, or door.AfterHeader
 
 # PROTOCOL.md: "A handshake that does not finish within 10 s ... closes
 # that connection".
@@ -135,7 +137,7 @@ class TLSTransport:
         "_failed",
     )
 
-    def __init__(self, raw: socket.socket, context: ssl.SSLContext) -> None:
+    def __init__(self, raw: Transport, context: ssl.SSLContext) -> None:
         self.raw = raw
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
