@@ -8,7 +8,9 @@ until the batch holds BATCH_BYTES (protocol.parse_line, then the room),
 flush (connection.Writer), and close what the turn finished. `ChatServer`
 is also the `Host` the room and the metrics ask for time, replies and
 holds, and `ServerView` what a test may read of it. `Wakeup` wakes the
-loop from a signal handler or another thread.
+loop from a signal handler or another thread. `FloodControl` is
+--send-rate: a SEND line that finds no token in its connection's bucket
+(flood.take) stops that connection until the token is due.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from selectors import EVENT_READ, EVENT_WRITE, DefaultSelector
 from typing import Final
 
+import flood
 import protocol
 from connection import (
     DEFAULT_OUTPUT_BUDGET,
@@ -60,6 +64,8 @@ DEFAULT_PORT: Final = 8080
 BATCH_BYTES: Final = 256 * 1024
 # Reads of unprocessed input before closing a connection (see _discard_input).
 DISCARD_READS: Final = 16
+# What parse_line makes of a SEND line: each takes a token (--send-rate).
+SEND_LINES: Final = frozenset({Send, BadSend})
 
 log = logging.getLogger("chat")
 
@@ -96,6 +102,65 @@ class Wakeup:
                 sock.close()
 
 
+class FloodControl:
+    """Flood control (--send-rate, --send-burst) for the loop: the bucket's
+    terms, one for every connection, and a connection's wait for a token,
+    from the SEND line that found none to the timer that brings it; the
+    wait itself the `Schedule` keeps, like a hold. Nothing is refused or
+    answered for it: the sender is slowed (fakelag)."""
+
+    def __init__(
+        self, schedule: Schedule, timers: Timers, stats: Stats, rate: float, burst: int | None
+    ) -> None:
+        self._schedule = schedule
+        self._timers = timers
+        self._stats = stats
+        self._rate = rate
+        self._burst = burst  # None: the default, 10 x rate
+        # None: off, and the loop asks nothing more of a line.
+        self.terms = flood.send_rate(rate, burst)
+
+    def apply(self, rate: float | None, burst: int | None) -> None:
+        """A new rate or burst (None: unchanged), for every connection from
+        its next SEND on: its bucket is one due time, the terms the
+        server's. One waiting for a token looks again at once (with the
+        rate off, it goes on)."""
+        if rate is None and burst is None:
+            return
+        self._rate = self._rate if rate is None else rate
+        self._burst = self._burst if burst is None else burst
+        self.terms = flood.send_rate(self._rate, self._burst)
+        for conn in self._schedule.throttled():
+            self.token_due(conn)
+
+    def take_token(self, conn: Connection) -> bool:
+        """A token for `conn`'s SEND line, accepted or not; False if it has
+        none: then it and its lines behind wait, not read meanwhile."""
+        terms = self.terms
+        if terms is None:
+            return True
+        next_token = flood.take(conn.next_token, self._timers.turn_time, terms)
+        if next_token is not None:
+            conn.next_token = next_token
+            return True
+        if self._schedule.throttle(conn, conn.next_token, partial(self.token_due, conn)):
+            log.info(
+                "%r sends faster than --send-rate: its input waits for its tokens "
+                "(logged once per connection)",
+                conn,
+            )
+        return False
+
+    def token_due(self, conn: Connection) -> None:
+        """Timer: `conn`'s next token is due: read and processed again."""
+        schedule = self._schedule
+        self._stats.throttled_seconds += schedule.unthrottle(conn)
+        schedule.watch(conn)
+        schedule.has_lines(conn)
+        if conn.kind.holds_input(conn):
+            schedule.holds_input(conn)  # was not read while it waited
+
+
 class ChatServer:
     """The reactor. Binds in the constructor (port 0 picks a free port, see
     `address`); `serve_forever` runs until `stop`, which is safe to call
@@ -108,7 +173,7 @@ class ChatServer:
     is taken), by what they serve: "chat", "tls", "metrics"; the server
     listens on those instead of binding its own. `on_reload` runs in the
     loop after `reload_tls` (SIGHUP) asks, before the certificate is
-    reloaded."""
+    reloaded. `send_rate`, `send_burst`: flood control's (FloodControl)."""
 
     def __init__(
         self,
@@ -121,6 +186,8 @@ class ChatServer:
         output_budget: int = DEFAULT_OUTPUT_BUDGET,
         keepalive: int = DEFAULT_KEEPALIVE,
         register_timeout: float = DEFAULT_REGISTER_TIMEOUT,
+        send_rate: float = 0.0,
+        send_burst: int | None = None,
         reuse_port: bool = False,
         metrics_address: tuple[str, int] | None = None,
         tls: TLSConfig | None = None,
@@ -145,6 +212,7 @@ class ChatServer:
             output_budget=output_budget,
         )
         self._reader = Reader(self._schedule, self._writer, self._close)
+        self._flood = FloodControl(self._schedule, self._timers, self.stats, send_rate, send_burst)
         self._door = Door(
             self._selector,
             self._schedule,
@@ -246,12 +314,14 @@ class ChatServer:
         output_limit: int | None = None,
         output_budget: int | None = None,
         keepalive: int | None = None,
+        send_rate: float | None = None,
+        send_burst: int | None = None,
     ) -> None:
-        """New limits for what comes next (a reload of the settings, in the
-        loop); None leaves one as it is. See Door.apply_limits and
-        Writer.apply_limits."""
+        """New limits for what comes next (a reload, in the loop); None leaves
+        one as it is. See Door.apply_limits, Writer's and FloodControl.apply."""
         self._door.apply_limits(max_clients, max_per_address, register_timeout, keepalive)
         self._writer.apply_limits(output_limit, output_budget)
+        self._flood.apply(send_rate, send_burst)
 
     def run_once(self, max_wait: float | None = None) -> None:
         """One turn: select, read, timers, process, flush, close. Waits at
@@ -321,7 +391,7 @@ class ChatServer:
         for key in list(selector_map.values()):
             if isinstance(key.data, Connection):
                 self._close(key.data, "server_shutdown")
-        for conn in self._schedule.held():
+        for conn in self._schedule.held() + self._schedule.throttled():
             self._close(conn, "server_shutdown")
         if hasattr(self, "_room"):
             self._room.close()  # after the closes above queued their releases
@@ -415,8 +485,8 @@ class ChatServer:
                 log.exception("%r: internal error while processing its input", conn)
                 self._close(conn, "internal_error")
                 continue
-            if schedule.is_held(conn):
-                continue  # for the room's answer; `resume` puts it back in line
+            if schedule.is_held(conn) or schedule.is_throttled(conn):
+                continue  # `resume` puts it back in line, or its token (FloodControl)
             if conn.backlog():
                 schedule.has_lines(conn)  # to the back of the round
             elif conn.at_eof and not schedule.closing(conn):
@@ -430,10 +500,13 @@ class ChatServer:
         end = min(len(lines), start + LINES_PER_TURN)
         parse_line = protocol.parse_line
         publish = self._room.publish
-        is_held = self._schedule.is_held
+        is_held, limited = self._schedule.is_held, self._flood.terms is not None
         published = 0
         for index in range(start, end):
             command = parse_line(lines[index])
+            if limited and type(command) in SEND_LINES and not self._flood.take_token(conn):
+                end = index  # it waits for a token, and its lines behind it
+                break
             # The common case first: a valid message from a member.
             if type(command) is Send and conn.name is not None:
                 # protocol.format_receive, with the name part made once.
@@ -478,7 +551,7 @@ class ChatServer:
             return
         conn.closed = True
         self._room.leave(conn)
-        self._schedule.forget(conn)  # and its timers with it
+        self.stats.throttled_seconds += self._schedule.forget(conn)  # a wait, timers too
         self._writer.outbox.drop(conn)
         self._door.left(conn)
         self.stats.disconnections[reason] += 1
@@ -526,7 +599,8 @@ class ServerView:
         return self._server._room
 
     def connections(self) -> list[Connection]:
-        """The connections the selector watches (a held one may be out)."""
+        """The connections the selector watches (a held or throttled one
+        may be out)."""
         selector_map = self._server._selector.get_map()
         if selector_map is None:
             return []
@@ -535,6 +609,10 @@ class ServerView:
     def held(self) -> list[Connection]:
         """The connections the room holds."""
         return self._server._schedule.held()
+
+    def throttled(self) -> list[Connection]:
+        """The connections waiting for a token (--send-rate)."""
+        return self._server._schedule.throttled()
 
     def closing(self, conn: Connection) -> bool:
         """Whether `conn` is to close at the end of the turn."""

@@ -2994,6 +2994,7 @@ CONTRACT_METRICS: Final = (
     "chat_deliveries_total",
     "chat_bytes_sent_total",
     "chat_unsent_bytes",
+    "chat_throttled_seconds_total",
 )
 # Spelled from PROTOCOL.md, not taken from metrics.py, so that a label
 # missing or misspelled there fails here.
