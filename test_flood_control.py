@@ -46,7 +46,9 @@ from conftest import (
     sends,
 )
 from connection import STALL_CHECK, TOKEN, Connection
+from host import Host, Member
 from reactor import ChatServer
+from room import LocalRoom
 
 THROTTLED_LOG = "sends faster than --send-rate"
 
@@ -79,6 +81,9 @@ def test_a_full_bucket_gives_its_burst_and_then_one_token_per_interval(
     assert terms is not None
     taken, bucket = tokens_at(flood.FULL, start, terms)
     assert taken == burst
+    # The token is there at the very time `take` refused until (when the
+    # reactor's timer brings the connection back), or the loop would spin.
+    assert flood.take(bucket, bucket, terms) is not None
     # Not a moment before it is due: SLACK, and the clock's own rounding.
     early = 2 * flood.SLACK
     assert tokens_at(bucket, start + 1 / rate - early, terms)[0] == 0
@@ -376,6 +381,53 @@ def test_nobody_else_waits_while_one_connection_is_throttled(irc: Room) -> None:
     assert irc.bob_gets(3) == receives("cat", [b"one", b"two", b"three"])
 
 
+class StoringRoom(LocalRoom):
+    """A LocalRoom that holds a member after its SEND until `store` (as
+    cluster mode does until Redis has stored it)."""
+
+    def __init__(self, host: Host) -> None:
+        super().__init__(host)
+        self.storing: list[Member] = []
+        self.publish = self.publish_and_hold
+
+    def publish_and_hold(self, member: Member, line: bytes) -> None:
+        self.batch.publish(member, line)
+        if member not in self.storing:
+            self.storing.append(member)
+            self.host.hold(member)
+
+    def store(self) -> None:
+        for member in self.storing:
+            self.host.resume(member)
+        self.storing.clear()
+
+
+def test_a_connection_held_by_the_room_and_throttled_waits_for_both() -> None:
+    """Flood control with a room that holds senders (cluster mode): a SEND
+    with no token waits for it whether or not the hold ends first, in
+    order, and its wait is counted from its start."""
+    room = Room(1, 1, room=StoringRoom)
+    try:
+        storing = room.server.view.room
+        assert isinstance(storing, StoringRoom)
+        conn = room.throttle(room.ann, sends([b"a", b"b", b"c"]))
+        assert room.server.view.held() == [conn]
+        assert room.bob_gets(1) == [receive("ann", "a")]
+        room.advance(0.5)
+        storing.store()  # the hold ends first: b still has no token
+        assert room.bob_gets(0) == []
+        assert room.server.view.throttled() == [conn]
+        room.advance(0.5)
+        assert room.bob_gets(1) == [receive("ann", "b")]  # joined while held again
+        assert room.server.stats.throttled_seconds == 1.0
+        room.advance(1.0)  # held for b, yet c goes with its token, as SENDs join a hold
+        assert room.bob_gets(1) == [receive("ann", "c")]
+        storing.store()
+        assert room.server.view.held() == room.server.view.throttled() == []
+    finally:
+        room.close()
+
+
 def test_waits_are_counted_and_the_first_one_logged(caplog: pytest.LogCaptureFixture) -> None:
     """Flood control: chat_throttled_seconds_total sums the waits (HELP and
     TYPE too); a connection's first wait is logged once at INFO, not every one."""
@@ -441,7 +493,9 @@ def test_apply_limits_changes_the_rate_of_open_connections() -> None:
         room.server.apply_limits(send_burst=3)  # the rate stays
         room.advance(1.0)
         assert room.bob_gets(1) == receives("ann", numbered(1, 2))
+        conn = room.conn(room.ann)
         room.server.apply_limits(send_rate=0.0)
+        assert room.server.view.timers_of(conn) == []  # its token is not awaited any more
         assert room.bob_gets(3) == receives("ann", numbered(3, 3))
         assert room.server.view.throttled() == []
     finally:
