@@ -45,7 +45,8 @@ from conftest import (
     receives,
     sends,
 )
-from connection import STALL_CHECK, TOKEN, Connection
+from connection import STALL_CHECK, TOKEN, Connection, Kind
+from fakes import Parts
 from host import Host, Member
 from reactor import ChatServer
 from room import LocalRoom
@@ -112,6 +113,51 @@ def test_the_default_burst_is_ten_seconds_rounded_up() -> None:
     default = flood.send_rate(0.5)
     assert default is not None
     assert tokens_at(flood.FULL, 0.0, default)[0] == 5
+
+
+# --- the wait, in the Schedule (fakes.Parts: no sockets) -------------------------------
+
+
+def test_the_schedule_keeps_a_wait_for_a_token() -> None:
+    """Schedule: a throttled connection is watched for nothing, has its token's
+    timer, says whether it waited before, and its wait is timed to its end or close."""
+    parts = Parts()
+    conn, _ = parts.connect()
+    schedule = parts.schedule
+    assert schedule.events(conn) == EVENT_READ
+    assert schedule.throttle(conn, parts.clock.now + 1, lambda: None)  # its first wait
+    assert schedule.throttled() == [conn] and schedule.is_throttled(conn)
+    assert schedule.events(conn) == 0 and schedule.timers_of(conn) == [TOKEN]
+    assert not schedule.has_work()
+    parts.clock.advance(0.25)
+    assert schedule.unthrottle(conn) == 0.25
+    assert schedule.throttled() == [] and schedule.timers_of(conn) == []
+    assert schedule.unthrottle(conn) == 0.0  # not waiting
+    assert not schedule.throttle(conn, parts.clock.now + 1, lambda: None)  # not its first
+    parts.clock.advance(2.0)
+    assert schedule.forget(conn) == 2.0
+    assert schedule.throttled() == [] and schedule.timers_of(conn) == []
+    assert parts.timers.next_due() is None
+
+
+def test_a_throttled_connection_holding_unseen_input_is_not_read() -> None:
+    """Reader: input its transport holds (TLS, decrypted already) is not read
+    while the connection waits for a token, nor does it keep the loop busy."""
+
+    class Holding(Kind):
+        def holds_input(self, conn: Connection) -> bool:
+            return True
+
+    parts = Parts()
+    conn, transport = parts.member("ann")
+    conn.kind = Holding()
+    transport.incoming.append(b"SEND more\n")
+    schedule = parts.schedule
+    schedule.throttle(conn, parts.clock.now + 1, lambda: None)
+    schedule.holds_input(conn)
+    parts.reader.read_unseen_input()
+    assert transport.incoming == [b"SEND more\n"] and conn.backlog() == 0
+    assert not schedule.has_work()
 
 
 # --- the throttle, turn by turn on a fake clock --------------------------------------
