@@ -208,10 +208,9 @@ class Schedule:
     to process (round robin), input select cannot see, output to flush at
     the end of the turn, a close pending and its reason, a hold by the
     room, a wait for a token, what the selector watches it for, and its
-    timers. Only
-    connections in one of those are in its containers, never a scan of
-    all; `forget` takes a closing connection out of every one and cancels
-    its timers."""
+    timers. Only connections in one of those are in its containers, never
+    a scan of all; `forget` takes a closing connection out of every one
+    and cancels its timers."""
 
     def __init__(self, selector: BaseSelector, timers: Timers) -> None:
         self._selector = selector
