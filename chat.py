@@ -41,6 +41,7 @@ from typing import Any, Final, NoReturn, cast
 
 import activation
 import config
+import flood
 from connection import LINES_PER_TURN, READ_SIZE, Connection, Transport
 from door import (
     ACCEPT_PAUSE,
@@ -162,6 +163,25 @@ def _keepalive(text: str) -> int:
     if seconds > MAX_KEEPALIVE:
         raise argparse.ArgumentTypeError(f"must be at most {MAX_KEEPALIVE}, not {seconds}")
     return seconds
+
+
+def _send_rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if rate != 0 and not flood.MIN_RATE <= rate <= flood.MAX_RATE:  # NaN included
+        raise argparse.ArgumentTypeError(
+            f"must be 0 (no limit) or {flood.MIN_RATE:g} to {flood.MAX_RATE:g}, not {text}"
+        )
+    return rate
+
+
+def _send_burst(text: str) -> int:
+    burst = _positive(text)
+    if burst > flood.MAX_BURST:
+        raise argparse.ArgumentTypeError(f"must be at most {flood.MAX_BURST}, not {burst}")
+    return burst
 
 
 def _lease_ms(text: str) -> int:
@@ -297,6 +317,23 @@ def build_parser() -> argparse.ArgumentParser:
         "from a load balancer: each must begin with a PROXY protocol header (v1 or v2), "
         "whose client address is then the connection's own, for --max-per-address and "
         "the logs (default: none)",
+    )
+    internet.add_argument(
+        "--send-rate",
+        type=_send_rate,
+        default=0.0,
+        metavar="N",
+        help="SEND lines per second per connection (decimals allowed): a client that sends "
+        "faster is not read until it may send again, so it is slowed, and nothing it sent "
+        "is refused or lost; 0: no limit (default: 0)",
+    )
+    internet.add_argument(
+        "--send-burst",
+        type=_send_burst,
+        default=None,
+        metavar="B",
+        help="with --send-rate: SEND lines a connection may send at once before the rate "
+        "holds it back (default: 10 x N, rounded up)",
     )
     tls = parser.add_argument_group(
         "TLS",
@@ -451,6 +488,8 @@ def _warn_about_unused_options(args: argparse.Namespace) -> None:
             log.warning(
                 "--reuse-port without --redis: servers sharing the port do not share a room"
             )
+    if args.send_burst is not None and not args.send_rate:
+        log.warning("--send-burst only matters with --send-rate: ignored")
 
 
 def _describe_listener(host: str | None, address: tuple[str, int]) -> str:
@@ -582,7 +621,8 @@ def _reloader(
                 "cannot reload the settings: %s; keeping every setting as it was", from_file.message
             )
             return
-        found = config.changes(table, vars(args), config.merge(table, from_file, given))
+        merged = config.merge(table, from_file, given)
+        found = config.changes(table, vars(args), merged)
         if found.need_restart:
             log.warning(
                 "settings changed in %s take effect only after a restart: %s",
@@ -590,6 +630,13 @@ def _reloader(
                 ", ".join(found.need_restart),
             )
         live = dict(found.live)
+        if "send_rate" in live or "send_burst" in live:
+            # Both, the burst worked out: its default follows the rate, and
+            # to apply_limits None would mean "unchanged".
+            rate = cast(float, merged["send_rate"])
+            burst = cast("int | None", merged["send_burst"])
+            live["send_rate"] = rate
+            live["send_burst"] = flood.default_burst(rate) if burst is None else burst
         level = live.pop("log_level", None)
         if isinstance(level, str):
             logging.getLogger().setLevel(level)
@@ -656,6 +703,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             output_budget=args.output_budget,
             keepalive=args.keepalive,
             register_timeout=args.register_timeout,
+            send_rate=args.send_rate,
+            send_burst=args.send_burst,
             reuse_port=args.reuse_port,
             metrics_address=metrics_address,
             tls=None if tls_port is None else TLSConfig(tls_port, args.tls_cert, args.tls_key),

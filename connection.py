@@ -10,9 +10,10 @@ on the kind, and adding one touches only the transport and the door.
 
 `Schedule` is the one owner of every connection's place in the turns:
 lines to process (round robin), input select cannot see, output to flush
-this turn, a close pending with its reason, a hold by the room, what the
-selector watches, and the connection's timers, which `forget` cancels
-when it closes. The others ask it; none keeps a list of its own.
+this turn, a close pending with its reason, a hold by the room, a wait
+for a token (flood control), what the selector watches, and the
+connection's timers, which `forget` cancels when it closes. The others
+ask it; none keeps a list of its own.
 
 `Reader` is the read path (step 2 of a turn); output.py has the write
 path (step 5).
@@ -28,6 +29,7 @@ from functools import partial
 from selectors import EVENT_READ, EVENT_WRITE, BaseSelector
 from typing import Final, Protocol, cast
 
+import flood
 import protocol
 from host import Member
 from room import NO_KEYS
@@ -114,6 +116,7 @@ class Connection:
         "closed",
         "address_key",
         "telnet",
+        "next_token",
     )
 
     def __init__(
@@ -149,6 +152,10 @@ class Connection:
         self.wants_write = False  # registered for EVENT_WRITE for `out`
         self.at_eof = False  # the client sent end of input
         self.closed = False
+        # Its token bucket (flood.take) under --send-rate: when its next
+        # SEND may go. The shared FULL until it sends, so that it costs no
+        # object, with flood control off or on.
+        self.next_token = flood.FULL
 
     def backlog(self) -> int:
         return 0 if self.lines is None else len(self.lines) - self.next_line
@@ -181,16 +188,17 @@ Close = Callable[[Connection, str, str], None]
 # A connection's timers, by what they time: one of each at most.
 REGISTRATION: Final = "registration"  # --register-timeout
 HANDSHAKE: Final = "handshake"  # a TLS handshake's deadline
+TOKEN: Final = "token"  # a throttled connection's next token (--send-rate)
 
 
 class Schedule:
     """Every connection's place in the loop's turns, in one object: lines
     to process (round robin), input select cannot see, output to flush at
     the end of the turn, a close pending and its reason, a hold by the
-    room, what the selector watches it for, and its timers. Only
-    connections in one of those are in its containers, never a scan of
-    all; `forget` takes a closing connection out of every one and cancels
-    its timers."""
+    room, a wait for a token, what the selector watches it for, and its
+    timers. Only connections in one of those are in its containers, never
+    a scan of all; `forget` takes a closing connection out of every one
+    and cancels its timers."""
 
     def __init__(self, selector: BaseSelector, timers: Timers) -> None:
         self._selector = selector
@@ -208,6 +216,11 @@ class Schedule:
         # until `read_again`, so that select does not spin on them.
         self.holding_back = False
         self._not_read: dict[Connection, None] = {}
+        # Waiting for a token (flood control), since when: neither read nor
+        # processed, off the busy list and maybe out of the selector too;
+        # and those that waited once, whose waits are not logged again.
+        self._throttled: dict[Connection, float] = {}
+        self._waited: set[Connection] = set()
         self._deadlines: dict[str, dict[Connection, Timer]] = {}
         # Bound once: the write path marks every backed-up member with it.
         self.flush_later: Callable[[Connection], None] = self._to_flush.add
@@ -302,6 +315,37 @@ class Schedule:
     def held(self) -> list[Connection]:
         return list(self._held)
 
+    # --- waits for a token (flood control) ---------------------------------
+
+    def throttle(self, conn: Connection, until: float, callback: Callable[[], None]) -> bool:
+        """`conn` has no token for its next SEND: neither read nor processed
+        (its read interest dropped now, so select cannot spin on input
+        nobody takes) until `callback` runs at `until`, when the token is
+        due; whether this is its first wait."""
+        self._throttled.setdefault(conn, self._timers.clock())
+        self.watch(conn)
+        self.start_timer_at(conn, TOKEN, until, callback)
+        if conn in self._waited:
+            return False
+        self._waited.add(conn)
+        return True
+
+    def unthrottle(self, conn: Connection) -> float:
+        """`conn` waits no more (its token is due, or it is closing): how
+        many seconds it waited, 0 if it was not waiting. The caller puts it
+        back in the round and the selector."""
+        since = self._throttled.pop(conn, None)
+        if since is None:
+            return 0.0
+        self.cancel_timer(conn, TOKEN)
+        return self._timers.clock() - since
+
+    def is_throttled(self, conn: Connection) -> bool:
+        return conn in self._throttled
+
+    def throttled(self) -> list[Connection]:
+        return list(self._throttled)
+
     # --- the selector ----------------------------------------------------
 
     def watch_new(self, conn: Connection) -> None:
@@ -310,9 +354,12 @@ class Schedule:
 
     def watch(self, conn: Connection) -> None:
         """Watch `conn` for what it needs now: reading, unless the room holds
-        it (its input would pile up, and a readable socket nobody reads would
-        make select spin); writing, while output is left (and may be sent)."""
-        events = 0 if conn in self._held or conn in self._not_read else EVENT_READ
+        it, it waits for a token, or the room holds its input back (its input
+        would pile up, and a readable socket nobody reads would make select
+        spin); writing, while output is left (and may be sent)."""
+        events = EVENT_READ
+        if conn in self._held or conn in self._throttled or conn in self._not_read:
+            events = 0
         kind = conn.kind
         if conn.wants_write and kind.ready(conn):
             events |= EVENT_WRITE
@@ -341,11 +388,16 @@ class Schedule:
     ) -> None:
         """Run `callback` `delay` seconds after this turn began, unless
         cancelled or `conn` closes first; one timer per `purpose`."""
+        self.start_timer_at(conn, purpose, self._timers.turn_time + delay, callback)
+
+    def start_timer_at(
+        self, conn: Connection, purpose: str, when: float, callback: Callable[[], None]
+    ) -> None:
+        """`start_timer`, at the clock time `when`."""
         deadlines = self._deadlines.setdefault(purpose, {})
         old = deadlines.pop(conn, None)
         if old is not None:
             old.cancel()
-        when = self._timers.turn_time + delay
         deadlines[conn] = self._timers.call_at(when, partial(self._fire, deadlines, conn, callback))
 
     def cancel_timer(self, conn: Connection, purpose: str) -> bool:
@@ -369,21 +421,25 @@ class Schedule:
 
     # --- closing --------------------------------------------------------
 
-    def forget(self, conn: Connection) -> None:
+    def forget(self, conn: Connection) -> float:
         """`conn` is closing: out of every list, out of the selector, and
-        every timer it has cancelled."""
+        every timer it has cancelled; the seconds it had been waiting for a
+        token, if it was (they count as any wait)."""
+        waited = self.unthrottle(conn)
         self._busy.pop(conn, None)
         self._unseen_input.pop(conn, None)
         self._to_flush.discard(conn)
         self._closing.pop(conn, None)
         self._held.discard(conn)
         self._not_read.pop(conn, None)
+        self._waited.discard(conn)
         for deadlines in self._deadlines.values():
             timer = deadlines.pop(conn, None)
             if timer is not None:
                 timer.cancel()
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(conn.sock)
+        return waited
 
 
 class Reader:
@@ -448,8 +504,8 @@ class Reader:
     def read_unseen_input(self) -> None:
         schedule = self._schedule
         for conn in schedule.take_unseen_input():
-            if conn.closed or schedule.is_held(conn):
-                continue  # a held one is put back by `resume`
+            if conn.closed or schedule.is_held(conn) or schedule.is_throttled(conn):
+                continue  # put back by `resume`, or when its token is due
             self.read(conn)
             # Still holding: its backlog was too long to read this turn.
             if not conn.closed and conn.kind.holds_input(conn):

@@ -49,6 +49,8 @@ class Stats:
     messages: int = 0  # SENDs accepted
     deliveries: int = 0  # RECEIVE lines handed to members
     bytes_sent: int = 0
+    # Waits for a token (--send-rate), summed: counted as each one ends.
+    throttled_seconds: float = 0.0
     refused: Counter[str] = field(default_factory=Counter)
     disconnections: Counter[str] = field(default_factory=Counter)
 
@@ -105,6 +107,11 @@ def chat_metrics(
         counter("chat_deliveries_total", "RECEIVE lines handed to members.", stats.deliveries),
         counter("chat_bytes_sent_total", "Bytes sent to clients.", stats.bytes_sent),
         gauge("chat_unsent_bytes", "Output queued for clients and not sent yet.", unsent),
+        counter(
+            "chat_throttled_seconds_total",
+            "Seconds connections spent waiting for a token to send (--send-rate), summed.",
+            stats.throttled_seconds,
+        ),
         *extra,
     ]
 

@@ -37,7 +37,7 @@ from door import (
 from host import CLOSE_REASONS, Host, Member
 from metrics import Metric, MetricsServer, Stats, chat_metrics
 from output import DEFAULT_OUTPUT_BUDGET, DEFAULT_OUTPUT_LIMIT, Writer
-from processing import Processor
+from processing import FloodControl, Processor
 from proxy_header import Network
 from room import LocalRoom, Room
 from timers import Clock, Timer, Timers
@@ -97,7 +97,7 @@ class ChatServer:
     loop after `reload_tls` (SIGHUP) asks, before the certificate is
     reloaded. A connection from one of `proxy_networks` (--proxy-protocol)
     must begin with a PROXY header, whose client address is then its own
-    (door.Door)."""
+    (door.Door). `send_rate`, `send_burst`: processing.FloodControl's."""
 
     def __init__(
         self,
@@ -118,6 +118,8 @@ class ChatServer:
         sockets: Mapping[str, socket.socket] | None = None,
         on_reload: Callable[[], None] | None = None,
         proxy_networks: Sequence[Network] = (),
+        send_rate: float = 0.0,
+        send_burst: int | None = None,
     ) -> None:
         # First, so that a bad certificate fails before anything is bound.
         tls_context = None if tls is None else load_context(tls.cert, tls.key)
@@ -151,9 +153,19 @@ class ChatServer:
         self._listener = open_listener(host, port, reuse_port=reuse_port) if made is None else made
         tune_for_clients(self._listener, keepalive)
         self._door.open(self._listener)
-        self._processor = Processor(
-            self._schedule, self._writer, self.stats, self.reply, self._door.named, self._close
+        flood_control = FloodControl(
+            self._schedule, self._timers, self.stats, send_rate, send_burst
         )
+        self._processor = Processor(
+            self._schedule,
+            self._writer,
+            self.stats,
+            self.reply,
+            self._door.named,
+            self._close,
+            flood_control,
+        )
+        self._flood = flood_control
         self._wakeup = Wakeup(self._selector)
         self._stopping = False
         self._reload_requested = False  # SIGHUP: reload_tls
@@ -241,12 +253,14 @@ class ChatServer:
         output_limit: int | None = None,
         output_budget: int | None = None,
         keepalive: int | None = None,
+        send_rate: float | None = None,
+        send_burst: int | None = None,
     ) -> None:
-        """New limits for what comes next (a reload of the settings, in the
-        loop); None leaves one as it is. See Door.apply_limits and
-        Writer.apply_limits."""
+        """New limits for what comes next (a reload, in the loop); None leaves
+        one as it is. See Door.apply_limits, Writer's and FloodControl.apply."""
         self._door.apply_limits(max_clients, max_per_address, register_timeout, keepalive)
         self._writer.apply_limits(output_limit, output_budget)
+        self._flood.apply(send_rate, send_burst)
 
     def run_once(self, max_wait: float | None = None) -> None:
         """One turn: select, read, timers, process, flush, close. Waits at
@@ -324,7 +338,7 @@ class ChatServer:
         for key in list(selector_map.values()):
             if isinstance(key.data, Connection):
                 self._close(key.data, "server_shutdown")
-        for conn in self._schedule.held():
+        for conn in self._schedule.held() + self._schedule.throttled():
             self._close(conn, "server_shutdown")
         if hasattr(self, "_room"):
             self._room.close()  # after the closes above queued their releases
@@ -409,7 +423,9 @@ class ChatServer:
             return
         conn.closed = True
         self._room.leave(conn)
-        self._schedule.forget(conn)  # and its timers with it
+        self.stats.throttled_seconds += self._schedule.forget(
+            conn
+        )  # a wait, timers too  # and its timers with it
         self._writer.outbox.drop(conn)
         self._door.left(conn)
         self.stats.disconnections[reason] += 1
@@ -466,6 +482,10 @@ class ServerView:
     def held(self) -> list[Connection]:
         """The connections the room holds."""
         return self._server._schedule.held()
+
+    def throttled(self) -> list[Connection]:
+        """The connections waiting for a token (--send-rate)."""
+        return self._server._schedule.throttled()
 
     def closing(self, conn: Connection) -> bool:
         """Whether `conn` is to close at the end of the turn."""

@@ -1024,12 +1024,13 @@ def test_leases_are_renewed_every_third_of_the_lease(redis: Redis) -> None:
 
 
 def fake_clock_server(
-    redis: Redis, timeout: float
+    redis: Redis, timeout: float, **options: Any
 ) -> tuple[ChatServer, FakeClock, cluster_module.RedisRoom]:
-    """A ChatServer in cluster mode on a fake clock, up; and its room."""
+    """A ChatServer in cluster mode on a fake clock, up; and its room.
+    `options` are ChatServer's."""
     clock = FakeClock()
     factory = cluster_module.room_factory(redis.url, room="chat", lease_ms=30_000, timeout=timeout)
-    server = ChatServer("127.0.0.1", 0, clock=clock, room=factory)
+    server = ChatServer("127.0.0.1", 0, clock=clock, room=factory, **options)
     room = server.view.room
     assert isinstance(room, cluster_module.RedisRoom)
     assert turns(server, lambda: room.available, 200)
@@ -1166,5 +1167,37 @@ def test_a_heartbeat_runs_every_half_timeout_and_notices_a_hung_redis(redis: Red
         assert not turns(server, lambda: not room.available, 20)
         clock.advance(timeout)  # its deadline (the reader's too, by now)
         assert turns(server, lambda: not room.available)
+    finally:
+        server.close()
+
+
+def test_a_throttled_sender_waits_for_its_tokens_and_redis_alike(redis: Redis) -> None:
+    """Cluster mode with --send-rate 2 --send-burst 2: a sender's SENDs are
+    stored at the rate (its connection held for Redis and throttled by
+    turns), none lost, in order, and its later lines wait behind them."""
+    server, clock, _ = fake_clock_server(redis, 30.0, send_rate=2, send_burst=2)
+    try:
+        alice, bob = Pumped(server), Pumped(server)
+        alice.register("alice")
+        bob.register("bob")
+
+        def bob_has(count: int) -> bool:
+            bob.pump()
+            return bob.buffer.count(b"\n") == count
+
+        alice.send(sends([b"one", b"two", b"three", b"four"]) + SYNC)
+        assert turns(server, lambda: bob_has(2))
+        assert turns(server, lambda: server.view.throttled() != [])
+        assert not turns(server, lambda: bob_has(3), 30)
+        clock.advance(0.5)
+        assert turns(server, lambda: bob_has(3))
+        assert alice.buffer == b""  # its PING waits behind "four"
+        clock.advance(0.5)
+        alice.pump_until(lambda: SYNC_REPLY in alice.buffer, "the reply to PING")
+        assert bob.sync() == [
+            b"RECEIVE alice " + word for word in (b"one", b"two", b"three", b"four")
+        ]
+        assert alice.buffer == SYNC_REPLY + b"\n"
+        assert server.stats.throttled_seconds == 1.0  # 0.5 s for each of two tokens
     finally:
         server.close()

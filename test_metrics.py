@@ -86,6 +86,7 @@ CONTRACT_METRICS: Final = (
     "chat_deliveries_total",
     "chat_bytes_sent_total",
     "chat_unsent_bytes",
+    "chat_throttled_seconds_total",  # v3
 )
 # Spelled from PROTOCOL.md, not taken from metrics.py, so that a label
 # missing or misspelled there fails here.
@@ -171,6 +172,7 @@ def test_every_close_reason_and_refusal_is_a_label_value() -> None:
         "chat_deliveries_total": 3,
         "chat_bytes_sent_total": 2,
         "chat_unsent_bytes": 9,
+        "chat_throttled_seconds_total": 0,
     }
 
 
