@@ -67,6 +67,7 @@ from reactor import ChatServer
 from room import ConfigurationError, LocalRoom, Room
 from timers import Timers
 from tls import TLSConfig, TLSConfigError
+from webport import WebConfig
 
 PORT = 8080
 
@@ -310,6 +311,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="with --tls-port: its private key in PEM, without a passphrase",
     )
+    web_group = parser.add_argument_group(
+        "web",
+        "people in a web browser: a web page and WebSocket clients of the same room, on "
+        "the same --host; they count towards the limits like any other connection",
+    )
+    web_group.add_argument(
+        "--web-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve the web page at http://HOST:PORT/ and WebSocket clients at /chat; "
+        "0 picks a free one (default: no web port)",
+    )
+    web_group.add_argument(
+        "--web-origin",
+        action="append",
+        default=None,
+        metavar="ORIGIN",
+        help="only pages from ORIGIN (such as https://chat.example.org) may open a "
+        "WebSocket; repeat it for several (default: any; clients that send no Origin, "
+        "which browsers always send, are let in)",
+    )
+    web_group.add_argument(
+        "--web-tls",
+        action="store_true",
+        help="the web port speaks HTTPS and WSS, with --tls-cert and --tls-key "
+        "(--tls-port is then optional); SIGHUP reloads them",
+    )
     parser.add_argument(
         "--log-level",
         type=_log_level,
@@ -386,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 TLS_TOGETHER: Final = "--tls-port, --tls-cert and --tls-key go together: give all three"
+WEB_TLS_NEEDS: Final = "--web-tls needs --tls-cert and --tls-key"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -402,9 +432,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args = argparse.Namespace(**config.merge(table, from_file, given) | {"config": args.config})
     tls = [args.tls_port is not None, args.tls_cert is not None, args.tls_key is not None]
     # A certificate and key without a port are checked once it is known
-    # whether systemd passed a TLS socket (_passed_sockets).
+    # whether systemd passed a TLS socket (_passed_sockets), or --web-tls.
     if any(tls) and not all(tls) and tls != [False, True, True]:
         parser.error(TLS_TOGETHER)
+    if args.web_tls and not (tls[1] and tls[2]):
+        parser.error(WEB_TLS_NEEDS)
+    if isinstance(args.web_origin, str):  # one origin, from the settings file
+        args.web_origin = [args.web_origin]
     return args
 
 
@@ -421,7 +455,9 @@ def _cluster_room(args: argparse.Namespace) -> RoomFactory:
     )
 
 
-def _warn_about_unused_options(args: argparse.Namespace) -> None:
+def _warn_about_unused_options(args: argparse.Namespace, web: bool) -> None:
+    if not web and (args.web_origin or args.web_tls):
+        log.warning("--web-origin and --web-tls matter only with --web-port: ignored")
     if args.redis is None:
         unused = [
             option
@@ -499,6 +535,8 @@ def _open_listeners(
     wanted: list[tuple[str, str, str | None, int]] = [("chat", "port", args.host, args.port)]
     if args.tls_port is not None:
         wanted.append(("tls", "TLS port", args.host, args.tls_port))
+    if args.web_port is not None:
+        wanted.append(("web", "web port", args.host, args.web_port))
     if args.metrics_port is not None:
         wanted.append(("metrics", "metrics port", args.metrics_host, args.metrics_port))
     try:
@@ -536,17 +574,16 @@ def _passed_sockets(args: argparse.Namespace) -> dict[str, socket.socket] | str:
     passed = activation.take_sockets()
     if isinstance(passed, activation.ActivationProblem):
         return f"chat.py: socket activation: {passed.message}"
-    web = passed.pop("web", None)
-    if web is not None:
-        log.warning(
-            "socket activation: this server has no web listener: the socket 'web' is unused"
-        )
-        web.close()
     if "tls" in passed and (args.tls_cert is None or args.tls_key is None):
         return (
             "chat.py: socket activation: a socket 'tls' was passed: give --tls-cert and --tls-key"
         )
-    if "tls" not in passed and args.tls_cert is not None and args.tls_port is None:
+    if (
+        "tls" not in passed
+        and args.tls_cert is not None
+        and args.tls_port is None
+        and not args.web_tls
+    ):
         return f"chat.py: error: {TLS_TOGETHER}"
     return passed
 
@@ -632,6 +669,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls_port = args.tls_port
         if "tls" in sockets:
             tls_port = sockets["tls"].getsockname()[1]
+        web = None
+        if "web" in sockets:
+            web = WebConfig(
+                sockets["web"].getsockname()[1],
+                tuple(args.web_origin or ()),
+                args.tls_cert if args.web_tls else None,
+                args.tls_key if args.web_tls else None,
+            )
         metrics_address = None
         if "metrics" in sockets:
             metrics_address = cast(tuple[str, int], sockets["metrics"].getsockname()[:2])
@@ -647,6 +692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             reuse_port=args.reuse_port,
             metrics_address=metrics_address,
             tls=None if tls_port is None else TLSConfig(tls_port, args.tls_cert, args.tls_key),
+            web=web,
             room=room,
             sockets=sockets,
             on_reload=on_reload,
@@ -672,9 +718,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("listening on %s", _describe_listener(args.host, server.address))
     if server.tls_address is not None:
         log.info("listening for TLS on %s", _describe_listener(args.host, server.tls_address))
+    if server.web_address is not None:
+        what = "HTTPS and WSS" if args.web_tls else "HTTP and WebSocket"
+        where = _describe_listener(args.host, server.web_address)
+        log.info("listening for the web (%s) on %s: the page at /", what, where)
     if server.metrics is not None:
         log.info("metrics at http://%s/metrics", format_peer(server.metrics.address))
-    _warn_about_unused_options(args)
+    _warn_about_unused_options(args, server.web_address is not None)
     server.serve_forever()
     log.info("stopped")
     return 0

@@ -18,6 +18,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+from collections import Counter
 from collections.abc import Callable
 from functools import partial
 from selectors import EVENT_READ, BaseSelector
@@ -144,17 +145,27 @@ def tune_for_clients(listener: socket.socket, keepalive: int) -> None:
 Admit = Callable[[socket.socket, str, str | None], Connection]
 
 
+# What a socket refused at the door becomes instead of being closed at
+# once: its socket and the ERROR line that says why (the web port answers
+# in HTTP's terms first).
+TurnAway = Callable[[socket.socket, bytes], None]
+
+
 class Listener:
     """Selector tag of a listening socket: what to do with the connections
-    it lets in, and whether a refusal may be told to them in plain text
-    (not on the TLS port: the client would read it as a broken record)."""
+    it lets in, whether a refusal may be told to them in plain text (not on
+    the TLS port: the client would read it as a broken record), and who
+    tells it instead of the door, if anyone (`turn_away`)."""
 
-    __slots__ = ("sock", "admit", "plain")
+    __slots__ = ("sock", "admit", "plain", "turn_away")
 
-    def __init__(self, sock: socket.socket, admit: Admit, plain: bool) -> None:
+    def __init__(
+        self, sock: socket.socket, admit: Admit, plain: bool, turn_away: TurnAway | None = None
+    ) -> None:
         self.sock = sock
         self.admit = admit
         self.plain = plain
+        self.turn_away = turn_away
 
 
 class Door:
@@ -180,6 +191,8 @@ class Door:
         self.max_per_address = max_per_address
         self.register_timeout = register_timeout
         self.open_count = 0
+        # open_count by Kind.transport, for chat_connections_open{transport}.
+        self.open_by_transport: Counter[str] = Counter()
         self._selector = selector
         self._schedule = schedule
         self._timers = timers
@@ -190,9 +203,17 @@ class Door:
         self._paused = False
         self._failing = False  # out of fds since the last good accept
 
-    def open(self, sock: socket.socket, admit: Admit = Connection, *, plain: bool = True) -> None:
-        """Accept from `sock`; `admit` makes each socket let in a connection."""
-        listener = Listener(sock, admit, plain)
+    def open(
+        self,
+        sock: socket.socket,
+        admit: Admit = Connection,
+        *,
+        plain: bool = True,
+        turn_away: TurnAway | None = None,
+    ) -> None:
+        """Accept from `sock`; `admit` makes each socket let in a connection,
+        and `turn_away`, if given, takes each one refused."""
+        listener = Listener(sock, admit, plain, turn_away)
         self._listeners.append(listener)
         self._selector.register(sock, EVENT_READ, listener)
 
@@ -246,6 +267,7 @@ class Door:
     def left(self, conn: Connection) -> None:
         """`conn` has closed (its timers went with it: Schedule.forget)."""
         self.open_count -= 1
+        self.open_by_transport[conn.kind.transport] -= 1
         key = conn.address_key
         if key is not None:
             count = self._per_address[key] - 1
@@ -267,7 +289,8 @@ class Door:
         key = address_key(address[0])
         if self.open_count >= self.max_clients:
             log.warning("refused %s: server is full (limit %d)", peer, self.max_clients)
-            self._refuse(sock, protocol.SERVER_FULL if listener.plain else b"", "server_full")
+            line = protocol.SERVER_FULL if listener.plain else b""
+            self._refuse(sock, line, "server_full", listener)
             return
         if key is not None:
             count = self._per_address.get(key, 0)
@@ -280,12 +303,14 @@ class Door:
                     self.max_per_address,
                 )
                 line = protocol.TOO_MANY_FROM_ADDRESS if listener.plain else b""
-                self._refuse(sock, line, "per_address")
+                self._refuse(sock, line, "per_address", listener)
                 return
             self._per_address[key] = count + 1
         self.open_count += 1
         self._stats.accepted += 1
         conn = listener.admit(sock, peer, key)
+        self.open_by_transport[conn.kind.transport] += 1
+        self._stats.accepted_by_transport[conn.kind.transport] += 1
         self._schedule.watch_new(conn)
         if self.register_timeout:
             self._schedule.start_timer(
@@ -293,9 +318,12 @@ class Door:
             )
         log.info("%r connected%s", conn, conn.kind.arrival)
 
-    def _refuse(self, sock: socket.socket, line: bytes, reason: str) -> None:
+    def _refuse(self, sock: socket.socket, line: bytes, reason: str, listener: Listener) -> None:
         self._stats.refused[reason] += 1
         self._stats.disconnections[reason] += 1
+        if listener.turn_away is not None:
+            listener.turn_away(sock, line)
+            return
         try:
             if line:
                 self._stats.bytes_sent += sock.send(line)
@@ -420,6 +448,7 @@ class TLSKind(Kind):
     taken, and input decrypted already, are the transport's own."""
 
     arrival = " on the TLS port"
+    transport = "tls"
 
     def ready(self, conn: Connection) -> bool:
         return cast(TLSTransport, conn.sock).established

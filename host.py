@@ -102,6 +102,7 @@ CLOSE_REASONS: Final = {
     "tls_handshake": "TLS handshake failed",
     "server_shutdown": "server shutting down",
     "internal_error": "internal error",
+    "protocol_error": "WebSocket protocol error",
 }
 # Why a connection was refused at the door: the label of
 # chat_connections_refused_total (each is a close reason too).

@@ -107,7 +107,7 @@ def test_a_good_scrape_is_answered_at_once_among_slow_and_bad_clients(
             good.setblocking(False)
             answer = answer_while_turning(server, good)
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
-        assert b"\nchat_connections_open 0\n" in answer
+        assert b'\nchat_connections_open{transport="tcp"} 0\n' in answer
         assert Pumped(server).sync() == []
     finally:
         for sock in waiting:
