@@ -2965,11 +2965,14 @@ def scrape(address: tuple[str, int], request: bytes = b"GET /metrics HTTP/1.1\r\
     return answer
 
 
-METRIC_LINE: Final = re.compile(r'^([a-z_]+)(?:\{reason="([a-z_]+)"\})? (\d+(?:\.\d+)?)$')
+METRIC_LINE: Final = re.compile(
+    r'^([a-z_]+)(?:\{(?:reason|transport)="([a-z_]+)"\})? (\d+(?:\.\d+)?)$'
+)
 
 
 def parse_metrics(answer: bytes) -> dict[str, float]:
-    """The samples of a Prometheus text answer, by `name` or `name{reason}`;
+    """The samples of a Prometheus text answer, by `name` or `name{label}`
+    (the value of its one label: a reason or a transport);
     fails unless every metric has HELP and TYPE lines before its samples."""
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
@@ -2990,9 +2993,13 @@ def parse_metrics(answer: bytes) -> dict[str, float]:
 
 
 CONTRACT_METRICS: Final = (
-    "chat_connections_open",
+    "chat_connections_open{tcp}",
+    "chat_connections_open{tls}",
+    "chat_connections_open{websocket}",
     "chat_members",
-    "chat_connections_accepted_total",
+    "chat_connections_accepted_total{tcp}",
+    "chat_connections_accepted_total{tls}",
+    "chat_connections_accepted_total{websocket}",
     "chat_messages_total",
     "chat_deliveries_total",
     "chat_bytes_sent_total",
@@ -3012,6 +3019,7 @@ DISCONNECTION_REASONS: Final = (
     "tls_handshake",
     "server_shutdown",
     "internal_error",
+    "protocol_error",
 )
 
 
@@ -3052,11 +3060,11 @@ def test_metrics_count_what_happens(monitored: RunningServer) -> None:
     anonymous.close()
     poll(
         "the closed connection to be counted",
-        lambda: metrics_of(monitored)["chat_connections_open"] == 2,
+        lambda: metrics_of(monitored)["chat_connections_open{tcp}"] == 2,
     )
     samples = metrics_of(monitored)
     assert samples["chat_members"] == 2
-    assert samples["chat_connections_accepted_total"] == 3
+    assert samples["chat_connections_accepted_total{tcp}"] == 3
     assert samples["chat_messages_total"] == 2
     assert samples["chat_deliveries_total"] == 2  # each to bob only
     # Four replies to PING (two syncs each), two RECEIVE lines, the refusal.
