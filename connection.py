@@ -89,6 +89,10 @@ class Kind:
     def flush(self, conn: Connection) -> None:
         """The socket is writable: send the transport's own output."""
 
+    def end_reason(self, conn: Connection) -> str:
+        """Why its end of input closes it, once its lines are processed."""
+        return "client_closed"
+
     def closing(self, conn: Connection, reason: str) -> None:
         """The server closes `conn` for `reason` (one of CLOSE_REASONS), its
         output flushed: a last word of the transport's own goes with `close`."""

@@ -23,7 +23,6 @@ close with 1008) by a handler of their own, never members of the room.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import socket
 import ssl
@@ -80,15 +79,6 @@ class WebConfig:
         return self.cert is not None and self.key is not None
 
 
-class WebSocketFailure(OSError):
-    """The client broke RFC 6455: the connection closes as `protocol_error`,
-    after the close frame with `code`."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(errno.EPROTO, reason)
-        self.code = code
-
-
 def frame_reply(data: bytes) -> bytes:
     """Output for one WebSocket member (whole lines, "\\n"-ended), one
     text message per line: what `Kind.frame` is for a WebSocket."""
@@ -105,9 +95,10 @@ class WebTransport:
     until the upgrade, WebSocket after. `recv` gives lines ("\\n"-ended
     input for the line splitter) or raises BlockingIOError while there are
     none (a request still arriving, half a frame); after the HTTP answer
-    to anything but an upgrade, or the client's close frame, it says end of
-    input; after a protocol error, WebSocketFailure. `send` takes the
-    room's framed output. Errors are otherwise a socket's."""
+    to anything but an upgrade, the client's close frame or a protocol
+    error (`failure`), it says end of input, once the lines before it are
+    handed out. `send` takes the room's framed output. Errors are a
+    socket's."""
 
     __slots__ = (
         "raw",
@@ -138,8 +129,8 @@ class WebTransport:
         # come before any frame of the transport's own.
         self.mid_frame = False
         self.final: bytes | None = None  # the close frame to end with
-        self.failure: WebSocketFailure | None = None  # raised by the next recv
-        self.eof_pending = False  # the client's close: end of input next recv
+        self.failure: websocket.Failure | None = None  # the client broke RFC 6455
+        self.eof_pending = False  # its close or failure: end of input next recv
         self.answered = False  # an HTTP answer that ends the connection is queued
         self.closing = False  # the server is closing it: input is only drained
         # The ERROR line of a connection over the door's limits (turned away).
@@ -176,15 +167,13 @@ class WebTransport:
     @property
     def holds_input(self) -> bool:
         """Input taken from the kernel and not handed out yet."""
-        if self.eof_pending or self.failure is not None:
+        if self.eof_pending:
             return True
         return isinstance(self.raw, TLSTransport) and self.raw.holds_input
 
     # --- reading --------------------------------------------------------
 
     def recv(self, size: int, /) -> bytes:
-        if self.failure is not None:
-            raise self.failure
         if self.eof_pending:
             self.eof_pending = False
             return b""
@@ -239,10 +228,10 @@ class WebTransport:
             # before it (`close`), not with the pongs.
             if isinstance(end, websocket.Close):
                 self.final = websocket.close_frame(end.code)
-                self.eof_pending = True
             else:
                 self.final = websocket.close_frame(end.code, end.reason)
-                self.failure = WebSocketFailure(end.code, end.reason)
+                self.failure = end
+            self.eof_pending = True
             replies = replies.removesuffix(self.final)
         if replies:
             self._queue(replies)
@@ -251,7 +240,8 @@ class WebTransport:
         if handled.data:
             return handled.data
         if end is not None:
-            return self.recv(0)  # nothing before it: the end now
+            self.eof_pending = False
+            return b""  # nothing before it: the end now
         raise BlockingIOError("no whole WebSocket message yet")
 
     # --- writing --------------------------------------------------------
@@ -350,12 +340,9 @@ class WebKind(Kind):
         self.frame = frame_reply
 
     def ready(self, conn: Connection) -> bool:
-        web_transport = transport_of(conn)
-        return web_transport.reader is not None and web_transport.failure is None
+        return transport_of(conn).reader is not None
 
     def failed_before_ready(self, conn: Connection, error: OSError) -> tuple[str, str]:
-        if isinstance(error, WebSocketFailure):
-            return "protocol_error", f"{error.strerror}, closed with {error.code}"
         raw = transport_of(conn).raw
         if isinstance(raw, TLSTransport) and not raw.established:
             return "tls_handshake", error_detail(error)
@@ -369,6 +356,9 @@ class WebKind(Kind):
 
     def flush(self, conn: Connection) -> None:
         transport_of(conn).flush()
+
+    def end_reason(self, conn: Connection) -> str:
+        return "client_closed" if transport_of(conn).failure is None else "protocol_error"
 
     def closing(self, conn: Connection, reason: str) -> None:
         transport_of(conn).closing_for(reason)
@@ -483,6 +473,11 @@ class WebPort:
                 schedule.flush_later(conn)
         if transport.holds_input:
             schedule.holds_input(conn)
+            failure = transport.failure
+            if failure is not None:
+                log.info(
+                    "%r broke RFC 6455 (%s): closing it with %d", conn, failure.reason, failure.code
+                )
         schedule.watch(conn)
 
     def _request_expired(self, conn: Connection) -> None:
