@@ -537,6 +537,26 @@ def test_a_websocket_that_stops_reading_is_a_slow_consumer() -> None:
         running.stop()
 
 
+def test_a_pong_waits_for_the_frame_the_kernel_took_half_of(webbed: RunningServer) -> None:
+    """A ping that arrives while the kernel holds half a frame of the room's
+    output is answered after that frame, never inside it: every frame reads."""
+    slow = ws_client(webbed, receive_buffer=4096)
+    slow.register("slow")
+    sender = webbed.member("sender")
+    message = b"x" * 3000
+    sender.send(b"".join(b"SEND " + message + b"\n" for _ in range(150)))
+    assert sender.sync() == []  # the kernel holds what it can; the rest waits
+    slow.ws.send_frames(client_frame(WS_PING, b"now") + client_frame(WS_TEXT, b"PING"))
+    frames = []
+    while (WS_PONG, b"now") not in frames or (WS_TEXT, SYNC_REPLY) not in frames:
+        found = slow.ws.frame()
+        assert found is not None
+        frames.append(found)
+    data = [frame for frame in frames if frame[0] == WS_TEXT]
+    assert data == [(WS_TEXT, receive("sender", message))] * 150 + [(WS_TEXT, SYNC_REPLY)]
+    assert len(frames) == 152
+
+
 # --- keepalive and the register timeout (fake clock) -------------------------------------
 
 
