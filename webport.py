@@ -103,7 +103,9 @@ class WebTransport:
     __slots__ = (
         "raw",
         "port",
+        "conn",
         "request",
+        "upgraded",
         "reader",
         "control",
         "mid_frame",
@@ -114,14 +116,18 @@ class WebTransport:
         "closing",
         "refusal",
         "heard_at",
-        "notify",
     )
 
     def __init__(self, raw: Transport, port: WebPort, refusal: bytes | None = None) -> None:
         self.raw = raw  # the socket, or a TLSTransport over it (--web-tls)
         self.port = port  # its origins and clock, shared by every connection
+        # Its connection, once admitted (not for one turned away): what
+        # `notify` tells the port about.
+        self.conn: Connection | None = None
         self.request = b""  # the HTTP request so far
-        self.reader: websocket.FrameReader | None = None  # once upgraded
+        self.upgraded = False
+        # Only while a frame is arriving: an idle member holds none.
+        self.reader: websocket.FrameReader | None = None
         # Frames and HTTP of the transport's own, waiting for the kernel.
         self.control = b""
         # The kernel took only part of the room's last output: the stream
@@ -136,14 +142,14 @@ class WebTransport:
         # The ERROR line of a connection over the door's limits (turned away).
         self.refusal = refusal
         self.heard_at = 0.0  # when the client last sent anything, once upgraded
-        # Set by WebPort: called when `upgraded`, `wants_write` or
-        # `holds_input` changed.
-        self.notify: Callable[[], None] = _nothing
         if isinstance(raw, TLSTransport):
-            raw.notify = self._raw_changed
+            raw.notify = self.notify
 
-    def _raw_changed(self) -> None:
-        self.notify()
+    def notify(self) -> None:
+        """`upgraded`, `wants_write` or `holds_input` changed: the port
+        tells the loop."""
+        if self.conn is not None:
+            self.port.changed(self.conn, self)
 
     def fileno(self) -> int:
         return self.raw.fileno()
@@ -152,10 +158,6 @@ class WebTransport:
         """The socket under the transport (and under TLS, if any)."""
         raw = self.raw
         return raw.raw if isinstance(raw, TLSTransport) else cast(socket.socket, raw)
-
-    @property
-    def upgraded(self) -> bool:
-        return self.reader is not None
 
     @property
     def wants_write(self) -> bool:
@@ -182,7 +184,7 @@ class WebTransport:
         data = self.raw.recv(size)
         if not data:
             return b""  # the end of input, in HTTP as in WebSocket
-        if self.reader is None:
+        if not self.upgraded:
             return self._read_request(data)
         return self._read_frames(data)
 
@@ -204,7 +206,7 @@ class WebTransport:
             line = self.refusal.removesuffix(b"\n")
             close = websocket.close_frame(websocket.POLICY_VIOLATION)
             return self._answer(answer.response + websocket.text_frame(line) + close)
-        self.reader = websocket.FrameReader()
+        self.upgraded = True
         self.heard_at = self.port.timers.turn_time
         self._queue(answer.response)
         self.notify()  # upgraded
@@ -219,9 +221,10 @@ class WebTransport:
         return b""
 
     def _read_frames(self, data: bytes) -> bytes:
-        assert self.reader is not None
+        reader = self.reader or websocket.FrameReader()
         self.heard_at = self.port.timers.turn_time
-        handled = websocket.handle(self.reader.receive(data))
+        handled = websocket.handle(reader.receive(data))
+        self.reader = None if reader.between_frames else reader
         replies, end = handled.replies, handled.end
         if end is not None:
             # Its close frame goes last, after the answers to the lines
@@ -249,9 +252,10 @@ class WebTransport:
     def send(self, data: bytes | bytearray | memoryview, /) -> int:
         """Send the room's output, behind the transport's own; nothing
         before the upgrade."""
-        if self.reader is None or self.closing:
+        if not self.upgraded or self.closing:
             raise BlockingIOError("not a WebSocket (yet)")
-        if self.control and not self._flush_control():
+        # Inside a frame, its rest goes first; else the transport's own do.
+        if self.control and not self.mid_frame and not self._flush_control():
             raise BlockingIOError("frames of the transport's own waiting")
         sent = self.raw.send(data)
         self.mid_frame = sent < len(data)
@@ -299,7 +303,7 @@ class WebTransport:
         CLOSE_REASONS): a WebSocket is told with a close frame, if it has
         not been already and the stream is not inside a frame."""
         self.closing = True
-        if self.reader is not None and self.final is None and reason in CLOSE_CODES:
+        if self.upgraded and self.final is None and reason in CLOSE_CODES:
             self.final = websocket.close_frame(CLOSE_CODES[reason])
 
     def close(self) -> None:
@@ -313,10 +317,6 @@ class WebTransport:
             with contextlib.suppress(OSError):
                 self._flush_control()
         self.raw.close()
-
-
-def _nothing() -> None:
-    pass
 
 
 def transport_of(conn: Connection) -> WebTransport:
@@ -340,7 +340,7 @@ class WebKind(Kind):
         self.frame = frame_reply
 
     def ready(self, conn: Connection) -> bool:
-        return transport_of(conn).reader is not None
+        return transport_of(conn).upgraded
 
     def failed_before_ready(self, conn: Connection, error: OSError) -> tuple[str, str]:
         raw = transport_of(conn).raw
@@ -452,13 +452,13 @@ class WebPort:
         """A socket let in on the web port: its connection, request to come."""
         transport = self._transport(sock)
         conn = Connection(transport, peer, key, WEB, self._wire)
-        transport.notify = partial(self._changed, conn, transport)
+        transport.conn = conn
         self._schedule.start_timer(
             conn, REQUEST, self.config.request_timeout, partial(self._request_expired, conn)
         )
         return conn
 
-    def _changed(self, conn: Connection, transport: WebTransport) -> None:
+    def changed(self, conn: Connection, transport: WebTransport) -> None:
         """`conn`'s transport changed what it waits for or holds."""
         if conn.closed:
             return
@@ -466,9 +466,7 @@ class WebPort:
         if transport.upgraded and schedule.cancel_timer(conn, REQUEST):
             log.debug("%r: WebSocket open", conn)
             if self.keepalive:
-                schedule.start_timer(
-                    conn, KEEPALIVE, self.keepalive, partial(self._idle, conn, transport)
-                )
+                schedule.start_timer(conn, KEEPALIVE, self.keepalive, partial(self._idle, conn))
             if conn.out:  # queued before the upgrade
                 schedule.flush_later(conn)
         if transport.holds_input:
@@ -485,13 +483,14 @@ class WebPort:
             timeout = self.config.request_timeout
             self._close(conn, "timed_out", f"HTTP request not finished within {timeout:g} s")
 
-    def _idle(self, conn: Connection, transport: WebTransport) -> None:
+    def _idle(self, conn: Connection) -> None:
         """Timer: the WebSocket has been quiet since `heard_at`. Quiet for
         --keepalive seconds, it is pinged; quiet for twice that (the
         dead-peer time), it is closed as timed out."""
         keepalive = self.keepalive
         if conn.closed or not keepalive:
             return
+        transport = transport_of(conn)
         idle = self.timers.turn_time - transport.heard_at
         if idle >= 2 * keepalive:
             self._close(conn, "timed_out", "no answer to a WebSocket ping")
@@ -501,7 +500,7 @@ class WebPort:
             wait = 2 * keepalive - idle
         else:
             wait = keepalive - idle
-        self._schedule.start_timer(conn, KEEPALIVE, wait, partial(self._idle, conn, transport))
+        self._schedule.start_timer(conn, KEEPALIVE, wait, partial(self._idle, conn))
 
     # --- turned away by the door ----------------------------------------------
 
