@@ -19,6 +19,9 @@ reactor moves bytes and keeps time, in six modules along its seams:
   that is reading is over the high water mark);
 - door.py: the listeners and the limits on who comes in (`Door`), and the
   TLS port with what its connections' transport needs (`TLSPort`);
+- webport.py: the web port (`WebPort`), whose connections' transport
+  (`WebTransport`) speaks HTTP, then WebSocket (web.py and websocket.py
+  are those protocols without I/O);
 - timers.py: the deadlines, on one heap read against one clock.
 
 host.py is what the reactor offers the modules it runs; tls.py is TLS as

@@ -7,7 +7,9 @@ accepting when the process runs out of file descriptors, and starts each
 connection's --register-timeout. The `TLSPort` is the TLS listener, and
 `TLSKind` what its connections' transport (tls.TLSTransport) tells the
 loop: a new kind of transport comes in here, with its listener and its
-`Kind`, and the read path, the write path and the room stay as they are.
+`Kind`, and the read path, the write path and the room stay as they are
+(webport.py's web port is one). A listener may `turn_away` the
+connections the door refuses, to tell them why in their own terms.
 """
 
 from __future__ import annotations
