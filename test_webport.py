@@ -65,7 +65,7 @@ from conftest import (
 )
 from test_server import parse_metrics, scrape
 from tls import TLSConfig
-from webport import WebConfig
+from webport import MAX_TURNED_AWAY, WebConfig
 
 PAGE_REQUEST: Final = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
 SYNC_TEXT: Final = "PING"
@@ -281,6 +281,20 @@ def test_fragments_and_a_ping_between_them(webbed: RunningServer) -> None:
     assert bob.sync() == [receive("alice", "fragments")]
 
 
+def test_frames_cut_across_reads_are_the_same_line(webbed: RunningServer) -> None:
+    """A frame a byte at a time, each byte read on its own, is the same line."""
+    bob = ws_member(webbed, "bob")
+    alice = ws_member(webbed, "alice")
+    frames = client_frame(WS_TEXT, b"SEND slow", fin=False) + client_frame(
+        WS_CONTINUATION, b"ly" * 100
+    )
+    for index in range(len(frames) - 1):
+        alice.ws.send_frames(frames[index : index + 1])
+        assert bob.sync() == []  # a turn went by: what alice sent is read
+    alice.ws.send_frames(frames[-1:])
+    assert bob.sync() == [receive("alice", b"slow" + b"ly" * 100)]
+
+
 def test_a_client_ping_is_answered_with_its_payload(webbed: RunningServer) -> None:
     """Ping/pong: the library's ping gets its pong."""
     browser = Browser(url(webbed))
@@ -350,6 +364,26 @@ def test_a_turned_away_client_that_never_asks_is_closed_at_the_deadline() -> Non
         assert member.sync() == []
     finally:
         server.close()
+
+
+def test_turned_away_clients_are_bounded_the_oldest_goes() -> None:
+    """Over the limit, at most webport.MAX_TURNED_AWAY wait for their answer:
+    one more closes the oldest."""
+    running = start_server(web=WebConfig(0), max_clients=1)
+    waiting: list[socket.socket] = []
+    try:
+        running.member("member")
+        for _ in range(MAX_TURNED_AWAY + 1):
+            waiting.append(socket.create_connection(web_address(running), timeout=TIMEOUT))
+            assert running.client().read_to_eof() == SERVER_FULL + b"\n"
+        assert waiting[0].recv(100) == b""
+        waiting[1].setblocking(False)
+        with pytest.raises(BlockingIOError):
+            waiting[1].recv(100)
+    finally:
+        for sock in waiting:
+            sock.close()
+        running.stop()
 
 
 # --- HTTP ------------------------------------------------------------------------
