@@ -19,6 +19,9 @@ reactor moves bytes and keeps time, in six modules along its seams:
   that is reading is over the high water mark);
 - door.py: the listeners and the limits on who comes in (`Door`), and the
   TLS port with what its connections' transport needs (`TLSPort`);
+- webport.py: the web port (`WebPort`), whose connections' transport
+  (`WebTransport`) speaks HTTP, then WebSocket (web.py and websocket.py
+  are those protocols without I/O);
 - timers.py: the deadlines, on one heap read against one clock.
 
 host.py is what the reactor offers the modules it runs; tls.py is TLS as
@@ -37,11 +40,12 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Any, Final, NoReturn, cast
+from typing import Any, Final, cast
 
 import activation
 import config
 import flood
+import options
 from connection import LINES_PER_TURN, READ_SIZE, Connection, Transport
 from door import (
     ACCEPT_PAUSE,
@@ -49,7 +53,6 @@ from door import (
     DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_PER_ADDRESS,
     DEFAULT_REGISTER_TIMEOUT,
-    MAX_KEEPALIVE,
     SEND_BUFFER,
     UNACKED_LIMIT_WITHOUT_KEEPALIVE,
     address_key,
@@ -69,6 +72,7 @@ from reactor import ChatServer
 from room import ConfigurationError, LocalRoom, Room
 from timers import Timers
 from tls import TLSConfig, TLSConfigError
+from webport import WebConfig
 
 PORT = 8080
 
@@ -109,123 +113,11 @@ RoomFactory = Callable[[Host], Room]
 # --- the command line ----------------------------------------------------
 # Builds the objects and runs them; no other module depends on it.
 
-# Cluster mode: PROTOCOL.md, "a server that dies without cleaning up frees
-# its names within 30 s". The holder renews its leases every third of this.
-DEFAULT_LEASE_MS: Final = 30_000
-MIN_LEASE_MS: Final = 300
-DEFAULT_ROOM: Final = "chat"
-# PROTOCOL.md: every request to Redis has a deadline (default 2 s). Under
-# 0.05 s an ordinary hiccup would count as an outage.
-DEFAULT_REDIS_TIMEOUT: Final = 2.0
-MIN_REDIS_TIMEOUT: Final = 0.05
-MAX_REDIS_TIMEOUT: Final = 60.0
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}: not a number") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid port {port}: must be 0 to 65535")
-    return port
-
-
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number, `minimum` or more."""
-
-    def parse(text: str) -> int:
-        try:
-            number = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid number {text!r}: a whole number") from None
-        if number < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {number}")
-        return number
-
-    return parse
-
-
-_positive = _at_least(1)
-_whole = _at_least(0)  # 0 turns the limit off
-
-
-def _keepalive(text: str) -> int:
-    seconds = _whole(text)
-    # Linux's bound on TCP_KEEPIDLE (about 9 hours).
-    if seconds > MAX_KEEPALIVE:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_KEEPALIVE}, not {seconds}")
-    return seconds
-
-
-def _send_rate(text: str) -> float:
-    try:
-        rate = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if rate != 0 and not flood.MIN_RATE <= rate <= flood.MAX_RATE:  # NaN included
-        raise argparse.ArgumentTypeError(
-            f"must be 0 (no limit) or {flood.MIN_RATE:g} to {flood.MAX_RATE:g}, not {text}"
-        )
-    return rate
-
-
-def _send_burst(text: str) -> int:
-    burst = _positive(text)
-    if burst > flood.MAX_BURST:
-        raise argparse.ArgumentTypeError(f"must be at most {flood.MAX_BURST}, not {burst}")
-    return burst
-
-
-def _lease_ms(text: str) -> int:
-    lease = _positive(text)
-    # Renewed every third of it: much shorter, and renewing is all it does.
-    if lease < MIN_LEASE_MS:
-        raise argparse.ArgumentTypeError(f"must be at least {MIN_LEASE_MS}, not {lease}")
-    return lease
-
-
-def _redis_timeout(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
-    if not MIN_REDIS_TIMEOUT <= seconds <= MAX_REDIS_TIMEOUT:
-        raise argparse.ArgumentTypeError(
-            f"must be {MIN_REDIS_TIMEOUT:g} to {MAX_REDIS_TIMEOUT:g} seconds, not {text}"
-        )
-    return seconds
-
-
-def _room(text: str) -> str:
-    if not text or not text.isprintable() or any(char.isspace() for char in text):
-        raise argparse.ArgumentTypeError(f"invalid room {text!r}: printable, no spaces")
-    return text
-
-
-_LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
-def _log_level(text: str) -> str:
-    level = text.upper()
-    if level not in _LOG_LEVELS:
-        raise argparse.ArgumentTypeError(
-            f"invalid level {text!r}: choose from {', '.join(_LOG_LEVELS)}"
-        )
-    return level
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser; also the table of the settings file's
     keys and their checks (config.setting_table)."""
-    parser = _Parser(
+    parser = options.Parser(
         prog="chat.py",
         description="A line-protocol chat server. Connect with: nc localhost PORT",
     )
@@ -240,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "port",
         nargs="?",
-        type=_port,
+        type=options.port,
         default=PORT,
         metavar="PORT",
         help=f"TCP port to listen on; 0 picks a free one (default: {PORT})",
@@ -252,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-clients",
-        type=_positive,
+        type=options.positive,
         default=DEFAULT_MAX_CLIENTS,
         metavar="N",
         help="connections over N are told 'ERROR Server is full.' and closed "
@@ -260,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--output-limit",
-        type=_positive,
+        type=options.positive,
         default=DEFAULT_OUTPUT_LIMIT,
         metavar="BYTES",
         help="a client with more than BYTES of output it has not read is "
@@ -273,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     internet.add_argument(
         "--output-budget",
-        type=_positive,
+        type=options.positive,
         default=DEFAULT_OUTPUT_BUDGET,
         metavar="BYTES",
         help="all clients' unread output together; over it, the clients holding the "
@@ -281,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     internet.add_argument(
         "--keepalive",
-        type=_keepalive,
+        type=options.keepalive,
         default=DEFAULT_KEEPALIVE,
         metavar="SECONDS",
         help="probe a client that has been quiet this long, so that one that vanished "
@@ -292,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     internet.add_argument(
         "--register-timeout",
-        type=_whole,
+        type=options.whole,
         default=DEFAULT_REGISTER_TIMEOUT,
         metavar="SECONDS",
         help="a connection without a name after SECONDS is told 'ERROR Timed out waiting "
@@ -300,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     internet.add_argument(
         "--max-per-address",
-        type=_whole,
+        type=options.whole,
         default=DEFAULT_MAX_PER_ADDRESS,
         metavar="N",
         help="connections over N from one address (IPv6: one /64) are told 'ERROR Too many "
@@ -320,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     internet.add_argument(
         "--send-rate",
-        type=_send_rate,
+        type=options.send_rate,
         default=0.0,
         metavar="N",
         help="SEND lines per second per connection (decimals allowed): a client that sends "
@@ -329,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     internet.add_argument(
         "--send-burst",
-        type=_send_burst,
+        type=options.send_burst,
         default=None,
         metavar="B",
         help="with --send-rate: SEND lines a connection may send at once before the rate "
@@ -342,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tls.add_argument(
         "--tls-port",
-        type=_port,
+        type=options.port,
         default=None,
         metavar="PORT",
         help="also listen for TLS on PORT; 0 picks a free one (default: no TLS)",
@@ -359,9 +251,37 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="with --tls-port: its private key in PEM, without a passphrase",
     )
+    web_group = parser.add_argument_group(
+        "web",
+        "people in a web browser: a web page and WebSocket clients of the same room, on "
+        "the same --host; they count towards the limits like any other connection",
+    )
+    web_group.add_argument(
+        "--web-port",
+        type=options.port,
+        default=None,
+        metavar="PORT",
+        help="serve the web page at http://HOST:PORT/ and WebSocket clients at /chat; "
+        "0 picks a free one (default: no web port)",
+    )
+    web_group.add_argument(
+        "--web-origin",
+        action="append",
+        default=None,
+        metavar="ORIGIN",
+        help="only pages from ORIGIN (such as https://chat.example.org) may open a "
+        "WebSocket; repeat it for several (default: any; clients that send no Origin, "
+        "which browsers always send, are let in)",
+    )
+    web_group.add_argument(
+        "--web-tls",
+        action="store_true",
+        help="the web port speaks HTTPS and WSS, with --tls-cert and --tls-key "
+        "(--tls-port is then optional); SIGHUP reloads them",
+    )
     parser.add_argument(
         "--log-level",
-        type=_log_level,
+        type=options.log_level,
         default="INFO",
         metavar="LEVEL",
         help="DEBUG, INFO, WARNING or ERROR, in any case (default: INFO)",
@@ -375,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--metrics-port",
-        type=_port,
+        type=options.port,
         default=None,
         metavar="PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
@@ -406,35 +326,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cluster.add_argument(
         "--room",
-        type=_room,
-        default=DEFAULT_ROOM,
+        type=options.room,
+        default=options.DEFAULT_ROOM,
         metavar="NAME",
         help="with --redis: servers with the same Redis and NAME share one room "
-        f"(default: {DEFAULT_ROOM})",
+        f"(default: {options.DEFAULT_ROOM})",
     )
     cluster.add_argument(
         "--lease-ms",
-        type=_lease_ms,
-        default=DEFAULT_LEASE_MS,
+        type=options.lease_ms,
+        default=options.DEFAULT_LEASE_MS,
         metavar="MS",
         help="with --redis: how long a name stays taken in Redis after its server "
-        f"stops renewing it, e.g. because it died; at least {MIN_LEASE_MS} "
-        f"(default: {DEFAULT_LEASE_MS})",
+        f"stops renewing it, e.g. because it died; at least {options.MIN_LEASE_MS} "
+        f"(default: {options.DEFAULT_LEASE_MS})",
     )
     cluster.add_argument(
         "--redis-timeout",
-        type=_redis_timeout,
-        default=DEFAULT_REDIS_TIMEOUT,
+        type=options.redis_timeout,
+        default=options.DEFAULT_REDIS_TIMEOUT,
         metavar="SECONDS",
         help="with --redis: every request to Redis must be answered within SECONDS; "
         "if one is not, Redis counts as unreachable and SENDs waiting for it get "
-        f"'ERROR Service unavailable.'; {MIN_REDIS_TIMEOUT:g} to {MAX_REDIS_TIMEOUT:g} "
-        f"(default: {DEFAULT_REDIS_TIMEOUT:g})",
+        f"'ERROR Service unavailable.'; {options.MIN_REDIS_TIMEOUT:g} to "
+        f"{options.MAX_REDIS_TIMEOUT:g} "
+        f"(default: {options.DEFAULT_REDIS_TIMEOUT:g})",
     )
     return parser
 
 
 TLS_TOGETHER: Final = "--tls-port, --tls-cert and --tls-key go together: give all three"
+WEB_TLS_NEEDS: Final = "--web-tls needs --tls-cert and --tls-key"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -451,9 +373,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args = argparse.Namespace(**config.merge(table, from_file, given) | {"config": args.config})
     tls = [args.tls_port is not None, args.tls_cert is not None, args.tls_key is not None]
     # A certificate and key without a port are checked once it is known
-    # whether systemd passed a TLS socket (_passed_sockets).
+    # whether systemd passed a TLS socket (_passed_sockets), or --web-tls.
     if any(tls) and not all(tls) and tls != [False, True, True]:
         parser.error(TLS_TOGETHER)
+    if args.web_tls and not (tls[1] and tls[2]):
+        parser.error(WEB_TLS_NEEDS)
+    if isinstance(args.web_origin, str):  # one origin, from the settings file
+        args.web_origin = [args.web_origin]
     return args
 
 
@@ -470,14 +396,16 @@ def _cluster_room(args: argparse.Namespace) -> RoomFactory:
     )
 
 
-def _warn_about_unused_options(args: argparse.Namespace) -> None:
+def _warn_about_unused_options(args: argparse.Namespace, web: bool) -> None:
+    if not web and (args.web_origin or args.web_tls):
+        log.warning("--web-origin and --web-tls matter only with --web-port: ignored")
     if args.redis is None:
         unused = [
             option
             for option, value, default in (
-                ("--room", args.room, DEFAULT_ROOM),
-                ("--lease-ms", args.lease_ms, DEFAULT_LEASE_MS),
-                ("--redis-timeout", args.redis_timeout, DEFAULT_REDIS_TIMEOUT),
+                ("--room", args.room, options.DEFAULT_ROOM),
+                ("--lease-ms", args.lease_ms, options.DEFAULT_LEASE_MS),
+                ("--redis-timeout", args.redis_timeout, options.DEFAULT_REDIS_TIMEOUT),
             )
             if value != default
         ]
@@ -550,6 +478,8 @@ def _open_listeners(
     wanted: list[tuple[str, str, str | None, int]] = [("chat", "port", args.host, args.port)]
     if args.tls_port is not None:
         wanted.append(("tls", "TLS port", args.host, args.tls_port))
+    if args.web_port is not None:
+        wanted.append(("web", "web port", args.host, args.web_port))
     if args.metrics_port is not None:
         wanted.append(("metrics", "metrics port", args.metrics_host, args.metrics_port))
     try:
@@ -587,17 +517,16 @@ def _passed_sockets(args: argparse.Namespace) -> dict[str, socket.socket] | str:
     passed = activation.take_sockets()
     if isinstance(passed, activation.ActivationProblem):
         return f"chat.py: socket activation: {passed.message}"
-    web = passed.pop("web", None)
-    if web is not None:
-        log.warning(
-            "socket activation: this server has no web listener: the socket 'web' is unused"
-        )
-        web.close()
     if "tls" in passed and (args.tls_cert is None or args.tls_key is None):
         return (
             "chat.py: socket activation: a socket 'tls' was passed: give --tls-cert and --tls-key"
         )
-    if "tls" not in passed and args.tls_cert is not None and args.tls_port is None:
+    if (
+        "tls" not in passed
+        and args.tls_cert is not None
+        and args.tls_port is None
+        and not args.web_tls
+    ):
         return f"chat.py: error: {TLS_TOGETHER}"
     return passed
 
@@ -691,6 +620,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls_port = args.tls_port
         if "tls" in sockets:
             tls_port = sockets["tls"].getsockname()[1]
+        web = None
+        if "web" in sockets:
+            web = WebConfig(
+                sockets["web"].getsockname()[1],
+                tuple(args.web_origin or ()),
+                args.tls_cert if args.web_tls else None,
+                args.tls_key if args.web_tls else None,
+            )
         metrics_address = None
         if "metrics" in sockets:
             metrics_address = cast(tuple[str, int], sockets["metrics"].getsockname()[:2])
@@ -708,6 +645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             reuse_port=args.reuse_port,
             metrics_address=metrics_address,
             tls=None if tls_port is None else TLSConfig(tls_port, args.tls_cert, args.tls_key),
+            web=web,
             room=room,
             sockets=sockets,
             on_reload=on_reload,
@@ -737,9 +675,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.proxy_protocol:
         networks = ", ".join(map(str, args.proxy_protocol))
         log.info("expecting a PROXY protocol header from %s", networks)
+    if server.web_address is not None:
+        what = "HTTPS and WSS" if args.web_tls else "HTTP and WebSocket"
+        where = _describe_listener(args.host, server.web_address)
+        log.info("listening for the web (%s) on %s: the page at /", what, where)
     if server.metrics is not None:
         log.info("metrics at http://%s/metrics", format_peer(server.metrics.address))
-    _warn_about_unused_options(args)
+    _warn_about_unused_options(args, server.web_address is not None)
     server.serve_forever()
     log.info("stopped")
     return 0

@@ -1123,15 +1123,17 @@ class ChatMachine(RuleBasedStateMachine):
             self.prove_name_free(name, may_wait=True)
         self.check_everyone(data)
 
+    def unfinished_lines(self, peer: Peer) -> st.SearchStrategy[bytes]:
+        """What `peer` may send after its last "\\n", before its end of input."""
+        return st.one_of(st.just(b""), self.any_line(), self.any_line().map(lambda x: x + b"\r"))
+
     @rule(peer=consumes(peers), data=st.data())
     def half_close(self, peer: Peer, data: st.DataObject) -> None:
         """shutdown(SHUT_WR), maybe after a last line without "\\n": every
         line is processed, the replies arrive, then EOF and the name is free."""
         lines = data.draw(st.lists(self.any_line(), max_size=2))
         payload = b"".join(line + data.draw(line_endings) for line in lines)
-        payload += data.draw(
-            st.one_of(st.just(b""), self.any_line(), self.any_line().map(lambda x: x + b"\r"))
-        )
+        payload += data.draw(self.unfinished_lines(peer))
         self.expect(self.room.feed_stream(peer.ident, payload, at_eof=True))
         name = self.room.names.get(peer.ident)
         want = b"".join(line + b"\n" for line in self.pending[peer.ident])

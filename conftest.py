@@ -11,7 +11,9 @@ the clock for an event it could observe instead.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import os
 import random
 import re
@@ -29,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Any, Final, cast
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -919,3 +921,196 @@ class TLSClient(Client):
 
 def certificate_der(path: Path) -> bytes:
     return ssl.PEM_cert_to_DER_cert(path.read_text())
+
+
+# --- A WebSocket client, frames spelled here from RFC 6455 ---------------------
+
+# Opcodes (RFC 6455, 5.2).
+WS_CONTINUATION: Final = 0x0
+WS_TEXT: Final = 0x1
+WS_BINARY: Final = 0x2
+WS_CLOSE: Final = 0x8
+WS_PING: Final = 0x9
+WS_PONG: Final = 0xA
+
+
+def client_frame(
+    opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0, masked: bool = True
+) -> bytes:
+    """One frame as a client sends it: masked with a random key (unless
+    `masked` is False, which RFC 6455 forbids), `rsv` in bits 4-6."""
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    size = len(payload)
+    mask_bit = 0x80 if masked else 0
+    if size < 126:
+        head = bytes((first, mask_bit | size))
+    elif size < 1 << 16:
+        head = bytes((first, mask_bit | 126)) + size.to_bytes(2, "big")
+    else:
+        head = bytes((first, mask_bit | 127)) + size.to_bytes(8, "big")
+    if not masked:
+        return head + payload
+    key = os.urandom(4)
+    stream = (key * (size // 4 + 1))[:size]
+    body = (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(size, "big")
+    return head + key + body
+
+
+def close_payload(code: int, reason: bytes = b"") -> bytes:
+    return code.to_bytes(2, "big") + reason
+
+
+def server_frame(buffer: bytes) -> tuple[int, bytes, int] | None:
+    """The first whole frame a server sent in `buffer`: its opcode, its
+    payload and its size; None while it is incomplete. Fails on a masked
+    frame or a fragment: the server sends neither."""
+    if len(buffer) < 2:
+        return None
+    first, second = buffer[0], buffer[1]
+    assert first & 0x80 and not first & 0x70, f"fragment or reserved bits: {buffer[:2]!r}"
+    assert not second & 0x80, "a masked server frame"
+    size, start = second & 0x7F, 2
+    if size == 126:
+        if len(buffer) < 4:
+            return None
+        size, start = int.from_bytes(buffer[2:4], "big"), 4
+    elif size == 127:
+        if len(buffer) < 10:
+            return None
+        size, start = int.from_bytes(buffer[2:10], "big"), 10
+    if len(buffer) < start + size:
+        return None
+    return first & 0x0F, buffer[start : start + size], start + size
+
+
+def upgrade_request(
+    path: str = "/chat", key: bytes = b"dGhlIHNhbXBsZSBub25jZQ==", extra: bytes = b""
+) -> bytes:
+    """A browser's handshake request (RFC 6455, 4.1), with `extra` header lines."""
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n".encode()
+        + b"Sec-WebSocket-Key: "
+        + key
+        + b"\r\n"
+        + extra
+        + b"\r\n"
+    )
+
+
+def accept_for(key: bytes) -> bytes:
+    """Sec-WebSocket-Accept for `key`, computed here (RFC 6455, 4.2.2)."""
+    digest = hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+    return base64.b64encode(digest)
+
+
+class LinesOverWebSocket:
+    """A WebSocket connection that looks like a socket of lines to `Client`:
+    `sendall` sends each whole line as one binary message, without its
+    "\\n" (an unfinished line waits for the rest); `recv` returns each
+    message the server sends as a "\\n"-ended line, answers pings, and
+    returns b"" after the server's close frame (its code in `close_code`);
+    `shutdown(SHUT_WR)` is the client's side of the closing handshake,
+    after the unfinished line, if any, as the last message."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        timeout: float = TIMEOUT,
+        *,
+        context: ssl.SSLContext | None = None,
+        receive_buffer: int | None = None,
+        source: str | None = None,
+        extra: bytes = b"",
+    ) -> None:
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if receive_buffer is not None:  # before connecting: it fixes the window scale
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        if source is not None:
+            raw.bind((source, 0))
+        raw.settimeout(timeout)
+        raw.connect(address)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.raw = raw if context is None else context.wrap_socket(raw, server_hostname="localhost")
+        key = base64.b64encode(os.urandom(16))
+        self.raw.sendall(upgrade_request(key=key, extra=extra))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.raw.recv(4096)
+            if not chunk:
+                raise EOFError(f"closed during the handshake: {head!r}")
+            head += chunk
+        head, _, self.incoming = head.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        assert b"\r\nSec-WebSocket-Accept: " + accept_for(key) in head, head
+        self.unfinished = b""
+        self.close_code: int | None = None
+        self.closed = False  # the server's close frame has come
+
+    def sendall(self, data: bytes) -> None:
+        *lines, self.unfinished = (self.unfinished + data).split(b"\n")
+        if lines:
+            self.raw.sendall(b"".join(client_frame(WS_BINARY, line) for line in lines))
+
+    def send_frames(self, frames: bytes) -> None:
+        self.raw.sendall(frames)
+
+    def frame(self) -> tuple[int, bytes] | None:
+        """The server's next frame; None at the end of the stream."""
+        while (found := server_frame(self.incoming)) is None:
+            chunk = self.raw.recv(65536)
+            if not chunk:
+                assert not self.incoming, f"closed inside a frame: {self.incoming!r}"
+                return None
+            self.incoming += chunk
+        opcode, payload, size = found
+        self.incoming = self.incoming[size:]
+        return opcode, payload
+
+    def recv(self, size: int) -> bytes:
+        while not self.closed:
+            found = self.frame()
+            if found is None:
+                return b""
+            opcode, payload = found
+            if opcode in (WS_TEXT, WS_BINARY):
+                return payload + b"\n"
+            if opcode == WS_PING:
+                self.raw.sendall(client_frame(WS_PONG, payload))
+            elif opcode == WS_CLOSE:
+                self.closed = True
+                self.close_code = int.from_bytes(payload[:2], "big") if payload else None
+        return b""
+
+    def shutdown(self, how: int) -> None:
+        last = client_frame(WS_BINARY, self.unfinished) if self.unfinished else b""
+        self.unfinished = b""
+        self.raw.sendall(last + client_frame(WS_CLOSE, close_payload(1000)))
+
+    def setsockopt(self, level: int, option: int, value: bytes) -> None:
+        self.raw.setsockopt(level, option, value)
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.raw.settimeout(timeout)
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+class WebSocketClient(Client):
+    """A Client whose lines travel as WebSocket messages (LinesOverWebSocket)."""
+
+    def __init__(self, address: tuple[str, int], timeout: float = TIMEOUT, **options: Any) -> None:
+        self.ws = LinesOverWebSocket(address, timeout, **options)
+        # Client asks only for the calls LinesOverWebSocket has.
+        self.sock = cast(socket.socket, self.ws)
+        self.buffer = b""
+
+    def half_close(self) -> bytes:
+        """The closing handshake; everything until the server's close frame,
+        after which the server closes the connection."""
+        self.ws.shutdown(socket.SHUT_WR)
+        data = self.read_to_eof()
+        assert self.ws.closed, "no close frame"
+        assert self.ws.raw.recv(1) == b"", "the server did not close after its close frame"
+        return data

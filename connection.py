@@ -66,6 +66,8 @@ class Kind:
     # Whether protocol.receive looks for telnet commands in its input (no,
     # for a transport whose `recv` hands out lines already).
     telnet = True
+    # Its connections' label in the metrics (chat_connections_open{transport}).
+    transport = "tcp"
     # Frames output queued for one connection (replies, telnet answers, a
     # member's own copy of the turn): None for bytes as they are.
     frame: Callable[[bytes], bytes] | None = None
@@ -88,6 +90,14 @@ class Kind:
 
     def flush(self, conn: Connection) -> None:
         """The socket is writable: send the transport's own output."""
+
+    def end_reason(self, conn: Connection) -> str:
+        """Why its end of input closes it, once its lines are processed."""
+        return "client_closed"
+
+    def closing(self, conn: Connection, reason: str) -> None:
+        """The server closes `conn` for `reason` (one of CLOSE_REASONS), its
+        output flushed: a last word of the transport's own goes with `close`."""
 
 
 PLAIN: Final = Kind()

@@ -7,7 +7,9 @@ accepting when the process runs out of file descriptors, and starts each
 connection's --register-timeout. The `TLSPort` is the TLS listener, and
 `TLSKind` what its connections' transport (tls.TLSTransport) tells the
 loop: a new kind of transport comes in here, with its listener and its
-`Kind`, and the read path, the write path and the room stay as they are.
+`Kind`, and the read path, the write path and the room stay as they are
+(webport.py's web port is one). A listener may `turn_away` the
+connections the door refuses, to tell them why in their own terms.
 
 Behind a load balancer (--proxy-protocol): a connection from a trusted
 network stays at the door (`Arriving`) until its PROXY header is read
@@ -26,6 +28,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import partial
 from selectors import EVENT_READ, BaseSelector
@@ -163,17 +166,27 @@ def tune_for_clients(listener: socket.socket, keepalive: int) -> None:
 Admit = Callable[[Transport, str, str | None], Connection]
 
 
+# What a socket refused at the door becomes instead of being closed at
+# once: its socket and the ERROR line that says why (the web port answers
+# in HTTP's terms first).
+TurnAway = Callable[[socket.socket, bytes], None]
+
+
 class Listener:
     """Selector tag of a listening socket: what to do with the connections
-    it lets in, and whether a refusal may be told to them in plain text
-    (not on the TLS port: the client would read it as a broken record)."""
+    it lets in, whether a refusal may be told to them in plain text (not on
+    the TLS port: the client would read it as a broken record), and who
+    tells it instead of the door, if anyone (`turn_away`)."""
 
-    __slots__ = ("sock", "admit", "plain")
+    __slots__ = ("sock", "admit", "plain", "turn_away")
 
-    def __init__(self, sock: socket.socket, admit: Admit, plain: bool) -> None:
+    def __init__(
+        self, sock: socket.socket, admit: Admit, plain: bool, turn_away: TurnAway | None = None
+    ) -> None:
         self.sock = sock
         self.admit = admit
         self.plain = plain
+        self.turn_away = turn_away
 
 
 class Arriving:
@@ -251,6 +264,10 @@ class Door:
         self.max_per_address = max_per_address
         self.register_timeout = register_timeout
         self.open_count = 0
+        # Connections let in, by Kind.transport, for
+        # chat_connections_open{transport} (open_count also counts those
+        # still waiting for a PROXY header).
+        self.open_by_transport: Counter[str] = Counter()
         self._selector = selector
         self._schedule = schedule
         self._timers = timers
@@ -263,9 +280,17 @@ class Door:
         self._proxy_networks = tuple(proxy_networks)
         self._arriving: dict[Arriving, None] = {}  # headers not read yet
 
-    def open(self, sock: socket.socket, admit: Admit = Connection, *, plain: bool = True) -> None:
-        """Accept from `sock`; `admit` makes each socket let in a connection."""
-        listener = Listener(sock, admit, plain)
+    def open(
+        self,
+        sock: socket.socket,
+        admit: Admit = Connection,
+        *,
+        plain: bool = True,
+        turn_away: TurnAway | None = None,
+    ) -> None:
+        """Accept from `sock`; `admit` makes each socket let in a connection,
+        and `turn_away`, if given, takes each one refused."""
+        listener = Listener(sock, admit, plain, turn_away)
         self._listeners.append(listener)
         self._selector.register(sock, EVENT_READ, listener)
 
@@ -319,6 +344,7 @@ class Door:
     def left(self, conn: Connection) -> None:
         """`conn` has closed (its timers went with it: Schedule.forget)."""
         self.open_count -= 1
+        self.open_by_transport[conn.kind.transport] -= 1
         key = conn.address_key
         if key is not None:
             count = self._per_address[key] - 1
@@ -341,7 +367,8 @@ class Door:
         if self.open_count >= self.max_clients:
             peer = format_peer(address)
             log.warning("refused %s: server is full (limit %d)", peer, self.max_clients)
-            self._refuse(sock, protocol.SERVER_FULL if listener.plain else b"", "server_full")
+            line = protocol.SERVER_FULL if listener.plain else b""
+            self._refuse(sock, line, "server_full", listener.turn_away)
             return
         # Counted from the accept: a balancer's connection holds a
         # descriptor whatever its header will say.
@@ -380,11 +407,15 @@ class Door:
                 )
                 self.open_count -= 1
                 line = protocol.TOO_MANY_FROM_ADDRESS if listener.plain else b""
-                self._refuse(sock, line, "per_address")
+                # What came with a PROXY header is the client's first bytes,
+                # which a turn_away reading the socket would never see.
+                self._refuse(sock, line, "per_address", None if first else listener.turn_away)
                 return
             self._per_address[key] = count + 1
         self._stats.accepted += 1
         conn = listener.admit(AfterHeader(sock, first) if first else sock, peer, key)
+        self.open_by_transport[conn.kind.transport] += 1
+        self._stats.accepted_by_transport[conn.kind.transport] += 1
         schedule = self._schedule
         schedule.watch_new(conn)
         if first:
@@ -473,9 +504,14 @@ class Door:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(arriving.sock)
 
-    def _refuse(self, sock: socket.socket, line: bytes, reason: str) -> None:
+    def _refuse(
+        self, sock: socket.socket, line: bytes, reason: str, turn_away: TurnAway | None
+    ) -> None:
         self._stats.refused[reason] += 1
         self._stats.disconnections[reason] += 1
+        if turn_away is not None:
+            turn_away(sock, line)
+            return
         try:
             if line:
                 self._stats.bytes_sent += sock.send(line)
@@ -600,6 +636,7 @@ class TLSKind(Kind):
     taken, and input decrypted already, are the transport's own."""
 
     arrival = " on the TLS port"
+    transport = "tls"
 
     def ready(self, conn: Connection) -> bool:
         return cast(TLSTransport, conn.sock).established

@@ -102,8 +102,8 @@ CLOSE_REASONS: Final = {
     "tls_handshake": "TLS handshake failed",
     "server_shutdown": "server shutting down",
     "internal_error": "internal error",
-    # (v3) A peer that broke its protocol: a malformed PROXY header (and a
-    # WebSocket breaking RFC 6455).
+    # (v3) A peer that broke its protocol: a malformed PROXY header, or a
+    # WebSocket breaking RFC 6455.
     "protocol_error": "protocol error",
 }
 # Why a connection was refused at the door: the label of

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import socket
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from selectors import EVENT_READ, EVENT_WRITE
@@ -39,6 +39,8 @@ MAX_SCRAPERS: Final = 16
 
 # The label values of chat_disconnections_total, in the contract's order.
 DISCONNECTION_REASONS: Final = tuple(CLOSE_REASONS)
+# The label values of the counts per transport (connection.Kind.transport).
+TRANSPORTS: Final = ("tcp", "tls", "websocket")
 
 
 @dataclass
@@ -46,6 +48,8 @@ class Stats:
     """What the server counts, incremented where each event happens."""
 
     accepted: int = 0
+    # The same, by transport (Kind.transport): chat_connections_accepted_total.
+    accepted_by_transport: Counter[str] = field(default_factory=Counter)
     messages: int = 0  # SENDs accepted
     deliveries: int = 0  # RECEIVE lines handed to members
     bytes_sent: int = 0
@@ -73,23 +77,37 @@ def counter(name: str, help: str, value: float) -> Metric:
     return Metric(name, "counter", help, (({}, value),))
 
 
-def labelled(name: str, help: str, label: str, values: Iterable[tuple[str, float]]) -> Metric:
-    """A counter with one label, one sample per label value."""
-    return Metric(name, "counter", help, tuple(({label: key}, value) for key, value in values))
+def labelled(
+    name: str, help: str, label: str, values: Iterable[tuple[str, float]], kind: str = "counter"
+) -> Metric:
+    """A counter (or `kind`) with one label, one sample per label value."""
+    return Metric(name, kind, help, tuple(({label: key}, value) for key, value in values))
 
 
 def chat_metrics(
-    stats: Stats, *, open_count: int, members: int, unsent: int, extra: Iterable[Metric] = ()
+    stats: Stats,
+    *,
+    open_by_transport: Mapping[str, int],
+    members: int,
+    unsent: int,
+    extra: Iterable[Metric] = (),
 ) -> list[Metric]:
     """Every metric of PROTOCOL.md, "Monitoring", from the server's counts;
     `extra` are the room's own (cluster mode: Redis)."""
     return [
-        gauge("chat_connections_open", "Client connections open now.", open_count),
+        labelled(
+            "chat_connections_open",
+            "Client connections open now, by transport.",
+            "transport",
+            ((transport, open_by_transport.get(transport, 0)) for transport in TRANSPORTS),
+            kind="gauge",
+        ),
         gauge("chat_members", "Connections that have a name now.", members),
-        counter(
+        labelled(
             "chat_connections_accepted_total",
-            "Connections accepted (and not refused).",
-            stats.accepted,
+            "Connections accepted (and not refused), by transport.",
+            "transport",
+            ((transport, stats.accepted_by_transport[transport]) for transport in TRANSPORTS),
         ),
         labelled(
             "chat_connections_refused_total",

@@ -145,7 +145,7 @@ class Processor:
             if conn.backlog():
                 schedule.has_lines(conn)  # to the back of the round
             elif conn.at_eof and not schedule.closing(conn):
-                schedule.close_later(conn, "client_closed")
+                schedule.close_later(conn, conn.kind.end_reason(conn))
 
     def _process_lines(self, conn: Connection, room: Room) -> None:
         lines = conn.lines

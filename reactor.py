@@ -42,6 +42,8 @@ from proxy_header import Network
 from room import LocalRoom, Room
 from timers import Clock, Timer, Timers
 from tls import TLSConfig, load_context
+from webport import WebConfig, WebPort
+from websocket import frame_lines
 
 # chat.PORT, which the command line offers (a test holds them equal).
 DEFAULT_PORT: Final = 8080
@@ -89,10 +91,12 @@ class ChatServer:
     from another thread or a signal handler. `room` builds the room it
     serves (default: `LocalRoom`, one server's room); `clock` is what its
     timers read (a test passes a fake one and calls `run_once`). `tls`
-    adds a TLS listener on the same host (see `tls_address`); TLSConfigError
-    if its certificate and key cannot be loaded. `sockets` are listening
-    sockets made already (by socket activation, or to name the port that
-    is taken), by what they serve: "chat", "tls", "metrics"; the server
+    adds a TLS listener on the same host (see `tls_address`), and `web` the
+    web port (`web_address`: the page and WebSocket members, webport.py);
+    TLSConfigError if a certificate and key cannot be loaded. `sockets` are
+    listening sockets made already (by socket activation, or to name the
+    port that is taken), by what they serve: "chat", "tls", "web",
+    "metrics"; the server
     listens on those instead of binding its own. `on_reload` runs in the
     loop after `reload_tls` (SIGHUP) asks, before the certificate is
     reloaded. A connection from one of `proxy_networks` (--proxy-protocol)
@@ -113,6 +117,7 @@ class ChatServer:
         reuse_port: bool = False,
         metrics_address: tuple[str, int] | None = None,
         tls: TLSConfig | None = None,
+        web: WebConfig | None = None,
         room: RoomFactory = LocalRoom,
         clock: Clock = time.monotonic,
         sockets: Mapping[str, socket.socket] | None = None,
@@ -123,6 +128,9 @@ class ChatServer:
     ) -> None:
         # First, so that a bad certificate fails before anything is bound.
         tls_context = None if tls is None else load_context(tls.cert, tls.key)
+        web_context = None
+        if web is not None and web.cert is not None and web.key is not None:
+            web_context = load_context(web.cert, web.key)
         self.stats = Stats()
         self._clock = clock
         self._timers = Timers(clock)
@@ -171,6 +179,7 @@ class ChatServer:
         self._reload_requested = False  # SIGHUP: reload_tls
         self._on_reload = on_reload
         self._tls: TLSPort | None = None
+        self._web: WebPort | None = None
         self.metrics: MetricsServer | None = None
         try:
             if tls is not None and tls_context is not None:
@@ -181,6 +190,25 @@ class ChatServer:
                     keepalive=keepalive,
                     reuse_port=reuse_port,
                     listener=sockets.get("tls"),
+                )
+            if web is not None:
+                self._web = WebPort(
+                    web,
+                    web_context,
+                    self._schedule,
+                    self._timers,
+                    self._close,
+                    wire=self._writer.add_wire(frame_lines),
+                    keepalive=keepalive,
+                    watch=self.watch,
+                    unwatch=self.unwatch,
+                )
+                self._web.open(
+                    self._door,
+                    host,
+                    keepalive=keepalive,
+                    reuse_port=reuse_port,
+                    listener=sockets.get("web"),
                 )
             self._room: Room = room(self)
             self._processor.room = self._room
@@ -204,6 +232,11 @@ class ChatServer:
         return None if self._tls is None else self._tls.address
 
     @property
+    def web_address(self) -> tuple[str, int] | None:
+        """The web listener's address (its real port), if there is one."""
+        return None if self._web is None else self._web.address
+
+    @property
     def open_count(self) -> int:
         return self._door.open_count
 
@@ -219,7 +252,7 @@ class ChatServer:
     def _metrics(self) -> list[Metric]:
         return chat_metrics(
             self.stats,
-            open_count=self._door.open_count,
+            open_by_transport=self._door.open_by_transport,
             members=len(self._room.members),
             unsent=self.unsent,
             extra=self._room.metrics(),
@@ -261,6 +294,8 @@ class ChatServer:
         self._door.apply_limits(max_clients, max_per_address, register_timeout, keepalive)
         self._writer.apply_limits(output_limit, output_budget)
         self._flood.apply(send_rate, send_burst)
+        if self._web is not None and keepalive is not None:
+            self._web.keepalive = keepalive  # for the pings from now on
 
     def run_once(self, max_wait: float | None = None) -> None:
         """One turn: select, read, timers, process, flush, close. Waits at
@@ -327,7 +362,10 @@ class ChatServer:
                     log.exception("internal error reloading the settings")
             if self._tls is not None:
                 self._tls.reload()
-            elif self._on_reload is None:
+            if self._web is not None:
+                self._web.reload()
+            web_tls = self._web is not None and self._web.config.tls
+            if self._tls is None and not web_tls and self._on_reload is None:
                 log.warning("SIGHUP ignored: there is no TLS port, so no certificate to reload")
 
     def close(self) -> None:
@@ -344,6 +382,8 @@ class ChatServer:
             self._room.close()  # after the closes above queued their releases
         if self.metrics is not None:
             self.metrics.close()
+        if self._web is not None:
+            self._web.close()
         self._door.close()
         self._wakeup.close(self._selector)
         self._selector.close()
@@ -431,6 +471,7 @@ class ChatServer:
         self.stats.disconnections[reason] += 1
         words = CLOSE_REASONS[reason]
         log.info("%r disconnected: %s", conn, f"{words} ({detail})" if detail else words)
+        conn.kind.closing(conn, reason)
         if reason not in ("reset", "timed_out"):
             _discard_input(conn.sock)
         conn.sock.close()

@@ -23,6 +23,7 @@ from typing import Final
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from websockets.sync.client import connect as websocket_connect
 
 import activation
 import chat
@@ -588,12 +589,14 @@ def test_systemd_socket_activate_passes_a_named_metrics_socket() -> None:
             while chunk := scrape.recv(65536):
                 reply += chunk
         assert reply.startswith(b"HTTP/1.")
-        assert b"\nchat_connections_open 1\n" in reply  # the chat socket's client
+        # The chat socket's client.
+        assert b'\nchat_connections_open{transport="tcp"} 1\n' in reply
         client.close()
 
 
 def test_systemd_socket_activate_passes_tls_and_web(tls_files: TLSFiles) -> None:
-    """Socket activation: a tls socket serves TLS with the configured certificate; web is unused."""
+    """Socket activation: a tls socket serves TLS with the configured certificate, and a
+    web socket the web port (WebSocket members of the same room)."""
     ports = [free_port(), free_port(), free_port()]
     cert, key = f"--tls-cert={tls_files.cert}", f"--tls-key={tls_files.key}"
     with activated(
@@ -607,13 +610,17 @@ def test_systemd_socket_activate_passes_tls_and_web(tls_files: TLSFiles) -> None
             secure.register("bob")
             secure.send(b"SEND over TLS\n")
             assert plain.line() == b"RECEIVE bob over TLS"
+        with websocket_connect(f"ws://127.0.0.1:{ports[2]}/chat", open_timeout=TIMEOUT) as ws:
+            ws.send("USERNAME carol\nSEND from the web")
+            assert plain.line() == b"RECEIVE carol from the web"
         plain.close()
         process.send_signal(signal.SIGTERM)
         assert process.wait(TIMEOUT) == 0
         assert process.stderr is not None
         log = process.stderr.read().decode()
     assert re.search(rf"listening for TLS on 127\.0\.0\.1:{ports[1]}$", log, re.MULTILINE), log
-    assert "no web listener: the socket 'web' is unused" in log
+    web = rf"listening for the web \(HTTP and WebSocket\) on 127\.0\.0\.1:{ports[2]}:"
+    assert re.search(web, log), log
 
 
 def test_systemd_socket_activate_tls_without_a_certificate_exits_2() -> None:

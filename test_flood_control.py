@@ -648,8 +648,10 @@ def test_sighup_turns_flood_control_on(tmp_path: Path) -> None:
 def test_send_burst_without_a_rate_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
     """--send-burst without --send-rate: ignored, and the log says so."""
     with caplog.at_level(logging.WARNING, logger="chat"):
-        chat._warn_about_unused_options(chat.parse_args(["--send-burst", "5"]))
-        chat._warn_about_unused_options(chat.parse_args(["--send-burst", "5", "--send-rate", "1"]))
+        chat._warn_about_unused_options(chat.parse_args(["--send-burst", "5"]), False)
+        chat._warn_about_unused_options(
+            chat.parse_args(["--send-burst", "5", "--send-rate", "1"]), False
+        )
     assert caplog.text.count("--send-burst only matters with --send-rate") == 1
 
 

@@ -323,7 +323,7 @@ def test_a_malformed_header_closes_without_a_reply(
     assert server.open_count == 0 and server.stats.accepted == 0
     assert server.stats.disconnections["protocol_error"] == 1
     samples = metrics.render(
-        metrics.chat_metrics(server.stats, open_count=server.open_count, members=0, unsent=0)
+        metrics.chat_metrics(server.stats, open_by_transport={}, members=0, unsent=0)
     )
     assert b'chat_disconnections_total{reason="protocol_error"} 1\n' in samples
     assert f"disconnected before its PROXY header: protocol error ({reason}" in caplog.text

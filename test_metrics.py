@@ -54,12 +54,15 @@ def scrape(address: tuple[str, int], request: bytes = b"GET /metrics HTTP/1.1\r\
     return answer
 
 
-METRIC_LINE: Final = re.compile(r'^([a-z_]+)(?:\{reason="([a-z_]+)"\})? (\d+(?:\.\d+)?)$')
+METRIC_LINE: Final = re.compile(
+    r'^([a-z_]+)(?:\{(?:reason|transport)="([a-z_]+)"\})? (\d+(?:\.\d+)?)$'
+)
 
 
 def parse_metrics(answer: bytes) -> dict[str, float]:
-    """The samples of a Prometheus text answer, by `name` or `name{reason}`;
-    fails unless every metric has HELP and TYPE lines before its samples."""
+    """The samples of a Prometheus text answer, by `name` or `name{label}`
+    (the value of its one label: a reason or a transport); fails unless
+    every metric has HELP and TYPE lines before its samples."""
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"Content-Type: text/plain; version=0.0.4" in head
@@ -79,9 +82,13 @@ def parse_metrics(answer: bytes) -> dict[str, float]:
 
 
 CONTRACT_METRICS: Final = (
-    "chat_connections_open",
+    "chat_connections_open{tcp}",  # by transport: v3
+    "chat_connections_open{tls}",
+    "chat_connections_open{websocket}",
     "chat_members",
-    "chat_connections_accepted_total",
+    "chat_connections_accepted_total{tcp}",
+    "chat_connections_accepted_total{tls}",
+    "chat_connections_accepted_total{websocket}",
     "chat_messages_total",
     "chat_deliveries_total",
     "chat_bytes_sent_total",
@@ -151,11 +158,13 @@ def test_every_close_reason_and_refusal_is_a_label_value() -> None:
     refusal, each read from the counts (zero when none happened)."""
     assert metrics.DISCONNECTION_REASONS == DISCONNECTION_REASONS
     stats = metrics.Stats(accepted=5, messages=4, deliveries=3, bytes_sent=2)
+    stats.accepted_by_transport.update(tcp=3, tls=1, websocket=1)
     stats.disconnections["reset"] = 7
     stats.refused["per_address"] = 1
+    open_now = {"tcp": 4, "websocket": 2}
     families = {
         metric.name: metric
-        for metric in metrics.chat_metrics(stats, open_count=6, members=1, unsent=9)
+        for metric in metrics.chat_metrics(stats, open_by_transport=open_now, members=1, unsent=9)
     }
     closes = families["chat_disconnections_total"].samples
     assert [labels for labels, _ in closes] == [{"reason": r} for r in DISCONNECTION_REASONS]
@@ -163,11 +172,19 @@ def test_every_close_reason_and_refusal_is_a_label_value() -> None:
     assert sum(value for _, value in closes) == 7
     refusals = families["chat_connections_refused_total"].samples
     assert refusals == (({"reason": "server_full"}, 0), ({"reason": "per_address"}, 1))
-    plain = {name: family.samples[0][1] for name, family in families.items()}
+    plain = {
+        f"{name}{{{next(iter(labels.values()))}}}" if labels else name: value
+        for name, family in families.items()
+        for labels, value in family.samples
+    }
     assert {name: plain[name] for name in CONTRACT_METRICS} == {
-        "chat_connections_open": 6,
+        "chat_connections_open{tcp}": 4,
+        "chat_connections_open{tls}": 0,
+        "chat_connections_open{websocket}": 2,
         "chat_members": 1,
-        "chat_connections_accepted_total": 5,
+        "chat_connections_accepted_total{tcp}": 3,
+        "chat_connections_accepted_total{tls}": 1,
+        "chat_connections_accepted_total{websocket}": 1,
         "chat_messages_total": 4,
         "chat_deliveries_total": 3,
         "chat_bytes_sent_total": 2,
@@ -278,11 +295,11 @@ def test_metrics_count_what_happens(monitored: RunningServer) -> None:
     anonymous.close()
     poll(
         "the closed connection to be counted",
-        lambda: metrics_of(monitored)["chat_connections_open"] == 2,
+        lambda: metrics_of(monitored)["chat_connections_open{tcp}"] == 2,
     )
     samples = metrics_of(monitored)
     assert samples["chat_members"] == 2
-    assert samples["chat_connections_accepted_total"] == 3
+    assert samples["chat_connections_accepted_total{tcp}"] == 3
     assert samples["chat_messages_total"] == 2
     assert samples["chat_deliveries_total"] == 2  # each to bob only
     # Four replies to PING (two syncs each), two RECEIVE lines, the refusal.
@@ -519,7 +536,7 @@ def test_a_good_scrape_is_answered_at_once_among_slow_and_bad_clients(
             good.setblocking(False)
             answer = answer_while_turning(server, good)
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
-        assert b"\nchat_connections_open 0\n" in answer
+        assert b'\nchat_connections_open{transport="tcp"} 0\n' in answer
         assert Pumped(server).sync() == []
     finally:
         for sock in waiting:

@@ -166,6 +166,14 @@ class FrameReader:
         self._control = bytearray()  # the current control frame's payload, unmasked
         self._done = False  # after a Close or a Failure
 
+    @property
+    def between_frames(self) -> bool:
+        """Whether it holds nothing: no frame or message begun, none ended
+        the reading. A reader in this state is the same as a new one, so a
+        server may drop it and make one when bytes come (idle connections
+        stay small)."""
+        return self._opcode < 0 and not self._head and self._message_opcode < 0 and not self._done
+
     def receive(self, data: bytes) -> list[Event]:
         """The events that `data`, the next bytes from the client, complete."""
         events: list[Event] = []
