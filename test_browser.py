@@ -34,6 +34,7 @@ OTHERS: frozenset[str] = frozenset()
 def pages(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ChatPage, ChatPage]]:
     """Two browsers, each with a profile of its own, for the whole module."""
     require_chromium()
+    require_web_port()
     first = open_chromium(tmp_path_factory.mktemp("first-profile"))
     try:
         second = open_chromium(tmp_path_factory.mktemp("second-profile"))
