@@ -155,8 +155,9 @@ def web_chat(*args: str, port: int = 0, web_port: int = 0) -> Iterator[WebChat]:
 
 
 def open_chromium(profile: Path, size: tuple[int, int] = DESKTOP) -> WebDriver:
-    """A headless Chromium with a fresh profile in `profile`, the page's
-    console kept for `console`."""
+    """A headless Chromium with a fresh profile in `profile`, a viewport of
+    `size` CSS pixels (a phone's, at twice the pixels, if narrower than
+    500), the page's console kept for `console`."""
     options = webdriver.ChromeOptions()
     for flag in CHROMIUM_FLAGS:
         options.add_argument(flag)
@@ -165,6 +166,12 @@ def open_chromium(profile: Path, size: tuple[int, int] = DESKTOP) -> WebDriver:
     options.binary_location = CHROMIUM
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    # The page's own viewport, exactly (a headless window keeps some of its
+    # height for a toolbar it never draws, and is never narrower than 500).
+    width, height = size
+    phone = width < 500
+    metrics = {"width": width, "height": height, "mobile": phone, "deviceScaleFactor": 1 + phone}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
     driver.set_page_load_timeout(TIMEOUT)
     driver.set_script_timeout(TIMEOUT)
     return driver
