@@ -26,7 +26,7 @@ from typing import Any, Final, cast
 
 import pytest
 
-from conftest import HERE, TIMEOUT, ServerProcess, launch, poll
+from conftest import HERE, TIMEOUT, Netcat, ServerProcess, launch, poll
 
 
 def _import_selenium() -> None:
@@ -156,8 +156,7 @@ def web_chat(*args: str, port: int = 0, web_port: int = 0) -> Iterator[WebChat]:
 
 def open_chromium(profile: Path, size: tuple[int, int] = DESKTOP) -> WebDriver:
     """A headless Chromium with a fresh profile in `profile`, a viewport of
-    `size` CSS pixels (a phone's, at twice the pixels, if narrower than
-    500), the page's console kept for `console`."""
+    `size` (set_viewport), the page's console kept for `console`."""
     options = webdriver.ChromeOptions()
     for flag in CHROMIUM_FLAGS:
         options.add_argument(flag)
@@ -166,15 +165,26 @@ def open_chromium(profile: Path, size: tuple[int, int] = DESKTOP) -> WebDriver:
     options.binary_location = CHROMIUM
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    # The page's own viewport, exactly (a headless window keeps some of its
-    # height for a toolbar it never draws, and is never narrower than 500).
+    set_viewport(driver, size)
+    driver.set_page_load_timeout(TIMEOUT)
+    driver.set_script_timeout(TIMEOUT)
+    return driver
+
+
+def set_viewport(driver: WebDriver, size: tuple[int, int]) -> None:
+    """Give pages `size` CSS pixels exactly, a phone's (twice the pixels)
+    if narrower than 500. The window cannot: a headless one keeps some of
+    its height for a toolbar it never draws, and is never narrower than
+    500."""
     width, height = size
     phone = width < 500
     metrics = {"width": width, "height": height, "mobile": phone, "deviceScaleFactor": 1 + phone}
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
-    driver.set_page_load_timeout(TIMEOUT)
-    driver.set_script_timeout(TIMEOUT)
-    return driver
+
+
+def wait_for_output(netcat: Netcat, data: bytes) -> None:
+    """Wait until nc has printed `data`."""
+    poll(f"nc to print {data!r}", lambda: data in netcat.output)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +211,9 @@ class ChatPage:
         WebDriverWait(self.driver, timeout).until(
             lambda _: check(), f"gave up waiting for {what}: {self.lines()}"
         )
+
+    def resize(self, size: tuple[int, int]) -> None:
+        set_viewport(self.driver, size)
 
     def script(self, source: str) -> Any:
         return self.driver.execute_script(source)

@@ -12,14 +12,10 @@ import tempfile
 from pathlib import Path
 from typing import Final
 
-from browser_testing import DESKTOP, PHONE, ChatPage, open_chromium, web_chat
-from conftest import HERE, Netcat, poll, receive, send_line, username
+from browser_testing import DESKTOP, PHONE, ChatPage, open_chromium, wait_for_output, web_chat
+from conftest import HERE, Netcat, receive, send_line, username
 
 PICTURES: Final = HERE / "docs"
-
-
-def wait_for_output(netcat: Netcat, data: bytes) -> None:
-    poll(f"nc to print {data!r}", lambda: data in netcat.output)
 
 
 def main() -> int:

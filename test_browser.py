@@ -12,6 +12,8 @@ import pytest
 
 # selenium only through browser_testing, which imports it first (see there).
 from browser_testing import (
+    DESKTOP,
+    PHONE,
     RECONNECT_TIMEOUT,
     By,
     ChatPage,
@@ -21,9 +23,10 @@ from browser_testing import (
     open_chromium,
     require_chromium,
     require_web_port,
+    wait_for_output,
     web_chat,
 )
-from conftest import NAME_TAKEN, Netcat, poll, receive, send_line, username
+from conftest import NAME_TAKEN, Netcat, receive, send_line, username
 
 XSS = "<img src=x onerror=alert(1)>"
 MINE = frozenset({"mine"})  # the CSS classes of a person's own line
@@ -60,11 +63,6 @@ def netcat(chat: WebChat) -> Iterator[Netcat]:
     typed = Netcat(chat.port)
     yield typed
     typed.kill()
-
-
-def wait_for_output(netcat: Netcat, data: bytes) -> None:
-    """Wait until nc has printed `data`."""
-    poll(f"nc to print {data!r}", lambda: data in netcat.output)
 
 
 def no_alert(page: ChatPage) -> bool:
@@ -192,7 +190,9 @@ def test_the_page_notices_a_stop_and_reconnects_when_the_server_is_back(
     netcat.kill()
     alice.wait_for("the notice of the stop", alice.status_is_down)
     assert alice.status().startswith("Disconnected.")
-    assert alice.driver.find_element(By.ID, "reconnect").is_displayed()
+    reconnect = alice.driver.find_element(By.ID, "reconnect")
+    assert reconnect.is_displayed()
+    assert reconnect.accessible_name == "Reconnect now"
     alice.wait_for_line("Connection lost: what the room says meanwhile is not shown.")
 
     with web_chat(port=chat.port, web_port=chat.web_port) as again:
@@ -236,3 +236,44 @@ def test_the_page_loads_nothing_from_elsewhere_and_breaks_no_csp(
     console = alice.console()
     assert [entry for entry in console if entry["level"] in ("SEVERE", "WARNING")] == []
     assert not any("Content Security Policy" in entry["message"] for entry in console)
+
+
+def test_the_page_fits_a_phone_and_names_its_controls(
+    pages: tuple[ChatPage, ChatPage], chat: WebChat
+) -> None:
+    """Browser: at a phone's width nothing runs off the side; each control has a name."""
+    _, bob = pages
+    bob.resize(PHONE)
+    try:
+        bob.open(chat)
+        bob.join("bob")
+        bob.say("a line long enough to need more than one row on a phone's narrow screen")
+        bob.wait_for_line(
+            "bob: a line long enough to need more than one row on a phone's narrow screen"
+        )
+        assert bob.script("return document.documentElement.scrollWidth;") <= PHONE[0]
+        # Long lines wrap: the room's lines do not scroll sideways either.
+        assert bob.script(
+            "const log = document.getElementById('log');return log.scrollWidth <= log.clientWidth;"
+        )
+        for control in ("name", "message"):
+            box = bob.script(
+                f"return document.getElementById({control!r}).closest('form')"
+                ".getBoundingClientRect().toJSON();"
+            )
+            assert box["left"] >= 0 and box["right"] <= PHONE[0], (control, box)
+        names = {
+            element.get_attribute("id") or element.text: element.accessible_name
+            for element in bob.driver.find_elements(By.CSS_SELECTOR, "input, button")
+            if element.is_displayed()
+        }
+        assert names == {
+            "name": "Name",
+            "Join": "Join",
+            "message": "Message",
+            "Send": "Send",
+        }
+        log = bob.driver.find_element(By.ID, "log")
+        assert log.accessible_name == "Messages in the room"
+    finally:
+        bob.resize(DESKTOP)
