@@ -296,6 +296,7 @@ def test_frames_cut_across_reads_are_the_same_line(webbed: RunningServer) -> Non
         alice.ws.send_frames(frames[index : index + 1])
         assert bob.sync() == []  # a turn went by: what alice sent is read
     alice.ws.send_frames(frames[-1:])
+    assert alice.sync() == []  # her message is processed
     assert bob.sync() == [receive("alice", b"slow" + b"ly" * 100)]
 
 
