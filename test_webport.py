@@ -12,8 +12,11 @@ deadline is tested (the request's, the ping's, the register timeout).
 from __future__ import annotations
 
 import re
+import signal
 import socket
+import ssl
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Final, cast
 
 import pytest
@@ -57,6 +60,7 @@ from conftest import (
     RunningServer,
     TLSFiles,
     WebSocketClient,
+    certificate_der,
     client_context,
     client_frame,
     close_payload,
@@ -682,7 +686,7 @@ def test_a_websocket_without_a_name_is_told_and_closed_with_1008() -> None:
 
 def test_wss_with_web_tls(tls_files: TLSFiles) -> None:
     """--web-tls: HTTPS and WSS with the TLS certificate; a TLS member and a
-    plain one share the room; SIGHUP's reload takes the new certificate."""
+    plain one share the room."""
     config = WebConfig(0, cert=str(tls_files.cert), key=str(tls_files.key))
     running = start_server(web=config)
     try:
@@ -706,6 +710,47 @@ def test_wss_with_web_tls(tls_files: TLSFiles) -> None:
         secure.close()
     finally:
         running.stop()
+
+
+def test_chat_py_web_tls_without_a_tls_port_and_sighup(tls_files: TLSFiles, tmp_path: Path) -> None:
+    """`--web-port 0 --web-tls` with --tls-cert and --tls-key, no --tls-port:
+    WSS; SIGHUP reloads the certificate for new connections, open ones carry on."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(tls_files.cert.read_bytes())
+    key.write_bytes(tls_files.key.read_bytes())
+    context = client_context(tls_files.cert, tls_files.other_cert)
+    args = ("--web-port", "0", "--web-tls", "--tls-cert", str(cert), "--tls-key", str(key))
+    with launch(*args) as running:
+        pattern = re.compile(r"listening for the web \(HTTPS and WSS\) on 127\.0\.0\.1:(\d+):")
+        poll("the web port in the log", lambda: pattern.search(running.log.text()) is not None)
+        found = pattern.search(running.log.text())
+        assert found is not None
+        address = ("127.0.0.1", int(found[1]))
+
+        def certificate(client: WebSocketClient) -> bytes:
+            raw = client.ws.raw
+            assert isinstance(raw, ssl.SSLSocket)
+            der = raw.getpeercert(binary_form=True)
+            assert der is not None
+            return der
+
+        old = WebSocketClient(address, context=context)
+        old.register("old")
+        assert certificate(old) == certificate_der(tls_files.cert)
+        cert.write_bytes(tls_files.other_cert.read_bytes())  # renewed
+        key.write_bytes(tls_files.other_key.read_bytes())
+        running.process.send_signal(signal.SIGHUP)
+        poll("the reload", lambda: "reloaded the web port's certificate" in running.log.text())
+        new = WebSocketClient(address, context=context)
+        new.register("new")
+        assert certificate(new) == certificate_der(tls_files.other_cert)
+        old.send(b"SEND still here\n")
+        assert old.sync() == []
+        assert new.sync() == [receive("old", "still here")]
+        old.close()
+        new.close()
+        log = running.finish()
+    assert "SIGHUP ignored" not in log
 
 
 def test_wss_refuses_a_plain_client(tls_files: TLSFiles) -> None:

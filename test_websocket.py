@@ -155,6 +155,43 @@ def test_any_chunking_gives_the_same_events(
     assert read(stream, cuts) == read(stream)
 
 
+@given(client_streams(), st.binary(max_size=40), st.data())
+def test_a_reader_between_frames_is_as_good_as_a_new_one(
+    written: Written, tail: bytes, data: st.DataObject
+) -> None:
+    """between_frames: wherever it says so, a new FrameReader in its place reads
+    the rest the same (a server drops idle readers); never after the end."""
+    stream = written.data + tail
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
+    reader = FrameReader()
+    assert reader.between_frames
+    events: list[Event] = []
+    for start, end in pairwise([0, *cuts, len(stream)]):
+        events += reader.receive(stream[start:end])
+        if reader.between_frames:
+            reader = FrameReader()
+    assert events == read(stream)
+    if events and isinstance(events[-1], (Close, Failure)):
+        assert not reader.between_frames  # nothing more is read: kept
+
+
+def test_between_frames_is_false_inside_a_frame_and_a_message() -> None:
+    """between_frames: false with half a header, half a payload, or a message's
+    first fragment read; true again once the message is whole."""
+    reader = FrameReader()
+    whole = frame(websocket.TEXT, b"hello")
+    reader.receive(whole[:1])
+    assert not reader.between_frames
+    reader.receive(whole[1:8])
+    assert not reader.between_frames
+    reader.receive(whole[8:])
+    assert reader.between_frames
+    reader.receive(frame(websocket.TEXT, b"frag", fin=False))
+    assert not reader.between_frames
+    assert reader.receive(frame(websocket.CONTINUATION, b"ment")) == [Message(b"fragment", True)]
+    assert reader.between_frames
+
+
 @pytest.mark.parametrize("mask", [MASK, b"\x81\x85\x82\x00", b"\x82\xff\x81\x81"])
 def test_every_cut_of_short_messages_gives_the_same_events(mask: bytes) -> None:
     """Cut once anywhere, even where a mask byte looks like a frame start, the events agree."""
