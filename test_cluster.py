@@ -40,6 +40,7 @@ from conftest import (
     FakeClock,
     Pumped,
     ServerProcess,
+    WebSocketClient,
     free_port,
     in_process,
     launch,
@@ -246,6 +247,31 @@ def test_two_users_on_two_servers_talk(cluster: Cluster) -> None:
     nobody = cluster.client(two)
     nobody.send(b"SEND hi\n")
     assert nobody.sync() == [NAME_REQUIRED]
+
+
+def test_websocket_members_are_members_across_servers(cluster: Cluster) -> None:
+    """People in a web browser: a WebSocket member on one server and TCP
+    members on another chat both ways, and names stay unique across servers
+    and transports (cluster mode holds for WebSocket members as for TCP ones)."""
+    web_port = free_port()
+    one, two = cluster.spawn("--web-port", str(web_port)), cluster.spawn()
+    browser = WebSocketClient(("127.0.0.1", web_port))
+    browser.register("webby")
+    bob = cluster.client(two, "bob")
+    browser.send(b"SEND hi from a browser\n")
+    assert bob.line() == b"RECEIVE webby hi from a browser"
+    bob.send(b"SEND hi back\n")
+    assert browser.line() == b"RECEIVE bob hi back"
+    assert browser.sync() == [] and bob.sync() == []
+    other = WebSocketClient(("127.0.0.1", web_port))
+    other.send(b"USERNAME BOB\n")
+    assert other.sync() == [NAME_TAKEN]
+    carol = cluster.client(one, "carol")  # on the browser's server, over TCP
+    browser.send(b"SEND and carol\n")
+    assert carol.line() == b"RECEIVE webby and carol"
+    assert bob.line() == b"RECEIVE webby and carol"
+    for client in (browser, other):
+        client.close()
 
 
 def test_lines_after_a_username_wait_for_it_in_order(cluster: Cluster) -> None:

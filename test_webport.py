@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final, cast
@@ -873,3 +874,23 @@ def test_state_machine_with_websocket_clients() -> None:
     run_state_machine_as_test(
         WebSocketChatMachine, settings=settings(current, max_examples=min(current.max_examples, 10))
     )
+
+
+def test_flood_control_slows_a_websocket_member_as_a_tcp_one() -> None:
+    """Flood control holds on the web port: 30 SENDs in one message at
+    --send-rate 50 --send-burst 5 all reach a TCP member, in order, the last
+    no sooner than the rate allows, and the wait is counted."""
+    running = start_server(web=WebConfig(0), send_rate=50.0, send_burst=5)
+    try:
+        ann = ws_member(running, "ann")
+        bob = running.member("bob")
+        messages = [b"m%d" % number for number in range(30)]
+        started = time.monotonic()
+        ann.send(b"".join(b"SEND " + message + b"\n" for message in messages))
+        assert bob.lines(30) == [receive("ann", message) for message in messages]
+        # 25 after the burst at 50 a second: half a second at least.
+        assert time.monotonic() - started >= 25 / 50 - 0.02
+        assert ann.sync() == []
+        assert running.server.stats.throttled_seconds > 0
+    finally:
+        running.stop()
