@@ -14,6 +14,10 @@ or NATS pub/sub, for comparison, through the same client code).
     python3 bench.py --spawn hostile -k 2000 --line-size 1024 --flood-rate 5242880
     python3 bench.py --spawn --tls fanout            # chat.py's TLS port
     python3 bench.py --spawn --redis --tls fanout    # Redis with TLS
+    python3 bench.py --spawn --ws fanout             # chat.py's --web-port, WebSocket
+    python3 bench.py --spawn --websockets-lib fanout # the websockets library's broadcast()
+    python3 bench.py --spawn --nats --ws fanout      # NATS over WebSocket
+    python3 bench.py compare --a="--spawn --pin" --b="--spawn --pin --ws" fanout -n 1000
 
 Scenarios:
   fanout   n clients register; s of them send m messages each, closed loop:
@@ -39,23 +43,32 @@ server at 127.0.0.1:8080. Each scenario prints a table and one JSON line,
 and stops by itself (--timeout). CPU shares are only given for runs of at
 least a second. Clients count lines with bytes.count on a reused buffer; only
 the probe parses, so the load generator stays cheap (latency: every receiver
-parses, with one regular expression per read). Standard library only.
+parses, with one regular expression per read). Over WebSocket (--ws,
+--websockets-lib) a client counts text frames the same way, by one byte of
+their header (see FRAME_MARK), and the probe checks that count by reading
+every header. `compare` runs two targets in turn and prints their ratio.
+Standard library only (the --websockets-lib server is a separate script,
+bench_websockets_server.py, which needs the websockets library).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
 import re
 import resource
 import selectors
+import shlex
 import shutil
 import signal
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,6 +102,21 @@ LINES_PER_MESSAGE = {"chat": 1, "redis": 7, "nats": 2}
 # verbose off: no "+OK" after every PUB; echo off: a connection gets no copy
 # of what it publishes, so a NATS sender can be a member, as in chat.py.
 NATS_CONNECT = b'CONNECT {"verbose":false,"pedantic":false,"echo":false}\r\n'
+# A WebSocket server's text frame shorter than 126 bytes, as every line bench.py
+# causes is, starts with 0x81 (FIN, text) and its length byte (RFC 6455, 5.2);
+# an ASCII payload holds no byte over 0x7F. So its count of 0x81 bytes is its
+# count of lines, at bytes.count's speed, as "\n" is over TCP: a Python walk
+# from header to header costs several times more per frame, and at millions
+# of deliveries a second the client, not the server, would set the figure.
+# The probe walks every header (ServerFrames) and checks the two counts agree.
+FRAME_MARK = b"\x81"
+# The client's masking key: RFC 6455 asks clients to mask, not for a key that
+# is not zero; with zero the masked payload is the payload, so masking costs
+# the load generator nothing, and the servers (websocket.py's _unmask, the
+# websockets library's apply_mask) XOR every payload whatever the key.
+ZERO_MASK = b"\0\0\0\0"
+# RFC 6455, 1.3: what the server hashes with the client's key to accept it.
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # What each kind of target needs explained next to its figures.
 NOTES = {
     "redis": "Redis: a subscribed connection cannot PUBLISH, so each sender is one "
@@ -96,6 +124,9 @@ NOTES = {
     "too) gets every message",
     "nats": "NATS: senders are members connected with echo off (they get no copy of "
     "their own messages), as in chat.py: no extra connections",
+    "websockets": "websockets library: bench_websockets_server.py, its documented "
+    "broadcast() pattern speaking USERNAME and SEND, with its keepalive pings off (the "
+    "load's receivers do not answer pings); no permessage-deflate (not offered)",
 }
 
 
@@ -115,8 +146,21 @@ class Target:
     redis_pid: int | None = None  # cluster mode: the Redis they share
     logs: list[Path] = field(default_factory=list)  # spawned servers' stderr
     tls: ssl.SSLContext | None = None  # --tls: every client speaks TLS
+    websocket: bool = False  # --ws, --websockets-lib: the protocol inside WebSocket frames
+    server: str = ""  # "websockets": the websockets library's server, not chat.py
+    # A hidden field: the upgrade's key, sent by open() and checked by upgraded().
+    keys: dict[socket.socket, bytes] = field(default_factory=dict, repr=False)
 
     def connect(self, index: int = 0, rcvbuf: int | None = None) -> socket.socket:
+        """A connection ready to carry the protocol: over WebSocket, upgraded."""
+        sock = self.open(index, rcvbuf)
+        self.upgraded(sock, time.monotonic() + 10)
+        return sock
+
+    def open(self, index: int = 0, rcvbuf: int | None = None) -> socket.socket:
+        """A connection; over WebSocket, its upgrade request sent and its
+        answer still to read (upgraded()), so that a batch of clients can
+        send theirs before any waits."""
         port = self.ports[index % len(self.ports)]
         try:
             if rcvbuf is None:
@@ -149,7 +193,46 @@ class Target:
             except OSError as error:
                 sock.close()
                 sys.exit(f"bench.py: TLS handshake with {self.host}:{port} failed: {error}")
+        if self.websocket:
+            key = base64.b64encode(os.urandom(16))
+            self.keys[sock] = key
+            sock.sendall(upgrade_request(self.host, port, key))
         return sock
+
+    def upgraded(self, sock: socket.socket, deadline: float) -> None:
+        """Reads the answer to open()'s upgrade request (nothing without
+        --ws): it must be 101 with the accept key that matches ours. A
+        frame that came right after it (NATS's INFO) is dropped: what the
+        scenarios read starts with the answer to their join."""
+        key = self.keys.pop(sock, None)
+        if key is None:
+            return
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            chunk = sock.recv(4096)
+            if not chunk or len(answer) > 65536:
+                sys.exit("bench.py: the server closed the connection during the WebSocket upgrade")
+            answer += chunk
+        status, *fields = answer.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+        if status.split(b" ")[1:2] != [b"101"]:
+            refused = status.decode(errors="replace")
+            sys.exit(f"bench.py: the WebSocket upgrade was refused: {refused}")
+        accept = base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest())
+        headers = {name.strip().lower(): value.strip() for name, _, value in
+                   (line.partition(b":") for line in fields)}  # fmt: skip
+        if headers.get(b"sec-websocket-accept") != accept:
+            sys.exit("bench.py: the WebSocket upgrade's Sec-WebSocket-Accept is wrong")
+
+    def wire(self, data: bytes) -> bytes:
+        """What goes on the wire for `data`, the protocol's bytes: over
+        WebSocket, the chat protocol's lines each as one masked text frame
+        without its "\\n" (PROTOCOL.md), NATS's bytes as one binary frame."""
+        if not self.websocket or not data:
+            return data
+        if self.kind == "nats":
+            return client_frame(BINARY_OPCODE, data)
+        return b"".join(client_frame(TEXT_OPCODE, line) for line in data.split(b"\n")[:-1])
 
     @property
     def redis(self) -> bool:
@@ -164,34 +247,47 @@ class Target:
         if self.redis:
             return b"SUBSCRIBE chat\r\n"
         if self.nats:
-            return NATS_CONNECT + b"SUB chat 1\r\nPING\r\n"
-        return b"USERNAME u%d\nSYNC\n" % index
+            return self.wire(NATS_CONNECT + b"SUB chat 1\r\nPING\r\n")
+        return self.wire(b"USERNAME u%d\nSYNC\n" % index)
 
     def hello(self, name: bytes) -> bytes:
         """What a connection that only sends says first (nothing for Redis)."""
         if self.redis:
             return b""
         if self.nats:
-            return NATS_CONNECT + b"PING\r\n"
-        return b"USERNAME " + name + b"\nSYNC\n"
+            return self.wire(NATS_CONNECT + b"PING\r\n")
+        return self.wire(b"USERNAME " + name + b"\nSYNC\n")
 
     @property
     def joined(self) -> bytes:
-        """The end of the reply that proves `join` (or `hello`) was processed."""
+        """The end of the reply that proves `join` (or `hello`) was processed
+        (over WebSocket, the end of a frame's payload)."""
         if self.redis:
             return b":1\r\n"
         if self.nats:
             # The server's INFO comes first, unasked; the PONG answers our PING
             # and so follows the SUB.
             return b"PONG\r\n"
-        return b"ERROR Unrecognised command.\n"
+        return b"ERROR Unrecognised command." + (b"" if self.websocket else b"\n")
 
     def publish(self, payload: bytes) -> bytes:
         if self.redis:
             return b"PUBLISH chat " + payload + b"\r\n"
         if self.nats:
-            return b"PUB chat %d\r\n%s\r\n" % (len(payload), payload)
-        return b"SEND " + payload + b"\n"
+            return self.wire(b"PUB chat %d\r\n%s\r\n" % (len(payload), payload))
+        return self.wire(b"SEND " + payload + b"\n")
+
+    @property
+    def counts_frames(self) -> bool:
+        """Whether a client counts deliveries by FRAME_MARK (the chat
+        protocol over WebSocket, one line a frame) rather than by "\\n" in
+        the stream that frames carry (NATS over WebSocket: a frame holds
+        whatever the server had to send)."""
+        return self.websocket and self.kind == "chat"
+
+    def frame_reader(self) -> ServerFrames | None:
+        """A reader of one connection's frames, over WebSocket."""
+        return ServerFrames(lines=self.kind == "chat") if self.websocket else None
 
     def deliveries(self, newlines: int) -> int:
         return newlines // LINES_PER_MESSAGE[self.kind]
@@ -208,8 +304,12 @@ class Target:
 
     def describe(self) -> str:
         """ "chat", "redis", "nats", or "cluster of N" (chat servers sharing a
-        Redis); with " (TLS)" after it over TLS."""
-        return self._describe() + (" (TLS)" if self.tls is not None else "")
+        Redis); with " (TLS)" after it over TLS, " (WebSocket)" over
+        WebSocket; "websockets library" for that comparison server."""
+        if self.server == "websockets":
+            return "websockets library"
+        suffix = " (TLS)" if self.tls is not None else ""
+        return self._describe() + suffix + (" (WebSocket)" if self.websocket else "")
 
     def _describe(self) -> str:
         if self.kind != "chat":
@@ -221,7 +321,8 @@ class Target:
 
     def note(self) -> dict[str, str]:
         """The explanation its figures need, as a field of the results."""
-        return {"note": NOTES[self.kind]} if self.kind in NOTES else {}
+        kind = self.server or self.kind
+        return {"note": NOTES[kind]} if kind in NOTES else {}
 
     def redis_cpu_seconds(self) -> float | None:
         return None if self.redis_pid is None else cpu_seconds_of(self.redis_pid)
@@ -261,6 +362,121 @@ class LineReader:
         return lines
 
 
+# Opcodes, RFC 6455 section 5.2.
+CONTINUATION_OPCODE = 0x0
+TEXT_OPCODE = 0x1
+BINARY_OPCODE = 0x2
+CLOSE_OPCODE = 0x8
+PING_OPCODE = 0x9
+PONG_OPCODE = 0xA
+
+
+def upgrade_request(host: str, port: int, key: bytes) -> bytes:
+    """The opening handshake's request (RFC 6455, 4.1), no extension
+    offered: chat.py's path, which NATS and the websockets library's server
+    take as well as any other."""
+    return (
+        b"GET /chat HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (host.encode(), port, key)
+    )
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """One whole frame from the client, masked with ZERO_MASK."""
+    size = len(payload)
+    if size < 126:
+        head = bytes((0x80 | opcode, 0x80 | size))
+    elif size < 1 << 16:
+        head = bytes((0x80 | opcode, 0x80 | 126)) + size.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 0x80 | 127)) + size.to_bytes(8, "big")
+    return head + ZERO_MASK + payload
+
+
+def frame_header_size(head: bytes) -> int | None:
+    """How long the header that `head` starts is, once its first two bytes
+    are there to say."""
+    if len(head) < 2:
+        return None
+    length = head[1] & 0x7F
+    extended = 2 if length == 126 else 8 if length == 127 else 0
+    return 2 + extended + (4 if head[1] & 0x80 else 0)
+
+
+class ServerFrames:
+    """What a server's WebSocket frames carry, out of one connection's
+    reads cut anywhere: with `lines`, each message's payload and a "\\n"
+    (the chat protocol's lines, as TCP carries them); else the payloads end
+    to end (NATS's stream, which frames cut anywhere). Pings are kept for
+    the caller to answer; `frames` counts the data frames. A Python loop per
+    frame: for the probe and the latency receivers, not for every client."""
+
+    def __init__(self, lines: bool) -> None:
+        self.lines = lines
+        self.head = b""  # a header cut by the end of a read
+        self.left = 0  # bytes of the current frame's payload not yet read
+        self.first = 0  # the current frame's first byte: FIN and opcode
+        self.control = b""  # a control frame's payload so far
+        self.frames = 0
+        self.pings: list[bytes] = []
+        self.closed = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        out: list[bytes] = []
+        pos, size = 0, len(chunk)
+        while pos < size:
+            if self.left:
+                end = min(size, pos + self.left)
+                self._take(chunk[pos:end], out)
+                self.left -= end - pos
+                pos = end
+                if not self.left:
+                    self._end(out)
+                continue
+            head = self.head + chunk[pos : pos + 14]
+            need = frame_header_size(head)
+            if need is None or len(head) < need:
+                self.head = head
+                break
+            pos += need - len(self.head)
+            self.head = b""
+            self.first = head[0]
+            self.left = head[1] & 0x7F
+            if self.left == 126:
+                self.left = int.from_bytes(head[2:4], "big")
+            elif self.left == 127:
+                self.left = int.from_bytes(head[2:10], "big")
+            # A masked server frame breaks RFC 6455: its payload is taken as
+            # it is, and the probe's check or the lost count shows it.
+            if not self.left:
+                self._end(out)
+        return b"".join(out)
+
+    def _take(self, payload: bytes, out: list[bytes]) -> None:
+        if self.first & 0x08:  # a control frame: whole before it means anything
+            self.control += payload
+        else:
+            out.append(payload)
+
+    def _end(self, out: list[bytes]) -> None:
+        opcode = self.first & 0x0F
+        if opcode == PING_OPCODE:
+            self.pings.append(self.control)
+        elif opcode == CLOSE_OPCODE:
+            self.closed = True
+        elif opcode in (CONTINUATION_OPCODE, TEXT_OPCODE, BINARY_OPCODE):
+            self.frames += 1
+            if self.lines and self.first & 0x80:  # FIN: the message's last frame
+                out.append(b"\n")
+        self.control = b""
+
+    def pongs(self) -> bytes:
+        """The answers to the pings seen so far (each once)."""
+        answers = b"".join(client_frame(PONG_OPCODE, ping) for ping in self.pings)
+        self.pings.clear()
+        return answers
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -291,10 +507,17 @@ def target_from(args: argparse.Namespace) -> Iterator[Target]:
     """The target the arguments name; with --spawn, started here and stopped
     afterwards."""
     tls = tls_client_context() if args.tls else None
+    kind = kind_of(args)
+    websocket = args.ws or args.websockets_lib
+    server_name = "websockets" if args.websockets_lib else ""
+    if websocket and (args.tls or args.cluster):
+        sys.exit("bench.py: --ws and --websockets-lib are for one server, without --tls")
     if not args.spawn:
         ports = [int(port) for port in args.ports.split(",")] if args.ports else [args.port]
         pids = [args.pid] if args.pid else []
-        yield Target(args.host, ports, kind_of(args), pids=pids, tls=tls)
+        yield Target(
+            args.host, ports, kind, pids=pids, tls=tls, websocket=websocket, server=server_name
+        )
         return
     if args.cluster:
         if args.tls:
@@ -306,7 +529,11 @@ def target_from(args: argparse.Namespace) -> Iterator[Target]:
     logs = Path(tempfile.mkdtemp(prefix="bench-"))
     if args.tls and args.nats:
         sys.exit("bench.py: --tls is for chat.py or Redis, not NATS")
-    if args.redis:
+    if args.websockets_lib:
+        if importlib.util.find_spec("websockets") is None:  # it runs on this Python
+            sys.exit("bench.py: --websockets-lib needs websockets (requirements-dev.txt)")
+        command = [sys.executable, str(HERE / "bench_websockets_server.py"), str(port)]
+    elif args.redis:
         server = shutil.which("redis-server")
         if server is None:
             sys.exit("bench.py: redis-server not found (apt-get install -y redis-server)")
@@ -323,6 +550,11 @@ def target_from(args: argparse.Namespace) -> Iterator[Target]:
             sys.exit("bench.py: nats-server not found (apt-get install -y nats-server)")
         # Core NATS only (no JetStream); loopback, like the others.
         command = [server, "--addr", "127.0.0.1", "--port", str(port)]
+        if args.ws:  # the clients use the WebSocket port, the plain one is its own
+            config = logs / "nats.conf"
+            config.write_text(f"websocket {{ host: 127.0.0.1, port: {port}, no_tls: true }}\n")
+            command[4] = str(free_port())
+            command += ["--config", str(config)]
     else:
         command = [sys.executable, str(HERE / "chat.py"), str(port), "--host", "127.0.0.1"]
         command += ["--log-level", "WARNING", "--max-clients", "20000"]
@@ -330,6 +562,9 @@ def target_from(args: argparse.Namespace) -> Iterator[Target]:
             cert, key = make_certificate(logs)
             command[2] = str(free_port())
             command += ["--tls-port", str(port), "--tls-cert", str(cert), "--tls-key", str(key)]
+        if args.ws:  # the clients use the web port; the plain one is on a port of its own
+            command[2] = str(free_port())
+            command += ["--web-port", str(port)]
     command += args.server_args  # last, so that they override the defaults above
 
     def pin_server() -> None:
@@ -342,7 +577,16 @@ def target_from(args: argparse.Namespace) -> Iterator[Target]:
         os.sched_setaffinity(0, {1})
     try:
         wait_until_listening("127.0.0.1", port, process, log)
-        yield Target("127.0.0.1", [port], kind_of(args), pids=[process.pid], logs=[log], tls=tls)
+        yield Target(
+            "127.0.0.1",
+            [port],
+            kind,
+            pids=[process.pid],
+            logs=[log],
+            tls=tls,
+            websocket=websocket,
+            server=server_name,
+        )
     finally:
         stop(process)
         shutil.rmtree(logs, ignore_errors=True)
@@ -390,8 +634,14 @@ def find_nats_server() -> str | None:
 
 
 def kind_of(args: argparse.Namespace) -> str:
+    """The protocol the target speaks (the websockets library's server
+    speaks the chat protocol's USERNAME and SEND)."""
     if args.redis and args.nats:
         sys.exit("bench.py: --redis and --nats name two different targets: choose one")
+    if args.websockets_lib and (args.redis or args.nats or args.ws):
+        sys.exit("bench.py: --websockets-lib is a target of its own (WebSocket already)")
+    if args.ws and args.redis:
+        sys.exit("bench.py: Redis speaks no WebSocket: --ws is for chat.py or NATS")
     return "redis" if args.redis else "nats" if args.nats else "chat"
 
 
@@ -535,8 +785,9 @@ def connect_all(
     target: Target, count: int, deadline: float, first: int = 0, rcvbuf: int | None = None
 ) -> list[socket.socket]:
     """Open `count` subscribers (named u<first>, u<first + 1>, ...), joined,
-    in pipelined batches: each sends its join as soon as it is connected;
-    the replies are collected per batch."""
+    in pipelined batches: each sends its join as soon as it is connected
+    (over WebSocket, as soon as the batch is upgraded); the replies are
+    collected per batch."""
     clients: list[socket.socket] = []
     progress = Progress("connecting")
     batch_size = 1024
@@ -546,9 +797,14 @@ def connect_all(
         for offset in range(size):
             # Joining at once keeps the server busy while the rest connect.
             index = first + len(clients) + offset
-            sock = target.connect(index, rcvbuf)
-            sock.sendall(target.join(index))
+            sock = target.open(index, rcvbuf)
+            if not target.websocket:
+                sock.sendall(target.join(index))
             batch.append(sock)
+        if target.websocket:
+            for offset, sock in enumerate(batch):
+                target.upgraded(sock, deadline)
+                sock.sendall(target.join(first + len(clients) + offset))
         for sock in batch:
             read_through(sock, target.joined, deadline)
         clients += batch
@@ -629,6 +885,11 @@ def fanout(target: Target, args: argparse.Namespace) -> None:
     in_order = True
     latencies = Latencies()
     probe_reader = LineReader()
+    # Over WebSocket the probe reads every frame; NATS's clients read theirs
+    # to count the "\n" of the stream inside them.
+    readers = {sock: target.frame_reader() for sock in clients}
+    probe_frames = readers[probe] or ServerFrames(lines=True)  # (unused over TCP)
+    probe_marks = 0  # FRAME_MARK bytes the probe received, to check the count
     newlines = 0
     buffer = bytearray(RECV_SIZE)
     view = memoryview(buffer)
@@ -677,11 +938,26 @@ def fanout(target: Target, args: argparse.Namespace) -> None:
                 sys.exit("bench.py: the server closed a connection")
             if not key.data:
                 continue
-            newlines += buffer.count(b"\n", 0, size)
+            if target.counts_frames:
+                marks = buffer.count(FRAME_MARK, 0, size)
+                newlines += marks
+                if sock is probe:
+                    probe_marks += marks
+                    probe_lines(probe_frames.feed(bytes(view[:size])))
+                    answer_websocket_pings(sock, probe_frames)
+                continue
+            frames = readers[sock]
+            if frames is None:
+                stream: bytes | bytearray = buffer
+            else:  # NATS over WebSocket: the stream, out of its frames
+                stream = frames.feed(bytes(view[:size]))
+                size = len(stream)
+                answer_websocket_pings(sock, frames)
+            newlines += stream.count(b"\n", 0, size)
             if target.nats:
-                newlines -= answer_pings(sock, buffer, size, ping_tails)
+                newlines -= answer_pings(target, sock, stream, size, ping_tails)
             if sock is probe:
-                probe_lines(bytes(view[:size]))
+                probe_lines(bytes(stream[:size]))
         pump()
         if progress.due():
             progress.show(f"{target.deliveries(newlines):,}/{expected:,} deliveries")
@@ -689,6 +965,11 @@ def fanout(target: Target, args: argparse.Namespace) -> None:
     cpu_after = target.cpu_seconds()
     redis_cpu_after = target.redis_cpu_seconds()
     progress.done()
+    if target.counts_frames and probe_marks != probe_frames.frames:
+        sys.exit(
+            f"bench.py: counting {FRAME_MARK!r} bytes found {probe_marks} frames where the "
+            f"probe's headers say {probe_frames.frames}: a line over 125 bytes, or not ASCII?"
+        )
     delivered = target.deliveries(newlines)
     figures: dict[str, Any] = {
         "target": target.describe(),
@@ -707,6 +988,8 @@ def fanout(target: Target, args: argparse.Namespace) -> None:
         "probe_max_ms": latencies.percentile_ms(1.0),
         "probe_order_ok": in_order,
     }
+    if target.counts_frames:
+        figures["probe_frames_checked"] = probe_frames.frames
     add_cpu(figures, "server_cpu_percent", cpu_before, cpu_after, elapsed)
     add_cpu(figures, "redis_cpu_percent", redis_cpu_before, redis_cpu_after, elapsed)
     figures.update(target.note())
@@ -715,8 +998,21 @@ def fanout(target: Target, args: argparse.Namespace) -> None:
         sock.close()
 
 
+def answer_websocket_pings(sock: socket.socket, frames: ServerFrames | None) -> None:
+    """Pongs for the WebSocket pings `frames` has seen (chat.py pings a
+    member that sent nothing for --keepalive seconds)."""
+    if frames is not None and frames.pings:
+        sock.setblocking(True)
+        sock.sendall(frames.pongs())
+        sock.setblocking(False)
+
+
 def answer_pings(
-    sock: socket.socket, buffer: bytearray, size: int, tails: dict[socket.socket, bytes]
+    target: Target,
+    sock: socket.socket,
+    buffer: bytes | bytearray,
+    size: int,
+    tails: dict[socket.socket, bytes],
 ) -> int:
     """nats-server PINGs every connection a couple of seconds after it
     connects (to learn its round trip), then every 2 minutes, and closes one
@@ -729,7 +1025,7 @@ def answer_pings(
         pings += (tail + buffer[: min(5, size)]).count(b"PING\r\n")
     tails[sock] = bytes(buffer[max(0, size - 5) : size])
     if pings:
-        sock.sendall(b"PONG\r\n" * pings)
+        sock.sendall(target.wire(b"PONG\r\n" * pings))
     return pings
 
 
@@ -777,6 +1073,9 @@ def latency(target: Target, args: argparse.Namespace) -> None:
     delays: list[int] = []  # every delivery, in nanoseconds
     probe: list[int] = []  # receiver 0's, the figure bench.py used to give
     tails = [b""] * args.n
+    # Over WebSocket every receiver reads its frames (the rate is low).
+    readers = [target.frame_reader() for _ in range(args.n)]
+    sender_frames = target.frame_reader()
     last_seq = [-1] * args.n
     in_order = True
     interval = 1 / args.rate
@@ -813,8 +1112,12 @@ def latency(target: Target, args: argparse.Namespace) -> None:
                 sys.exit("bench.py: the server closed a connection")
             chunk = view[:size].tobytes()
             receiver: int = key.data
+            frames = sender_frames if receiver < 0 else readers[receiver]
+            if frames is not None:
+                chunk = frames.feed(chunk)
+                answer_websocket_pings(sock, frames)
             if target.nats and b"PING\r\n" in chunk:  # the server's keepalive
-                sock.sendall(b"PONG\r\n")
+                sock.sendall(target.wire(b"PONG\r\n"))
             if receiver < 0:
                 continue
             data = tails[receiver] + chunk if tails[receiver] else chunk
@@ -1097,8 +1400,8 @@ def chat_under_flood(
 
 def flood(target: Target, args: argparse.Namespace) -> None:
     deadline = time.monotonic() + args.timeout
-    if target.kind != "chat":
-        sys.exit("bench.py: flood speaks the chat protocol only")
+    if target.kind != "chat" or target.websocket:
+        sys.exit("bench.py: flood speaks the chat protocol over TCP only")
     ping, pong, flooder = connect_all(target, 3, deadline)
     run = chat_under_flood(
         ping,
@@ -1129,8 +1432,8 @@ def hostile(target: Target, args: argparse.Namespace) -> None:
     """k registered clients that never read (each with a small receive
     buffer), one flooder, and a pair that chats: does the pair keep
     chatting, and what does the server's memory do?"""
-    if target.kind != "chat":
-        sys.exit("bench.py: hostile speaks the chat protocol only")
+    if target.kind != "chat" or target.websocket:
+        sys.exit("bench.py: hostile speaks the chat protocol over TCP only")
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < args.k + 64:  # the k, the three, the server's pipes and files
         sys.exit(f"bench.py: -k {args.k} needs {args.k + 64} file descriptors; ulimit -n is {soft}")
@@ -1323,6 +1626,20 @@ def add_target_options(parser: argparse.ArgumentParser, late: bool) -> None:
         help="speak core NATS pub/sub instead (with --spawn: nats-server)",
     )
     group.add_argument(
+        "--ws",
+        action="store_true",
+        default=default(False),
+        help="every client speaks WebSocket (with --spawn: chat.py's --web-port, or with "
+        "--nats, nats-server's websocket port)",
+    )
+    group.add_argument(
+        "--websockets-lib",
+        action="store_true",
+        default=default(False),
+        help="the websockets library's broadcast() server (with --spawn: "
+        "bench_websockets_server.py), over WebSocket",
+    )
+    group.add_argument(
         "--tls",
         action="store_true",
         default=default(False),
@@ -1365,7 +1682,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         epilog="Without --spawn, --port or --ports, the target is the chat server at "
-        "127.0.0.1:8080.",
+        "127.0.0.1:8080. `bench.py compare --help`: two targets in turn, and their ratio.",
     )
     add_target_options(parser, late=False)
     sub = parser.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
@@ -1423,7 +1740,86 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# The figure `compare` takes from each scenario unless told (--figure).
+COMPARED = {
+    "fanout": "deliveries_per_s",
+    "latency": "p99_ms",
+    "conns": "rss_per_connection_kib",
+    "flood": "round_trip_p99_ms",
+    "hostile": "round_trip_p99_ms",
+}
+
+
+def compare(argv: list[str]) -> int:
+    """`bench.py compare --a=OPTIONS --b=OPTIONS SCENARIO ARGS...`: the same
+    load on two targets in turn, A, B, A, B..., each run a bench.py of its
+    own, so that a shared, noisy machine drifts over both alike; the
+    medians and the median of the rounds' B/A ratios."""
+    parser = argparse.ArgumentParser(
+        prog="bench.py compare",
+        description=compare.__doc__.split("\n\n")[0] if compare.__doc__ else None,
+        usage="bench.py compare --a=OPTIONS --b=OPTIONS [--rounds N] [--figure KEY] "
+        "SCENARIO [ARGS...]",
+    )
+    parser.add_argument("--a", required=True, help='target A\'s options, e.g. --a="--spawn --pin"')
+    parser.add_argument("--b", required=True, help='target B\'s, e.g. --b="--spawn --pin --ws"')
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of A then B (default 3)")
+    parser.add_argument(
+        "--figure", help="the result field compared (default: " + ", ".join(
+            f"{scenario} {key}" for scenario, key in COMPARED.items()) + ")"
+    )  # fmt: skip
+    # The scenario and what follows it are the runs' own: not for this parser.
+    where = next((i for i, arg in enumerate(argv) if arg in SCENARIOS), len(argv))
+    args = parser.parse_args(argv[:where])
+    if where == len(argv):
+        parser.error(f"a scenario is needed: one of {', '.join(SCENARIOS)}")
+    scenario, rest = argv[where], argv[where + 1 :]
+    figure = args.figure or COMPARED[scenario]
+    values: dict[str, list[float]] = {"a": [], "b": []}
+    lost = 0
+    for round_number in range(1, args.rounds + 1):
+        for label in ("a", "b"):
+            options = shlex.split(getattr(args, label))
+            command = [sys.executable, str(Path(__file__).resolve()), *options, scenario, *rest]
+            done = subprocess.run(command, capture_output=True, text=True)
+            lines = done.stdout.strip().splitlines()
+            if done.returncode != 0 or not lines:
+                sys.exit(f"bench.py compare: {label} failed: {done.stderr.strip()}")
+            figures = json.loads(lines[-1])
+            if figures.get(figure) is None:
+                sys.exit(f"bench.py compare: {label}'s {scenario} gave no {figure}")
+            values[label].append(figures[figure])
+            lost += figures.get("lost") or 0
+            print(
+                f"round {round_number} {label} ({figures.get('target')}): "
+                f"{figure} {figures[figure]:,} lost {figures.get('lost')}"
+            )
+            sys.stdout.flush()
+    ratios = [b / a if a else float("inf") for a, b in zip(values["a"], values["b"], strict=True)]
+    result(
+        "compare",
+        {
+            "a": args.a,
+            "b": args.b,
+            "scenario": " ".join([scenario, *rest]),
+            "figure": figure,
+            "rounds": args.rounds,
+            "a_values": values["a"],
+            "b_values": values["b"],
+            "a_median": statistics.median(values["a"]),
+            "b_median": statistics.median(values["b"]),
+            "ratios_b_to_a": [round(ratio, 3) for ratio in ratios],
+            "ratio_b_to_a_median": round(statistics.median(ratios), 3),
+            "lost": lost,
+        },
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        return compare(argv[1:])
     args = parse_args(argv)
     # Thousands of sockets (conns, hostile) need more than the usual 1,024
     # descriptors.
