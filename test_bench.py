@@ -1,13 +1,18 @@
 """bench.py runs end to end: a smoke test with tiny sizes, not a timing.
 
 Every scenario runs against chat.py, and fanout, latency and conns against
-Redis, NATS and a cluster too, each server started by bench.py itself
-(--spawn); each run must report nothing lost and all its fields. No
-timing is asserted anywhere: the machine is shared and noisy.
+Redis, NATS and a cluster too, and over WebSocket against chat.py's web
+port, the websockets library's server and NATS, each server started by
+bench.py itself (--spawn); each run must report nothing lost and all its
+fields. No timing is asserted anywhere: the machine is shared and noisy.
+The WebSocket client's own parts (frames out, frames in, the upgrade) are
+checked against websocket.py's reader and wsproto's writer.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import importlib.util
 import json
 import os
@@ -15,13 +20,20 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 import bench
-from conftest import HERE
+import websocket
+from conftest import HERE, TIMEOUT
 
 # (target, scenario) -> bench.py's arguments. Some put the target options
 # after the scenario, which bench.py accepts too.
@@ -32,9 +44,22 @@ TARGETS = {
     "cluster": ["--spawn", "--cluster", "2", "--reuse-port"],
     "chat-tls": ["--spawn", "--tls"],
     "redis-tls": ["--spawn", "--redis", "--tls"],
+    "chat-ws": ["--spawn", "--ws"],
+    "websockets-lib": ["--spawn", "--websockets-lib"],
+    "nats-ws": ["--spawn", "--nats", "--ws"],
 }
 # What each target calls itself in the results.
-DESCRIBED = {"cluster": "cluster of 2", "chat-tls": "chat (TLS)", "redis-tls": "redis (TLS)"}
+DESCRIBED = {
+    "cluster": "cluster of 2",
+    "chat-tls": "chat (TLS)",
+    "redis-tls": "redis (TLS)",
+    "chat-ws": "chat (WebSocket)",
+    "websockets-lib": "websockets library",
+    "nats-ws": "nats (WebSocket)",
+}
+# The word its note must hold, for a target whose connections differ.
+NOTED = {"redis": "redis", "nats": "nats", "redis-tls": "redis", "nats-ws": "nats"}
+NOTED["websockets-lib"] = "websockets"
 SCENARIOS = {
     "fanout": ["fanout", "-n", "6", "-s", "2", "-m", "200"],
     "latency": ["latency", "-n", "4", "--rate", "200", "--duration", "0.5"],
@@ -62,7 +87,16 @@ CASES = [
     *[("chat", scenario) for scenario in SCENARIOS],
     *[
         (target, scenario)
-        for target in ("redis", "nats", "cluster", "chat-tls", "redis-tls")
+        for target in (
+            "redis",
+            "nats",
+            "cluster",
+            "chat-tls",
+            "redis-tls",
+            "chat-ws",
+            "websockets-lib",
+            "nats-ws",
+        )
         for scenario in ("fanout", "latency", "conns")
     ],
 ]
@@ -114,10 +148,15 @@ def require(target: str) -> None:
     missing = None
     if target in ("redis", "cluster", "redis-tls") and shutil.which("redis-server") is None:
         missing = "redis-server"
-    elif target == "nats" and bench.find_nats_server() is None:
+    elif target in ("nats", "nats-ws") and bench.find_nats_server() is None:
         missing = "nats-server"
     elif target == "cluster" and importlib.util.find_spec("hiredis") is None:
         missing = "hiredis"
+    elif target == "websockets-lib" and importlib.util.find_spec("websockets") is None:
+        missing = "websockets"
+    elif target == "chat-ws" and "--web-port" not in (HERE / "chat.py").read_text():
+        # Not a missing tool: the web port is not in this chat.py yet.
+        pytest.skip("chat.py has no --web-port yet")
     if missing is None:
         return
     if os.environ.get("CI"):
@@ -152,9 +191,8 @@ def test_bench_scenario_runs_and_loses_nothing(target: str, scenario: str) -> No
     assert result["scenario"] == scenario.removesuffix("-paced")
     assert FIELDS[scenario] <= result.keys()
     assert result["target"] == DESCRIBED.get(target, target)
-    if target in ("redis", "nats", "redis-tls"):
-        # How its connections differ.
-        assert target.removesuffix("-tls") in result["note"].lower()
+    if target in NOTED:  # how its connections differ
+        assert NOTED[target] in result["note"].lower()
     if scenario == "conns":
         assert result["broadcast_reached"] == 50
     elif scenario == "flood":
@@ -172,6 +210,9 @@ def test_bench_scenario_runs_and_loses_nothing(target: str, scenario: str) -> No
         assert result["lost"] == 0
     if scenario == "fanout":
         assert result["probe_order_ok"] is True
+    if scenario == "fanout" and target in ("chat-ws", "websockets-lib"):
+        # The frames counted by their header byte, checked by the probe's reading.
+        assert result["probe_frames_checked"] == 2 * 200
     if scenario == "latency":
         assert result["order_ok"] is True
         assert result["deliveries"] == 4 * result["messages"]
@@ -233,3 +274,176 @@ def test_slow_consumers_are_counted_once_each_with_their_reason(tmp_path: Path) 
     closed = bench.slow_consumers_closed(target)
     assert closed["slow_consumers_closed"] == 2
     assert closed["slow_consumer_reasons"] == {"output limit": 1, "output budget": 1}
+
+
+def test_compare_runs_both_targets_in_turn_and_gives_their_ratios() -> None:
+    """bench.py compare: A and B each round, their medians and the median of B/A per round."""
+    require("websockets-lib")
+    done = run_bench(
+        "compare",
+        "--rounds",
+        "2",
+        "--a=--spawn",
+        "--b=--spawn --websockets-lib",
+        "fanout",
+        "-n",
+        "4",
+        "-s",
+        "1",
+        "-m",
+        "100",
+    )
+    result = last_json(done)
+    assert result["scenario"] == "fanout -n 4 -s 1 -m 100"
+    assert result["figure"] == "deliveries_per_s"
+    assert result["lost"] == 0
+    a, b = result["a_values"], result["b_values"]
+    assert len(a) == len(b) == 2
+    assert result["ratios_b_to_a"] == [round(y / x, 3) for x, y in zip(a, b, strict=True)]
+    assert result["ratio_b_to_a_median"] == round((b[0] / a[0] + b[1] / a[1]) / 2, 3)
+    # Alternated: A, B, A, B, each naming its target.
+    rounds = [line for line in done.stdout.splitlines() if line.startswith("round ")]
+    assert [line.split(" (")[0] for line in rounds] == [
+        "round 1 a",
+        "round 1 b",
+        "round 2 a",
+        "round 2 b",
+    ]
+    assert "(websockets library)" in rounds[1]
+    assert "(chat)" in rounds[2]
+
+
+def test_compare_needs_a_scenario() -> None:
+    """bench.py compare without a scenario says so, with a failing status."""
+    done = run_bench("compare", "--a=--spawn", "--b=--spawn --ws", check=False)
+    assert done.returncode != 0
+    assert "a scenario is needed" in done.stderr
+
+
+# --- The WebSocket client's parts --------------------------------------------------
+
+
+chat_lines = st.lists(
+    st.text(st.characters(codec="utf-8", exclude_characters="\n"), max_size=300).map(
+        lambda text: text.encode() + b"\n"
+    ),
+    max_size=12,
+)
+
+
+def fed(frames: bench.ServerFrames, stream: bytes, cuts: list[int]) -> bytes:
+    """What `frames` makes of `stream`, read in pieces cut at `cuts`."""
+    edges = [0, *sorted(cuts), len(stream)]
+    return b"".join(frames.feed(stream[start:end]) for start, end in pairwise(edges))
+
+
+@given(chat_lines, st.data())
+def test_server_frames_give_back_the_lines_however_cut(
+    lines: list[bytes], data: st.DataObject
+) -> None:
+    """A turn framed by the server, read in any pieces, is its lines again, one frame each."""
+    stream = websocket.frame_lines(lines)
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8))
+    frames = bench.ServerFrames(lines=True)
+    assert fed(frames, stream, cuts) == b"".join(lines)
+    assert frames.frames == len(lines)
+
+
+@given(st.lists(st.binary(max_size=70_000), max_size=4), st.data())
+def test_server_frames_join_fragments_and_answer_pings(
+    pieces: list[bytes], data: st.DataObject
+) -> None:
+    """wsproto's fragments, 16- and 64-bit lengths and pings between them: the bytes, pings kept."""
+    server = Connection(ConnectionType.SERVER)
+    stream = b""
+    for number, piece in enumerate(pieces):
+        last = number == len(pieces) - 1
+        stream += server.send(BytesMessage(data=piece, message_finished=last))
+        stream += server.send(Ping(payload=b"p%d" % number))
+    stream += server.send(CloseConnection(code=1000))
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8))
+    frames = bench.ServerFrames(lines=True)
+    assert fed(frames, stream, cuts) == b"".join(pieces) + (b"\n" if pieces else b"")
+    assert frames.pings == [b"p%d" % number for number in range(len(pieces))]
+    assert frames.closed
+    pongs = websocket.FrameReader().receive(frames.pongs())
+    assert pongs == [websocket.Pong(b"p%d" % number) for number in range(len(pieces))]
+    assert frames.pings == []
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 127, 65535, 65536, 70_000])
+def test_server_frames_read_every_length_encoding(size: int) -> None:
+    """Payloads at each edge of the 7-bit, 16-bit and 64-bit lengths, then one more frame."""
+    server = Connection(ConnectionType.SERVER)
+    payload = bytes(range(256)) * (size // 256) + b"y" * (size % 256)
+    stream = server.send(BytesMessage(data=payload)) + server.send(TextMessage(data="after"))
+    for cut in (1, 3, 9, len(stream) - 1):
+        frames = bench.ServerFrames(lines=True)
+        assert fed(frames, stream, [cut]) == payload + b"\nafter\n"
+        assert frames.frames == 2
+
+
+def test_server_frames_without_lines_give_the_stream_as_it_was() -> None:
+    """NATS's stream, which its frames cut anywhere, comes back whole and unmarked."""
+    server = Connection(ConnectionType.SERVER)
+    stream = server.send(BytesMessage(data=b"MSG chat 1 2\r\n")) + server.send(
+        BytesMessage(data=b"hi\r\n")
+    )
+    assert bench.ServerFrames(lines=False).feed(stream) == b"MSG chat 1 2\r\nhi\r\n"
+
+
+@given(chat_lines.filter(lambda lines: all(line.isascii() and len(line) <= 126 for line in lines)))
+def test_frame_mark_counts_short_ascii_lines(lines: list[bytes]) -> None:
+    """The fanout count: one FRAME_MARK byte a line, for lines of ASCII under 126 bytes."""
+    assert websocket.frame_lines(lines).count(bench.FRAME_MARK) == len(lines)
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536])
+def test_client_frames_are_masked_messages_the_server_reads(size: int) -> None:
+    """wire(): each chat line one masked text frame; NATS's bytes one binary frame."""
+    line = b"x" * size
+    chat = bench.Target("127.0.0.1", [1], "chat", websocket=True)
+    events = websocket.FrameReader().receive(chat.wire(b"SEND " + line + b"\nSYNC\n"))
+    assert events == [websocket.Message(b"SEND " + line, True), websocket.Message(b"SYNC", True)]
+    nats = bench.Target("127.0.0.1", [1], "nats", websocket=True)
+    events = websocket.FrameReader().receive(nats.wire(line + b"\r\n"))
+    assert events == [websocket.Message(line + b"\r\n", False)]
+
+
+def test_wire_is_the_bytes_themselves_over_tcp() -> None:
+    """Without WebSocket, wire() leaves the protocol's bytes as they are."""
+    assert bench.Target("127.0.0.1", [1], "chat").wire(b"SEND hi\n") == b"SEND hi\n"
+
+
+@pytest.mark.parametrize("good", [True, False])
+def test_upgrade_checks_the_servers_accept_key(good: bool) -> None:
+    """The client sends RFC 6455's request and goes on only with the right Sec-WebSocket-Accept."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(TIMEOUT)
+        port = listener.getsockname()[1]
+        target = bench.Target("127.0.0.1", [port], "chat", websocket=True)
+        client = target.open()
+        server, _ = listener.accept()
+        with server, client:
+            server.settimeout(TIMEOUT)
+            request = b""
+            while not request.endswith(b"\r\n\r\n"):
+                request += server.recv(4096)
+            assert request.startswith(b"GET /chat HTTP/1.1\r\n")
+            assert b"\r\nSec-WebSocket-Version: 13\r\n" in request
+            key = request.split(b"Sec-WebSocket-Key: ")[1].split(b"\r\n")[0]
+            assert len(base64.b64decode(key)) == 16
+            accept = base64.b64encode(hashlib.sha1(key + bench.WEBSOCKET_GUID).digest())
+            if not good:
+                accept = base64.b64encode(b"x" * 20)
+            server.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+            )
+            if good:
+                target.upgraded(client, time.monotonic() + TIMEOUT)
+            else:
+                with pytest.raises(SystemExit, match="Sec-WebSocket-Accept"):
+                    target.upgraded(client, time.monotonic() + TIMEOUT)
