@@ -232,6 +232,8 @@ class Target:
             return data
         if self.kind == "nats":
             return client_frame(BINARY_OPCODE, data)
+        if len(data) <= len(MASKED_TEXT_HEADERS) and data.find(b"\n") == len(data) - 1:
+            return MASKED_TEXT_HEADERS[len(data) - 1] + data[:-1]  # one short line, the usual
         return b"".join(client_frame(TEXT_OPCODE, line) for line in data.split(b"\n")[:-1])
 
     @property
@@ -287,7 +289,17 @@ class Target:
 
     def frame_reader(self) -> ServerFrames | None:
         """A reader of one connection's frames, over WebSocket."""
-        return ServerFrames(lines=self.kind == "chat") if self.websocket else None
+        return ServerFrames() if self.websocket else None
+
+    def unframed(self, frames: ServerFrames | None, chunk: bytes) -> bytes:
+        """What TCP would have carried for `chunk`: the chat protocol's
+        lines, each with its "\\n", or the stream that NATS's frames hold."""
+        if frames is None:
+            return chunk
+        if self.kind != "chat":
+            return frames.stream(chunk)
+        lines = frames.messages(chunk)
+        return b"\n".join(lines) + b"\n" if lines else b""
 
     def deliveries(self, newlines: int) -> int:
         return newlines // LINES_PER_MESSAGE[self.kind]
@@ -339,6 +351,13 @@ class Target:
             except OSError:
                 return None
         return total if self.pids else None
+
+
+def own_cpu_seconds() -> float:
+    """The load generator's own user + system CPU time: beside the
+    server's, it says which of the two set the figure."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def cpu_seconds_of(pid: int) -> float | None:
@@ -393,6 +412,12 @@ def client_frame(opcode: int, payload: bytes) -> bytes:
     return head + ZERO_MASK + payload
 
 
+# The header of a masked text frame for each payload length under 126.
+MASKED_TEXT_HEADERS = tuple(
+    bytes((0x80 | TEXT_OPCODE, 0x80 | size)) + ZERO_MASK for size in range(126)
+)
+
+
 def frame_header_size(head: bytes) -> int | None:
     """How long the header that `head` starts is, once its first two bytes
     are there to say."""
@@ -405,33 +430,50 @@ def frame_header_size(head: bytes) -> int | None:
 
 class ServerFrames:
     """What a server's WebSocket frames carry, out of one connection's
-    reads cut anywhere: with `lines`, each message's payload and a "\\n"
-    (the chat protocol's lines, as TCP carries them); else the payloads end
-    to end (NATS's stream, which frames cut anywhere). Pings are kept for
-    the caller to answer; `frames` counts the data frames. A Python loop per
-    frame: for the probe and the latency receivers, not for every client."""
+    reads cut anywhere: its whole messages (the chat protocol's lines), or
+    its payloads end to end (NATS's stream, which frames cut anywhere).
+    Pings are kept for the caller to answer; `frames` counts the data
+    frames. A Python loop per frame, so for the probe and the latency
+    receivers, not for every client; the usual frame, whole, short and
+    unfragmented, takes the shortest way through it."""
 
-    def __init__(self, lines: bool) -> None:
-        self.lines = lines
+    def __init__(self) -> None:
         self.head = b""  # a header cut by the end of a read
         self.left = 0  # bytes of the current frame's payload not yet read
         self.first = 0  # the current frame's first byte: FIN and opcode
         self.control = b""  # a control frame's payload so far
+        self.partial: list[bytes] = []  # the message so far, for messages()
         self.frames = 0
         self.pings: list[bytes] = []
         self.closed = False
 
-    def feed(self, chunk: bytes) -> bytes:
+    def messages(self, chunk: bytes) -> list[bytes]:
+        """The messages that `chunk` completes."""
+        return self._read(chunk, whole=True)
+
+    def stream(self, chunk: bytes) -> bytes:
+        """The payload bytes in `chunk`, even of a frame not yet whole."""
+        return b"".join(self._read(chunk, whole=False))
+
+    def _read(self, chunk: bytes, whole: bool) -> list[bytes]:
         out: list[bytes] = []
         pos, size = 0, len(chunk)
         while pos < size:
+            if not self.left and not self.head and pos + 1 < size:
+                length = chunk[pos + 1]
+                end = pos + 2 + length
+                if chunk[pos] == 0x80 | TEXT_OPCODE and length < 126 and end <= size:
+                    out.append(chunk[pos + 2 : end])
+                    self.frames += 1
+                    pos = end
+                    continue
             if self.left:
                 end = min(size, pos + self.left)
-                self._take(chunk[pos:end], out)
+                self._take(chunk[pos:end], whole, out)
                 self.left -= end - pos
                 pos = end
                 if not self.left:
-                    self._end(out)
+                    self._end(whole, out)
                 continue
             head = self.head + chunk[pos : pos + 14]
             need = frame_header_size(head)
@@ -449,16 +491,18 @@ class ServerFrames:
             # A masked server frame breaks RFC 6455: its payload is taken as
             # it is, and the probe's check or the lost count shows it.
             if not self.left:
-                self._end(out)
-        return b"".join(out)
+                self._end(whole, out)
+        return out
 
-    def _take(self, payload: bytes, out: list[bytes]) -> None:
+    def _take(self, payload: bytes, whole: bool, out: list[bytes]) -> None:
         if self.first & 0x08:  # a control frame: whole before it means anything
             self.control += payload
+        elif whole:
+            self.partial.append(payload)
         else:
             out.append(payload)
 
-    def _end(self, out: list[bytes]) -> None:
+    def _end(self, whole: bool, out: list[bytes]) -> None:
         opcode = self.first & 0x0F
         if opcode == PING_OPCODE:
             self.pings.append(self.control)
@@ -466,8 +510,9 @@ class ServerFrames:
             self.closed = True
         elif opcode in (CONTINUATION_OPCODE, TEXT_OPCODE, BINARY_OPCODE):
             self.frames += 1
-            if self.lines and self.first & 0x80:  # FIN: the message's last frame
-                out.append(b"\n")
+            if whole and self.first & 0x80:  # FIN: the message's last frame
+                out.append(b"".join(self.partial))
+                self.partial.clear()
         self.control = b""
 
     def pongs(self) -> bytes:
@@ -888,7 +933,7 @@ def fanout(target: Target, args: argparse.Namespace) -> None:
     # Over WebSocket the probe reads every frame; NATS's clients read theirs
     # to count the "\n" of the stream inside them.
     readers = {sock: target.frame_reader() for sock in clients}
-    probe_frames = readers[probe] or ServerFrames(lines=True)  # (unused over TCP)
+    probe_frames = readers[probe] or ServerFrames()  # (unused over TCP)
     probe_marks = 0  # FRAME_MARK bytes the probe received, to check the count
     newlines = 0
     buffer = bytearray(RECV_SIZE)
@@ -909,9 +954,9 @@ def fanout(target: Target, args: argparse.Namespace) -> None:
             sock.setblocking(False)
             sent[j] += count
 
-    def probe_lines(chunk: bytes) -> None:
+    def probe_lines(lines: list[bytes]) -> None:
         nonlocal in_order
-        for line in probe_reader.feed(chunk):
+        for line in lines:
             payload = payload_of(line, target.kind)
             if payload is None:
                 continue
@@ -923,6 +968,7 @@ def fanout(target: Target, args: argparse.Namespace) -> None:
             latencies.add(int(stamp))
 
     progress = Progress("fanout")
+    load_before = own_cpu_seconds()
     cpu_before = target.cpu_seconds()
     redis_cpu_before = target.redis_cpu_seconds()
     started = time.perf_counter()
@@ -943,26 +989,27 @@ def fanout(target: Target, args: argparse.Namespace) -> None:
                 newlines += marks
                 if sock is probe:
                     probe_marks += marks
-                    probe_lines(probe_frames.feed(bytes(view[:size])))
+                    probe_lines(probe_frames.messages(bytes(view[:size])))
                     answer_websocket_pings(sock, probe_frames)
                 continue
             frames = readers[sock]
             if frames is None:
                 stream: bytes | bytearray = buffer
             else:  # NATS over WebSocket: the stream, out of its frames
-                stream = frames.feed(bytes(view[:size]))
+                stream = frames.stream(bytes(view[:size]))
                 size = len(stream)
                 answer_websocket_pings(sock, frames)
             newlines += stream.count(b"\n", 0, size)
             if target.nats:
                 newlines -= answer_pings(target, sock, stream, size, ping_tails)
             if sock is probe:
-                probe_lines(bytes(stream[:size]))
+                probe_lines(probe_reader.feed(bytes(stream[:size])))
         pump()
         if progress.due():
             progress.show(f"{target.deliveries(newlines):,}/{expected:,} deliveries")
     elapsed = time.perf_counter() - started
     cpu_after = target.cpu_seconds()
+    load_after = own_cpu_seconds()
     redis_cpu_after = target.redis_cpu_seconds()
     progress.done()
     if target.counts_frames and probe_marks != probe_frames.frames:
@@ -992,6 +1039,7 @@ def fanout(target: Target, args: argparse.Namespace) -> None:
         figures["probe_frames_checked"] = probe_frames.frames
     add_cpu(figures, "server_cpu_percent", cpu_before, cpu_after, elapsed)
     add_cpu(figures, "redis_cpu_percent", redis_cpu_before, redis_cpu_after, elapsed)
+    add_cpu(figures, "load_cpu_percent", load_before, load_after, elapsed)
     figures.update(target.note())
     result("fanout", figures)
     for sock in clients + (senders if target.redis else []):
@@ -1085,6 +1133,7 @@ def latency(target: Target, args: argparse.Namespace) -> None:
     view = memoryview(buffer)
     sent = 0
     progress = Progress("latency")
+    load_before = own_cpu_seconds()
     cpu_before = target.cpu_seconds()
     started = time.perf_counter()
     next_send = started
@@ -1114,7 +1163,7 @@ def latency(target: Target, args: argparse.Namespace) -> None:
             receiver: int = key.data
             frames = sender_frames if receiver < 0 else readers[receiver]
             if frames is not None:
-                chunk = frames.feed(chunk)
+                chunk = target.unframed(frames, chunk)
                 answer_websocket_pings(sock, frames)
             if target.nats and b"PING\r\n" in chunk:  # the server's keepalive
                 sock.sendall(target.wire(b"PONG\r\n"))
@@ -1139,6 +1188,7 @@ def latency(target: Target, args: argparse.Namespace) -> None:
             progress.show(f"{sent:,}/{total:,} sent, {len(delays):,}/{expected:,} received")
     elapsed = time.perf_counter() - started
     cpu_after = target.cpu_seconds()
+    load_after = own_cpu_seconds()
     progress.done()
     p50, p99, p99_9, top = percentiles_ms(delays, 0.5, 0.99, 0.999, 1.0)
     complete = [last_ns[i] for i in range(total) if reached[i] == args.n]
@@ -1172,6 +1222,7 @@ def latency(target: Target, args: argparse.Namespace) -> None:
         "probe_max_ms": probe_top,
     }
     add_cpu(figures, "server_cpu_percent", cpu_before, cpu_after, elapsed)
+    add_cpu(figures, "load_cpu_percent", load_before, load_after, elapsed)
     figures.update(target.note())
     result("latency", figures)
     for sock in [*receivers, sender]:
@@ -1740,6 +1791,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# What `compare` shows of each run beside its figure: who was busy.
+CPU_FIGURES = ("server_cpu_percent", "load_cpu_percent")
 # The figure `compare` takes from each scenario unless told (--figure).
 COMPARED = {
     "fanout": "deliveries_per_s",
@@ -1790,9 +1843,10 @@ def compare(argv: list[str]) -> int:
                 sys.exit(f"bench.py compare: {label}'s {scenario} gave no {figure}")
             values[label].append(figures[figure])
             lost += figures.get("lost") or 0
+            cpu = {key: figures[key] for key in CPU_FIGURES if key in figures}
             print(
                 f"round {round_number} {label} ({figures.get('target')}): "
-                f"{figure} {figures[figure]:,} lost {figures.get('lost')}"
+                f"{figure} {figures[figure]:,} lost {figures.get('lost')} {json.dumps(cpu)}"
             )
             sys.stdout.flush()
     ratios = [b / a if a else float("inf") for a, b in zip(values["a"], values["b"], strict=True)]
@@ -1801,7 +1855,7 @@ def compare(argv: list[str]) -> int:
         {
             "a": args.a,
             "b": args.b,
-            "scenario": " ".join([scenario, *rest]),
+            "load": " ".join([scenario, *rest]),
             "figure": figure,
             "rounds": args.rounds,
             "a_values": values["a"],
