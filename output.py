@@ -12,7 +12,7 @@ import itertools
 import logging
 from collections.abc import Callable, Collection
 from itertools import accumulate
-from typing import Final, cast
+from typing import Final, NamedTuple, cast
 
 from connection import Close, Connection, Schedule, error_reason
 from host import watch_writes_while
@@ -191,6 +191,18 @@ class Outbox:
         return [conn for conn, when in self._shrank_at.items() if now - when >= after]
 
 
+class Wire(NamedTuple):
+    """A wire format of the turn's lines (Writer.add_wire)."""
+
+    frame_lines: Callable[[list[bytes]], bytes]
+    frame_offsets: Callable[[list[bytes]], list[int]]
+
+
+def _line_offsets(lines: list[bytes]) -> list[int]:
+    """Where each line starts in the lines joined, and where the last ends."""
+    return list(accumulate(map(len, lines), initial=0))
+
+
 class Writer:
     """The write path, step 5 of a turn: the room's batch to every member,
     one send each; output queued for one connection (`send_later`), sent
@@ -223,14 +235,20 @@ class Writer:
         self._stats = stats
         self._close = close
         self._stall_check: Timer | None = None
-        # The wire formats after PLAIN_WIRE: the turn's lines, framed.
-        self._framings: list[Callable[[list[bytes]], bytes]] = []
+        # The wire formats: how each makes the turn's bytes from its lines,
+        # and where each line starts in them (for a member's own copy).
+        self._wires: list[Wire] = [Wire(b"".join, _line_offsets)]
 
-    def add_wire(self, frame_lines: Callable[[list[bytes]], bytes]) -> int:
+    def add_wire(
+        self,
+        frame_lines: Callable[[list[bytes]], bytes],
+        frame_offsets: Callable[[list[bytes]], list[int]],
+    ) -> int:
         """A wire format: `frame_lines` makes the turn's bytes from its
-        lines, once per turn; the index for `Connection.wire`."""
-        self._framings.append(frame_lines)
-        return len(self._framings)
+        lines, once per turn, and `frame_offsets` where each line starts in
+        them (and where the last ends); the index for `Connection.wire`."""
+        self._wires.append(Wire(frame_lines, frame_offsets))
+        return len(self._wires) - 1
 
     def apply_limits(self, output_limit: int | None, output_budget: int | None) -> None:
         """New limits (None: unchanged), from the next write on."""
@@ -275,15 +293,12 @@ class Writer:
     def _deliver(self, batch: Batch, members: Collection[Connection]) -> None:
         """Hand the turn's batch to every member, in one send each where the
         member has nothing queued already."""
-        shared = b"".join(batch.lines)
-        turn_bytes = [shared]
-        for frame_lines in self._framings:
-            turn_bytes.append(frame_lines(batch.lines))
+        lines = batch.lines
+        turn_bytes = [wire.frame_lines(lines) for wire in self._wires]
         needs_own_copy = batch.needs_own_copy()
-        offsets: list[int] = []
-        if needs_own_copy:
-            offsets = list(accumulate(map(len, batch.lines), initial=0))
-        shared_view = memoryview(shared)
+        # Per wire format, made when a member of it first needs its own copy:
+        # the turn's bytes as a view, and where each line starts in them.
+        cut_from: dict[int, tuple[memoryview, list[int]]] = {}
         flush_later = self._schedule.flush_later
         self._count_deliveries(batch, len(members))
         backed_up: list[Connection] = []
@@ -297,12 +312,12 @@ class Writer:
         for conn in members:
             data = turn_bytes[conn.wire]
             if conn in needs_own_copy:
-                data = batch.copy_for(conn, shared_view, offsets)
+                wire = conn.wire
+                if wire not in cut_from:
+                    cut_from[wire] = (memoryview(data), self._wires[wire].frame_offsets(lines))
+                data = batch.copy_for(conn, *cut_from[wire], conn.kind.frame)
                 if not data:
                     continue
-                frame = conn.kind.frame
-                if frame is not None:
-                    data = frame(data)
             if conn.out:
                 self.queue(conn, data)  # behind what is queued; sent by flush
                 flush_later(conn)

@@ -43,7 +43,7 @@ from room import LocalRoom, Room
 from timers import Clock, Timer, Timers
 from tls import TLSConfig, load_context
 from webport import WebConfig, WebPort
-from websocket import frame_lines
+from websocket import frame_lines, frame_offsets
 
 # chat.PORT, which the command line offers (a test holds them equal).
 DEFAULT_PORT: Final = 8080
@@ -198,7 +198,7 @@ class ChatServer:
                     self._schedule,
                     self._timers,
                     self._close,
-                    wire=self._writer.add_wire(frame_lines),
+                    wire=self._writer.add_wire(frame_lines, frame_offsets),
                     keepalive=keepalive,
                     watch=self.watch,
                     unwatch=self.unwatch,

@@ -147,9 +147,17 @@ class Batch:
     def needs_own_copy(self) -> set[Member]:
         return self.own.keys() | self.joined_at.keys() | self.replies.keys()
 
-    def copy_for(self, member: Member, shared: memoryview, offsets: list[int]) -> bytes:
-        """The turn's output for one of `needs_own_copy()`. `shared` is
-        `lines` joined; `offsets[i]` is where line i starts in it."""
+    def copy_for(
+        self,
+        member: Member,
+        shared: memoryview,
+        offsets: list[int],
+        frame: Callable[[bytes], bytes] | None = None,
+    ) -> bytes:
+        """The turn's output for one of `needs_own_copy()`. `shared` is the
+        turn's `lines` on the member's wire (joined, or framed once for all);
+        `offsets[i]` is where line i starts in it. `frame`, if any, puts an
+        answer on that wire."""
         pieces: list[bytes | memoryview] = []
         position = offsets[self.joined_at.get(member, 0)]
         # (index, line): insert `line` before line `index`; (index, None):
@@ -163,7 +171,7 @@ class Batch:
             if reply is None:
                 position = offsets[index + 1]
             else:
-                pieces.append(reply)
+                pieces.append(reply if frame is None else frame(reply))
                 position = offsets[index]
         pieces.append(shared[position:])
         return b"".join(pieces)

@@ -252,6 +252,25 @@ def test_frame_lines_is_one_text_message_per_line_for_wsproto(turn: list[bytes])
     ]
 
 
+@given(lines)
+def test_frame_offsets_cut_the_framed_turn_into_each_lines_frame(turn: list[bytes]) -> None:
+    """frame_offsets: the framed turn cut at its offsets is each line framed
+    alone, so a member's own copy is cut from the turn, never framed again."""
+    framed = websocket.frame_lines(turn)
+    offsets = websocket.frame_offsets(turn)
+    assert len(offsets) == len(turn) + 1 and offsets[-1] == len(framed)
+    for index, line in enumerate(turn):
+        assert framed[offsets[index] : offsets[index + 1]] == websocket.frame_lines([line])
+
+
+@pytest.mark.parametrize("size", [0, 1, 124, 125, 126, 127, 65535, 65536, 70000])
+def test_frame_offsets_at_every_length_encoding(size: int) -> None:
+    """frame_offsets: a line's frame ends where frame_lines ends it, at every
+    length encoding's boundary."""
+    turn = [b"x" * size + b"\n", b"ok\n"]
+    assert websocket.frame_offsets(turn)[1] == len(websocket.frame_lines(turn[:1]))
+
+
 @pytest.mark.parametrize("size", [0, 1, 124, 125, 126, 127, 65535, 65536, 70000])
 def test_frame_lines_at_every_length_encoding(size: int) -> None:
     """Lines whose payload is at each length boundary are framed as RFC 6455 says."""

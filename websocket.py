@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import codecs
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
@@ -439,6 +439,19 @@ def frame_lines(lines: Iterable[bytes]) -> bytes:
             append(_header(_FIN_TEXT, size - 1))
         append(line[: size - 1])
     return b"".join(parts)
+
+
+def frame_offsets(lines: Sequence[bytes]) -> list[int]:
+    """Where each line's message starts in `frame_lines(lines)`, and where
+    the last ends: so that a member's own copy of the turn (without its own
+    lines) is cut from the framed turn, never framed again."""
+    offsets = [0]
+    position = 0
+    for line in lines:
+        payload = max(len(line), 1) - 1  # without its "\n"
+        position += payload + (2 if payload < _LENGTH_16 else 4 if payload < 1 << 16 else 10)
+        offsets.append(position)
+    return offsets
 
 
 def close_frame(code: int | None = NORMAL_CLOSURE, reason: str = "") -> bytes:
