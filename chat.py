@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="URL",
         help="join the cluster of every server using this Redis, e.g. "
-        "redis://127.0.0.1:6379/0 (default: none, a single server)",
+        "redis://127.0.0.1:7379/0 (default: none, a single server)",
     )
     cluster.add_argument(
         "--room",
