@@ -175,6 +175,47 @@ def test_a_reader_between_frames_is_as_good_as_a_new_one(
         assert not reader.between_frames  # nothing more is read: kept
 
 
+# Short frames as a busy client sends them, text that may not be UTF-8 among
+# them, and pings: what receive_handled's fast path takes.
+short_frames = st.lists(
+    st.tuples(
+        st.sampled_from([TEXT, BINARY, PING]),
+        st.one_of(st.text(max_size=40).map(str.encode), st.binary(max_size=125)),
+        st.binary(min_size=4, max_size=4),
+    ),
+    max_size=12,
+).map(lambda frames: b"".join(frame(op, payload, mask=mask) for op, payload, mask in frames))
+
+
+@given(
+    st.one_of(short_frames, client_streams().map(lambda written: written.data)),
+    st.binary(max_size=40),
+    st.data(),
+)
+def test_receive_handled_is_handle_of_receive(
+    stream_head: bytes, tail: bytes, data: st.DataObject
+) -> None:
+    """receive_handled (the server's fast path) gives, read by read, the same
+    lines, replies and end as handle(receive(...)), however the stream is cut,
+    invalid UTF-8 and garbage included."""
+    stream = stream_head + tail
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    fast, slow = FrameReader(), FrameReader()
+    for start, end in pairwise([0, *cuts, len(stream)]):
+        chunk = stream[start:end]
+        assert fast.receive_handled(chunk) == websocket.handle(slow.receive(chunk))
+
+
+def test_receive_handled_stops_at_text_that_is_not_utf8() -> None:
+    """receive_handled: in a run of short messages, text that is not UTF-8
+    ends the reading (1007) after the lines before it, as handle(receive())."""
+    stream = frame(TEXT, b"ok") + frame(TEXT, b"\xff") + frame(TEXT, b"late")
+    handled = FrameReader().receive_handled(stream)
+    assert handled == websocket.handle(FrameReader().receive(stream))
+    assert handled.data == b"ok\n"
+    assert handled.end == Failure(websocket.INVALID_DATA, "text message not UTF-8")
+
+
 def test_between_frames_is_false_inside_a_frame_and_a_message() -> None:
     """between_frames: false with half a header, half a payload, or a message's
     first fragment read; true again once the message is whole."""

@@ -231,7 +231,7 @@ class WebTransport:
     def _read_frames(self, data: bytes) -> bytes:
         reader = self.reader or websocket.FrameReader()
         self.heard_at = self.port.timers.turn_time
-        handled = websocket.handle(reader.receive(data))
+        handled = reader.receive_handled(data)
         self.reader = None if reader.between_frames else reader
         replies, end = handled.replies, handled.end
         if end is not None:

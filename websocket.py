@@ -20,6 +20,8 @@ import codecs
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
+from operator import add
 from typing import Final, NamedTuple
 
 # PROTOCOL.md: a message longer than 1 MiB closes the connection (1009).
@@ -47,6 +49,8 @@ _KNOWN_OPCODES: Final = frozenset({CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG
 _FIN: Final = 0x80
 _FIN_TEXT: Final = _FIN | TEXT
 _SHORT_MESSAGE_STARTS: Final = frozenset({_FIN_TEXT, _FIN | BINARY})
+# What a short frame's header and masking key are XORed with: themselves.
+_HEADER_KEY: Final = bytes(6)
 _RESERVED: Final = 0x70  # RSV1-3: no extension is ever negotiated
 _MASKED: Final = 0x80
 _LENGTH_16: Final = 126  # the 7-bit length that says "16-bit length follows"
@@ -213,6 +217,48 @@ class FrameReader:
                     continue
             self._finish_frame(events)
         return events
+
+    def receive_handled(self, data: bytes) -> Handled:
+        """`handle(self.receive(data))`, the server's hot path: a run of whole
+        short data messages at the front of `data` (a busy client's read is
+        little else) is unmasked with one XOR and goes straight to lines,
+        with no event made; the rest takes `receive`."""
+        index, end = 0, len(data)
+        if self._done or self._opcode >= 0 or self._head or self._message_opcode >= 0:
+            return handle(self.receive(data))
+        keys: list[bytes] = []
+        spans: list[tuple[int, int, bool]] = []  # payload start, stop, text
+        while index + 1 < end:
+            first = data[index]
+            length = data[index + 1] - _MASKED
+            stop = index + 6 + length
+            if first not in _SHORT_MESSAGE_STARTS or not 0 <= length < _LENGTH_16 or stop > end:
+                break
+            keys += (_HEADER_KEY, (data[index + 2 : index + 6] * ((length >> 2) + 1))[:length])
+            spans.append((index + 6, stop, first == _FIN_TEXT))
+            index = stop
+        if not spans:
+            return handle(self.receive(data))
+        plain = (
+            int.from_bytes(data[:index], "little") ^ int.from_bytes(b"".join(keys), "little")
+        ).to_bytes(index, "little")
+        lines: list[bytes] = []
+        for start, stop, text in spans:
+            payload = plain[start:stop]
+            if text and not payload.isascii():
+                try:
+                    payload.decode()
+                except UnicodeDecodeError:
+                    failure = Failure(INVALID_DATA, "text message not UTF-8")
+                    self._fail(failure, [])
+                    good = b"\n".join([*lines, b""]) if lines else b""
+                    return Handled(good, close_frame(failure.code, failure.reason), failure)
+            lines.append(payload)
+        lines.append(b"")  # each message's payload and a "\n"
+        if index == end:
+            return Handled(b"\n".join(lines), b"", None)
+        rest = handle(self.receive(data[index:]))
+        return Handled(b"\n".join(lines) + rest.data, rest.replies, rest.end)
 
     def _read_head(self, data: bytes, index: int, events: list[Event]) -> int:
         """Take header bytes from `data` at `index`; check the first two as
@@ -445,10 +491,15 @@ def frame_offsets(lines: Sequence[bytes]) -> list[int]:
     """Where each line's message starts in `frame_lines(lines)`, and where
     the last ends: so that a member's own copy of the turn (without its own
     lines) is cut from the framed turn, never framed again."""
+    sizes = list(map(len, lines))
+    if 0 not in sizes and max(sizes, default=0) <= _LENGTH_16:
+        # Every line short (the room's lines nearly always are): its frame is
+        # the line, its "\n" dropped, behind a 2-byte header: one byte more.
+        return list(map(add, accumulate(sizes, initial=0), range(len(sizes) + 1)))
     offsets = [0]
     position = 0
-    for line in lines:
-        payload = max(len(line), 1) - 1  # without its "\n"
+    for size in sizes:
+        payload = max(size, 1) - 1  # without its "\n"
         position += payload + (2 if payload < _LENGTH_16 else 4 if payload < 1 << 16 else 10)
         offsets.append(position)
     return offsets
