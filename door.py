@@ -160,6 +160,22 @@ def tune_for_clients(listener: socket.socket, keepalive: int) -> None:
     listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, unacked * 1000)
 
 
+def listening_socket(
+    listener: socket.socket | None,
+    host: str | None,
+    port: int,
+    *,
+    keepalive: int,
+    reuse_port: bool,
+) -> socket.socket:
+    """`listener` if one is given (socket activation), else a new one on
+    `port`; either way tuned for the clients it will accept."""
+    if listener is None:
+        listener = open_listener(host, port, reuse_port=reuse_port)
+    tune_for_clients(listener, keepalive)
+    return listener
+
+
 # What a socket let in becomes: its socket (or the socket with the bytes
 # that came after a PROXY header, AfterHeader), its peer's address for
 # the logs, and the key --max-per-address counts it under.
@@ -575,10 +591,9 @@ class TLSPort:
     ) -> None:
         """Listen on `listener` if one is given (socket activation), else
         bind the configured port."""
-        if listener is None:
-            listener = open_listener(host, self.config.port, reuse_port=reuse_port)
-        self.listener = listener
-        tune_for_clients(self.listener, keepalive)
+        self.listener = listening_socket(
+            listener, host, self.config.port, keepalive=keepalive, reuse_port=reuse_port
+        )
         door.open(self.listener, self.admit, plain=False)
 
     @property

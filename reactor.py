@@ -31,8 +31,7 @@ from door import (
     Door,
     Listener,
     TLSPort,
-    open_listener,
-    tune_for_clients,
+    listening_socket,
 )
 from host import CLOSE_REASONS, Host, Member
 from metrics import Metric, MetricsServer, Stats, chat_metrics
@@ -157,9 +156,9 @@ class ChatServer:
             proxy_networks=proxy_networks,
         )
         sockets = {} if sockets is None else sockets
-        made = sockets.get("chat")
-        self._listener = open_listener(host, port, reuse_port=reuse_port) if made is None else made
-        tune_for_clients(self._listener, keepalive)
+        self._listener = listening_socket(
+            sockets.get("chat"), host, port, keepalive=keepalive, reuse_port=reuse_port
+        )
         self._door.open(self._listener)
         flood_control = FloodControl(
             self._schedule, self._timers, self.stats, send_rate, send_burst

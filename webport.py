@@ -35,7 +35,7 @@ from typing import Final, cast
 import web
 import websocket
 from connection import READ_SIZE, Close, Connection, Kind, Schedule, Transport
-from door import Door, open_listener, tune_for_clients
+from door import Door, listening_socket
 from timers import Timer, Timers
 from tls import TLSConfigError, TLSTransport, error_detail, load_context
 
@@ -421,11 +421,10 @@ class WebPort:
     ) -> None:
         """Listen on `listener` if one is given (socket activation), else
         bind the configured port."""
-        if listener is None:
-            listener = open_listener(host, self.config.port, reuse_port=reuse_port)
-        self.listener = listener
-        tune_for_clients(listener, keepalive)
-        door.open(listener, self.admit, turn_away=self.turn_away)
+        self.listener = listening_socket(
+            listener, host, self.config.port, keepalive=keepalive, reuse_port=reuse_port
+        )
+        door.open(self.listener, self.admit, turn_away=self.turn_away)
 
     @property
     def address(self) -> tuple[str, int] | None:
