@@ -668,6 +668,36 @@ def test_an_idle_websocket_is_pinged_and_closed_if_it_never_answers() -> None:
         server.close()
 
 
+def test_idle_websockets_are_pinged_each_at_its_own_time_by_one_timer() -> None:
+    """Keepalive: members quiet since different times are pinged, and closed,
+    each at its own time, whoever spoke last; the port keeps one timer for
+    them all (an idle member holds none of its own)."""
+    clock = FakeClock()
+    server = chat.ChatServer("127.0.0.1", 0, clock=clock, keepalive=30, web=WebConfig(0))
+    try:
+        first, second = PumpedWebSocket(server), PumpedWebSocket(server)
+        first.send(WS_TEXT, b"USERNAME first")
+        assert first.sync() == []
+        clock.advance(10)
+        second.send(WS_TEXT, b"USERNAME second")
+        assert second.sync() == []
+        clock.advance(5)
+        assert first.sync() == []  # first spoke last now: quiet from 15
+        assert all(server.view.timers_of(conn) == [] for conn in server.view.connections())
+        clock.advance(25)  # second quiet for 30 s, first for 25
+        assert second.frame() == (WS_PING, b"")
+        clock.advance(5)  # first quiet for 30 s
+        assert first.frame() == (WS_PING, b"")
+        first.send(WS_PONG, b"")
+        assert first.sync() == []
+        clock.advance(25)  # second's dead-peer time: 60 s quiet
+        assert second.pumped.read_to_eof() == b""
+        assert server.member_count == 1
+        assert server.stats.disconnections["timed_out"] == 1
+    finally:
+        server.close()
+
+
 def test_a_websocket_without_a_name_is_told_and_closed_with_1008() -> None:
     """Register timeout: from accept; the ERROR line as a text message, then 1008."""
     clock = FakeClock()

@@ -39,9 +39,9 @@ from door import Door, listening_socket
 from timers import Timer, Timers
 from tls import TLSConfigError, TLSTransport, error_detail, load_context
 
-# A connection's timers, by what they time (see Schedule.start_timer).
+# A connection's timer, by what it times (see Schedule.start_timer); the
+# keepalive is the port's own (WebPort._check_idle), one timer for all.
 REQUEST: Final = "request"  # the HTTP request's deadline (web.REQUEST_TIMEOUT)
-KEEPALIVE: Final = "keepalive"  # the idle WebSocket's ping, then its dead-peer close
 # Connections turned away by the door and still being answered, at most:
 # each one more closes the oldest, so that clients over the limits cannot
 # hold descriptors the limits are there to save.
@@ -145,12 +145,6 @@ class WebTransport:
         if isinstance(raw, TLSTransport):
             raw.notify = self.notify
 
-    def __call__(self) -> None:
-        """The keepalive timer's callback: the transport itself, rather than
-        a partial, to keep idle members small (an object less each)."""
-        if self.conn is not None:
-            self.port.idle(self.conn)
-
     def notify(self) -> None:
         """`upgraded`, `wants_write` or `holds_input` changed: the port
         tells the loop."""
@@ -215,7 +209,7 @@ class WebTransport:
             close = websocket.close_frame(websocket.POLICY_VIOLATION)
             return self._answer(answer.response + websocket.text_frame(line) + close)
         self.upgraded = True
-        self.heard_at = self.port.timers.turn_time
+        self.port.heard(self)
         self._queue(answer.response)
         self.notify()  # upgraded
         if rest:
@@ -230,7 +224,7 @@ class WebTransport:
 
     def _read_frames(self, data: bytes) -> bytes:
         reader = self.reader or websocket.FrameReader()
-        self.heard_at = self.port.timers.turn_time
+        self.port.heard(self)
         handled = reader.receive_handled(data)
         self.reader = None if reader.between_frames else reader
         replies, end = handled.replies, handled.end
@@ -311,6 +305,7 @@ class WebTransport:
         CLOSE_REASONS): a WebSocket is told with a close frame, if it has
         not been already and the stream is not inside a frame."""
         self.closing = True
+        self.port.forget_quiet(self)
         if self.upgraded and self.final is None and reason in CLOSE_CODES:
             self.final = websocket.close_frame(CLOSE_CODES[reason])
 
@@ -409,6 +404,12 @@ class WebPort:
         self._unwatch = unwatch
         # Turned away and being answered, oldest first, with their deadlines.
         self._turned_away: dict[WebTransport, Timer] = {}
+        # The WebSocket members by when they were last heard from, oldest
+        # first (insertion order): not pinged yet, and pinged. One timer for
+        # the port, not one per member: an idle member costs a dict slot.
+        self._quiet: dict[WebTransport, None] = {}
+        self._pinged: dict[WebTransport, None] = {}
+        self._idle_check: Timer | None = None
 
     def open(
         self,
@@ -472,8 +473,6 @@ class WebPort:
         schedule = self._schedule
         if transport.upgraded and schedule.cancel_timer(conn, REQUEST):
             log.debug("%r: WebSocket open", conn)
-            if self.keepalive:
-                schedule.start_timer(conn, KEEPALIVE, self.keepalive, transport)
             if conn.out:  # queued before the upgrade
                 schedule.flush_later(conn)
         if transport.holds_input:
@@ -490,24 +489,58 @@ class WebPort:
             timeout = self.config.request_timeout
             self._close(conn, "timed_out", f"HTTP request not finished within {timeout:g} s")
 
-    def idle(self, conn: Connection) -> None:
-        """Timer: the WebSocket has been quiet since `heard_at`. Quiet for
-        --keepalive seconds, it is pinged; quiet for twice that (the
-        dead-peer time), it is closed as timed out."""
+    def heard(self, transport: WebTransport) -> None:
+        """`transport`'s client sent something (or was just upgraded): quiet
+        from now, to the back of the line."""
+        transport.heard_at = self.timers.turn_time
+        self._pinged.pop(transport, None)
+        self._quiet.pop(transport, None)
+        self._quiet[transport] = None
+        if self._idle_check is None and self.keepalive:
+            self._check_idle_in(self.keepalive)
+
+    def forget_quiet(self, transport: WebTransport) -> None:
+        """`transport` is closing: out of the line."""
+        self._quiet.pop(transport, None)
+        self._pinged.pop(transport, None)
+
+    def _check_idle_in(self, delay: float) -> None:
+        self._idle_check = self.timers.call_at(self.timers.turn_time + delay, self._check_idle)
+
+    def _check_idle(self) -> None:
+        """Timer: the members quiet for --keepalive seconds are pinged; those
+        quiet for twice that (the dead-peer time) are closed as timed out.
+        Both lines are in the order of `heard_at`: only their fronts are
+        looked at."""
+        self._idle_check = None
         keepalive = self.keepalive
-        if conn.closed or not keepalive:
+        if not keepalive:
             return
-        transport = transport_of(conn)
-        idle = self.timers.turn_time - transport.heard_at
-        if idle >= 2 * keepalive:
-            self._close(conn, "timed_out", "no answer to a WebSocket ping")
-            return
-        if idle >= keepalive:
+        now = self.timers.turn_time
+        next_check = 0.0
+        while self._pinged:
+            transport = next(iter(self._pinged))
+            idle = now - transport.heard_at
+            if idle < 2 * keepalive:
+                next_check = 2 * keepalive - idle
+                break
+            del self._pinged[transport]
+            if transport.conn is not None and not transport.conn.closed:
+                self._close(transport.conn, "timed_out", "no answer to a WebSocket ping")
+        while self._quiet:
+            transport = next(iter(self._quiet))
+            idle = now - transport.heard_at
+            if idle < keepalive:
+                wait = keepalive - idle
+                next_check = wait if not next_check else min(next_check, wait)
+                break
+            del self._quiet[transport]
+            self._pinged[transport] = None
             transport.ping()
-            wait = 2 * keepalive - idle
-        else:
-            wait = keepalive - idle
-        self._schedule.start_timer(conn, KEEPALIVE, wait, transport)
+            if not next_check:
+                next_check = 2 * keepalive - idle
+        if next_check:
+            self._check_idle_in(next_check)
 
     # --- turned away by the door ----------------------------------------------
 
