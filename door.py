@@ -176,6 +176,27 @@ def listening_socket(
     return listener
 
 
+def listener_address(listener: socket.socket | None) -> tuple[str, int] | None:
+    """Where `listener` listens (its real port, for port 0), if it exists."""
+    if listener is None:
+        return None
+    host, port = listener.getsockname()[:2]
+    return host, port
+
+
+def reloaded_context(cert: str, key: str, what: str) -> ssl.SSLContext | None:
+    """The certificate and key read again (SIGHUP), for new connections;
+    None, logged, if they cannot be: the old ones stay in use. `what` names
+    the port's certificate in the log."""
+    try:
+        context = load_context(cert, key)
+    except TLSConfigError as error:
+        log.error("cannot reload the %s: %s; keeping the old one", what, error)
+        return None
+    log.info("reloaded the %s %s and key %s", what, cert, key)
+    return context
+
+
 # What a socket let in becomes: its socket (or the socket with the bytes
 # that came after a PROXY header, AfterHeader), its peer's address for
 # the logs, and the key --max-per-address counts it under.
@@ -598,22 +619,14 @@ class TLSPort:
 
     @property
     def address(self) -> tuple[str, int] | None:
-        if self.listener is None:
-            return None
-        host, port = self.listener.getsockname()[:2]
-        return host, port
+        return listener_address(self.listener)
 
     def reload(self) -> None:
         """Load the certificate and key again, for new connections; on an
         error, log it and keep the old ones."""
-        config = self.config
-        try:
-            context = load_context(config.cert, config.key)
-        except TLSConfigError as error:
-            log.error("cannot reload the TLS certificate: %s; keeping the old one", error)
-            return
-        self._context = context  # connections already open keep theirs
-        log.info("reloaded the TLS certificate %s and key %s", config.cert, config.key)
+        context = reloaded_context(self.config.cert, self.config.key, "TLS certificate")
+        if context is not None:
+            self._context = context  # connections already open keep theirs
 
     def admit(self, sock: Transport, peer: str, key: str | None) -> Connection:
         """A socket let in on the TLS port: its connection, handshake to come."""

@@ -35,9 +35,9 @@ from typing import Final, cast
 import web
 import websocket
 from connection import READ_SIZE, Close, Connection, Kind, Schedule, Transport
-from door import Door, listening_socket
+from door import Door, listener_address, listening_socket, reloaded_context
 from timers import Timer, Timers
-from tls import TLSConfigError, TLSTransport, error_detail, load_context
+from tls import TLSTransport, error_detail
 
 # A connection's timer, by what it times (see Schedule.start_timer); the
 # keepalive is the port's own (WebPort._check_idle), one timer for all.
@@ -429,10 +429,7 @@ class WebPort:
 
     @property
     def address(self) -> tuple[str, int] | None:
-        if self.listener is None:
-            return None
-        host, port = self.listener.getsockname()[:2]
-        return host, port
+        return listener_address(self.listener)
 
     def reload(self) -> None:
         """Load the certificate and key again (--web-tls), for new
@@ -440,13 +437,9 @@ class WebPort:
         config = self.config
         if config.cert is None or config.key is None:
             return
-        try:
-            context = load_context(config.cert, config.key)
-        except TLSConfigError as error:
-            log.error("cannot reload the web port's certificate: %s; keeping the old one", error)
-            return
-        self._context = context
-        log.info("reloaded the web port's certificate %s and key %s", config.cert, config.key)
+        context = reloaded_context(config.cert, config.key, "web port's certificate")
+        if context is not None:
+            self._context = context  # connections already open keep theirs
 
     def _transport(self, sock: Transport, refusal: bytes | None = None) -> WebTransport:
         raw: Transport = sock
