@@ -206,7 +206,7 @@ Admit = Callable[[Transport, str, str | None], Connection]
 # What a socket refused at the door becomes instead of being closed at
 # once: its socket and the ERROR line that says why (the web port answers
 # in HTTP's terms first).
-TurnAway = Callable[[socket.socket, bytes], None]
+TurnAway = Callable[[Transport, bytes], None]
 
 
 class Listener:
@@ -444,9 +444,7 @@ class Door:
                 )
                 self.open_count -= 1
                 line = protocol.TOO_MANY_FROM_ADDRESS if listener.plain else b""
-                # What came with a PROXY header is the client's first bytes,
-                # which a turn_away reading the socket would never see.
-                self._refuse(sock, line, "per_address", None if first else listener.turn_away)
+                self._refuse(sock, line, "per_address", listener.turn_away, first)
                 return
             self._per_address[key] = count + 1
         self._stats.accepted += 1
@@ -542,12 +540,20 @@ class Door:
             self._selector.unregister(arriving.sock)
 
     def _refuse(
-        self, sock: socket.socket, line: bytes, reason: str, turn_away: TurnAway | None
+        self,
+        sock: socket.socket,
+        line: bytes,
+        reason: str,
+        turn_away: TurnAway | None,
+        first: bytes = b"",
     ) -> None:
+        """Refuse `sock` for `reason`, telling it `line` (or letting its
+        listener's `turn_away` tell it); `first` are bytes of its input read
+        already (after a PROXY header: an HTTP request, on the web port)."""
         self._stats.refused[reason] += 1
         self._stats.disconnections[reason] += 1
         if turn_away is not None:
-            turn_away(sock, line)
+            turn_away(AfterHeader(sock, first) if first else sock, line)
             return
         try:
             if line:

@@ -51,6 +51,7 @@ from conftest import (
 )
 from haproxy_testing import connect_from, running_haproxy
 from tls import TLSConfig
+from webport import WebConfig
 
 BALANCER = "127.0.0.9"
 TRUSTED = [ipaddress.ip_network(f"{BALANCER}/32")]
@@ -513,3 +514,21 @@ def test_behind_haproxy_the_server_sees_each_real_client(
     ]
     for pattern in expected:
         assert re.search(pattern, log), (pattern, textwrap.shorten(log, 3000))
+
+
+def test_a_web_page_request_over_the_limit_behind_a_balancer_is_answered_503(
+    make: Make,
+) -> None:
+    """The web port behind a balancer: a client over --max-per-address whose
+    page request came in the same read as its PROXY header gets the web
+    port's 503, as a direct one would, not a silent close."""
+    server = make(max_per_address=1, web=WebConfig(0))
+    alice = from_balancer(server)
+    alice.send(v1("127.0.0.2", 5002) + username("alice"))
+    assert alice.sync() == []
+    web_port = server.web_address
+    assert web_port is not None
+    page = Pumped(server, make=bound_to(BALANCER), address=("127.0.0.1", web_port[1]))
+    page.send(v1("127.0.0.2", 5003) + b"GET / HTTP/1.1\r\nHost: chat\r\n\r\n")
+    assert page.read_to_eof().startswith(b"HTTP/1.1 503 ")
+    assert server.stats.refused["per_address"] == 1

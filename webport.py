@@ -537,9 +537,11 @@ class WebPort:
 
     # --- turned away by the door ----------------------------------------------
 
-    def turn_away(self, sock: socket.socket, line: bytes) -> None:
+    def turn_away(self, sock: Transport, line: bytes) -> None:
         """The door refused `sock` for `line`: answer its request in HTTP's
-        terms (see web.respond's `full`), then close it; never a member."""
+        terms (see web.respond's `full`), then close it; never a member. Its
+        request is read at once if it is there already (with a PROXY header,
+        it may be in `sock` itself, where select cannot see it)."""
         if len(self._turned_away) >= MAX_TURNED_AWAY:
             self._drop(next(iter(self._turned_away)))
         transport = self._transport(sock, refusal=line)
@@ -548,7 +550,7 @@ class WebPort:
             timers.clock() + self.config.request_timeout, partial(self._drop, transport)
         )
         self._turned_away[transport] = deadline
-        self._watch(transport.raw_socket(), EVENT_READ, partial(self._turned_away_ready, transport))
+        self._turned_away_ready(transport, EVENT_READ)
 
     def _turned_away_ready(self, transport: WebTransport, events: int) -> None:
         try:
