@@ -179,27 +179,12 @@ class FrameReader:
         return self._opcode < 0 and not self._head and self._message_opcode < 0 and not self._done
 
     def receive(self, data: bytes) -> list[Event]:
-        """The events that `data`, the next bytes from the client, complete."""
+        """The events that `data`, the next bytes from the client, complete
+        (the server's hot path, the common case of a read, is
+        `receive_handled`)."""
         events: list[Event] = []
         index, end = 0, len(data)
         while index < end and not self._done:
-            if self._opcode < 0 and not self._head and self._message_opcode < 0:
-                # The common case, a whole short unfragmented message in
-                # `data`, read in one step; anything else takes the long way.
-                first = data[index]
-                length = data[index + 1] - _MASKED if index + 1 < end else -1
-                stop = index + 6 + length
-                if first in _SHORT_MESSAGE_STARTS and 0 <= length < _LENGTH_16 and stop <= end:
-                    payload = _unmask(data[index + 6 : stop], data[index + 2 : index + 6], 0)
-                    index = stop
-                    if first == _FIN_TEXT:
-                        try:
-                            payload.decode()
-                        except UnicodeDecodeError:
-                            self._fail(Failure(INVALID_DATA, "text message not UTF-8"), events)
-                            continue
-                    events.append(Message(payload, first == _FIN_TEXT))
-                    continue
             if self._opcode < 0:
                 index = self._read_head(data, index, events)
                 if self._opcode < 0 or self._done:
