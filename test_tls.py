@@ -377,6 +377,21 @@ def test_tls_and_plain_users_share_one_room(
     assert other.sync() == [receive("plain", "from plain")]
 
 
+def seed_session_two_over(teixe: Netcat, running: RunningServer) -> Client:
+    """README session two with `teixe` a real TLS client and jeff a plain
+    one, both ways; jeff, to go on with."""
+    teixe.type(b"USERNAME teixe\n")
+    assert teixe.sync() == []
+    jeff = running.member("jeff")
+    teixe.type(b"SEND hi\n")
+    assert teixe.sync() == []
+    assert jeff.sync() == [b"RECEIVE teixe hi"]
+    jeff.send(b"SEND bye\n")
+    assert jeff.sync() == []
+    assert teixe.sync() == [b"RECEIVE jeff bye"]
+    return jeff
+
+
 def test_openssl_s_client_session(tls_server: RunningServer, tls_files: TLSFiles) -> None:
     """TLS: a real `openssl s_client -quiet` session (certificate verified), with a plain user."""
     port = tls_port(tls_server)
@@ -384,15 +399,7 @@ def test_openssl_s_client_session(tls_server: RunningServer, tls_files: TLSFiles
     command += ["-CAfile", str(tls_files.cert), "-verify_return_error"]
     teixe = Netcat(port, command)
     try:
-        teixe.type(b"USERNAME teixe\n")
-        assert teixe.sync() == []
-        jeff = tls_server.member("jeff")
-        teixe.type(b"SEND hi\n")
-        assert teixe.sync() == []
-        assert jeff.sync() == [b"RECEIVE teixe hi"]
-        jeff.send(b"SEND bye\n")
-        assert jeff.sync() == []
-        assert teixe.sync() == [b"RECEIVE jeff bye"]
+        seed_session_two_over(teixe, tls_server)
     finally:
         teixe.kill()
 
@@ -402,15 +409,7 @@ def test_ncat_ssl_session(tls_server: RunningServer) -> None:
     port = tls_port(tls_server)
     teixe = Netcat(port, ["ncat", "--ssl", "127.0.0.1", str(port)])
     try:
-        teixe.type(b"USERNAME teixe\n")
-        assert teixe.sync() == []
-        jeff = tls_server.member("jeff")
-        teixe.type(b"SEND hi\n")
-        assert teixe.sync() == []
-        assert jeff.sync() == [b"RECEIVE teixe hi"]
-        jeff.send(b"SEND bye\n")
-        assert jeff.sync() == []
-        assert teixe.sync() == [b"RECEIVE jeff bye"]
+        jeff = seed_session_two_over(teixe, tls_server)
         sync = SYNC_REPLY + b"\n"
         assert teixe.finish() == 2 * sync + b"RECEIVE jeff bye\n" + sync
         take_name_within(jeff, "teixe", TIMEOUT)  # its end of input freed the name
