@@ -692,10 +692,10 @@ def _hides_info(args: tuple[str, ...]) -> bool:
     return bool(levels) and levels[-1].upper() in ("WARNING", "ERROR")
 
 
-def _listening_port(pid: int) -> int | None:
-    """The port of a listening TCP socket that process `pid` holds, from
-    /proc: its descriptors name socket inodes, /proc/net/tcp{,6} their ports
-    (state 0A is LISTEN)."""
+def listening_ports(pid: int) -> list[int]:
+    """The ports of the listening TCP sockets process `pid` holds, from
+    /proc: its descriptors name socket inodes, /proc/<pid>/net/tcp{,6} their
+    ports (state 0A is LISTEN)."""
     inodes = set()
     with contextlib.suppress(OSError):
         for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -703,13 +703,20 @@ def _listening_port(pid: int) -> int | None:
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
                 if target.startswith("socket:["):
                     inodes.add(target[len("socket:[") : -1])
+    ports = []
     for table in ("tcp", "tcp6"):
         with contextlib.suppress(OSError):
             for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
                 fields = row.split()
                 if fields[3] == "0A" and fields[9] in inodes:
-                    return int(fields[1].rpartition(":")[2], 16)
-    return None
+                    ports.append(int(fields[1].rpartition(":")[2], 16))
+    return ports
+
+
+def _listening_port(pid: int) -> int | None:
+    """The port of a listening TCP socket that process `pid` holds."""
+    ports = listening_ports(pid)
+    return ports[0] if ports else None
 
 
 @contextlib.contextmanager

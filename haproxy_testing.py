@@ -23,7 +23,7 @@ from typing import Final
 
 import pytest
 
-from conftest import TIMEOUT, free_port, poll
+from conftest import TIMEOUT, free_port, listening_ports, poll
 
 # Debian installs it in /usr/sbin, which a user's PATH may lack.
 HAPROXY: Final = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin")
@@ -79,27 +79,6 @@ frontend chat
 backend chat
     server chat {target} {server_options}{source_line}
 """
-
-
-def listening_ports(pid: int) -> set[int]:
-    """The TCP ports process `pid` listens on, from /proc: its descriptors
-    name socket inodes, /proc/<pid>/net/tcp{,6} their ports (state 0A is
-    LISTEN)."""
-    inodes = set()
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.add(target[len("socket:[") : -1])
-    ports = set()
-    for table in ("tcp", "tcp6"):
-        with contextlib.suppress(OSError):
-            for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-                fields = row.split()
-                if fields[3] == "0A" and fields[9] in inodes:
-                    ports.add(int(fields[1].rpartition(":")[2], 16))
-    return ports
 
 
 @dataclass
