@@ -204,13 +204,43 @@ class FrameReader:
         return events
 
     def receive_handled(self, data: bytes) -> Handled:
-        """`handle(self.receive(data))`, the server's hot path: a run of whole
-        short data messages at the front of `data` (a busy client's read is
-        little else) is unmasked with one XOR and goes straight to lines,
-        with no event made; the rest takes `receive`."""
+        """`handle(self.receive(data))`, the server's hot path: runs of whole
+        short data messages (a busy client's read is little else) are
+        unmasked with one XOR each and go straight to lines, with no event
+        made; a frame cut by the read's edge, or of any other kind, is read
+        by `receive`, its own bytes only."""
         index, end = 0, len(data)
-        if self._done or self._opcode >= 0 or self._head or self._message_opcode >= 0:
-            return handle(self.receive(data))
+        data_parts: list[bytes] = []
+        replies: list[bytes] = []
+        while index < end and not self._done:
+            if self.between_frames:
+                stop, lines, failure = self._short_run(data, index)
+                if stop > index:
+                    data_parts += lines
+                    index = stop
+                    if failure is not None:
+                        replies.append(close_frame(failure.code, failure.reason))
+                        return Handled(b"".join(data_parts), b"".join(replies), failure)
+                    continue
+                need = 2  # another kind of frame: its first two bytes, the long way
+            elif self._opcode >= 0:
+                need = self._length - self._offset  # the rest of the frame under way
+            else:
+                need = (self._head_size or 2) - len(self._head)  # the rest of a header
+            handled = handle(self.receive(data[index : index + need]))
+            index += need
+            data_parts.append(handled.data)
+            replies.append(handled.replies)
+            if handled.end is not None:
+                return Handled(b"".join(data_parts), b"".join(replies), handled.end)
+        return Handled(b"".join(data_parts), b"".join(replies), None)
+
+    def _short_run(self, data: bytes, index: int) -> tuple[int, list[bytes], Failure | None]:
+        """The whole short data messages from `index` on, unmasked with one
+        XOR: where they end, their payloads each with its "\\n", and the
+        failure that ends the reading if one is text but not UTF-8 (then
+        only the payloads before it, and the reader is done)."""
+        start, end = index, len(data)
         keys: list[bytes] = []
         spans: list[tuple[int, int, bool]] = []  # payload start, stop, text
         while index + 1 < end:
@@ -220,30 +250,26 @@ class FrameReader:
             if first not in _SHORT_MESSAGE_STARTS or not 0 <= length < _LENGTH_16 or stop > end:
                 break
             keys += (_HEADER_KEY, (data[index + 2 : index + 6] * ((length >> 2) + 1))[:length])
-            spans.append((index + 6, stop, first == _FIN_TEXT))
+            spans.append((index + 6 - start, stop - start, first == _FIN_TEXT))
             index = stop
         if not spans:
-            return handle(self.receive(data))
+            return start, [], None
+        size = index - start
         plain = (
-            int.from_bytes(data[:index], "little") ^ int.from_bytes(b"".join(keys), "little")
-        ).to_bytes(index, "little")
+            int.from_bytes(data[start:index], "little") ^ int.from_bytes(b"".join(keys), "little")
+        ).to_bytes(size, "little")
         lines: list[bytes] = []
-        for start, stop, text in spans:
-            payload = plain[start:stop]
+        for first_byte, stop, text in spans:
+            payload = plain[first_byte:stop]
             if text and not payload.isascii():
                 try:
                     payload.decode()
                 except UnicodeDecodeError:
                     failure = Failure(INVALID_DATA, "text message not UTF-8")
                     self._fail(failure, [])
-                    good = b"\n".join([*lines, b""]) if lines else b""
-                    return Handled(good, close_frame(failure.code, failure.reason), failure)
-            lines.append(payload)
-        lines.append(b"")  # each message's payload and a "\n"
-        if index == end:
-            return Handled(b"\n".join(lines), b"", None)
-        rest = handle(self.receive(data[index:]))
-        return Handled(b"\n".join(lines) + rest.data, rest.replies, rest.end)
+                    return index, lines, failure
+            lines += (payload, b"\n")
+        return index, lines, None
 
     def _read_head(self, data: bytes, index: int, events: list[Event]) -> int:
         """Take header bytes from `data` at `index`; check the first two as
