@@ -237,39 +237,51 @@ class FrameReader:
 
     def _short_run(self, data: bytes, index: int) -> tuple[int, list[bytes], Failure | None]:
         """The whole short data messages from `index` on, unmasked with one
-        XOR: where they end, their payloads each with its "\\n", and the
+        XOR: where they end, their payloads each with its "\\n" (as one
+        piece), and the
         failure that ends the reading if one is text but not UTF-8 (then
         only the payloads before it, and the reader is done)."""
         start, end = index, len(data)
         keys: list[bytes] = []
-        spans: list[tuple[int, int, bool]] = []  # payload start, stop, text
+        starts: list[int] = []  # each payload's first and last byte + 1, in the run
+        stops: list[int] = []
+        texts: list[bool] = []
+        add_key, add_start, add_stop, add_text = (
+            keys.append,
+            starts.append,
+            stops.append,
+            texts.append,
+        )
         while index + 1 < end:
             first = data[index]
             length = data[index + 1] - _MASKED
             stop = index + 6 + length
             if first not in _SHORT_MESSAGE_STARTS or not 0 <= length < _LENGTH_16 or stop > end:
                 break
-            keys += (_HEADER_KEY, (data[index + 2 : index + 6] * ((length >> 2) + 1))[:length])
-            spans.append((index + 6 - start, stop - start, first == _FIN_TEXT))
+            add_key(_HEADER_KEY)
+            add_key((data[index + 2 : index + 6] * 32)[:length])  # 128 bytes cover 125
+            add_start(index + 6 - start)
+            add_stop(stop - start)
+            add_text(first == _FIN_TEXT)
             index = stop
-        if not spans:
+        if not starts:
             return start, [], None
         size = index - start
         plain = (
             int.from_bytes(data[start:index], "little") ^ int.from_bytes(b"".join(keys), "little")
         ).to_bytes(size, "little")
-        lines: list[bytes] = []
-        for first_byte, stop, text in spans:
-            payload = plain[first_byte:stop]
-            if text and not payload.isascii():
-                try:
-                    payload.decode()
-                except UnicodeDecodeError:
-                    failure = Failure(INVALID_DATA, "text message not UTF-8")
-                    self._fail(failure, [])
-                    return index, lines, failure
-            lines += (payload, b"\n")
-        return index, lines, None
+        payloads = [plain[first:stop] for first, stop in zip(starts, stops, strict=True)]
+        if any(texts) and not b"".join(payloads).isascii():
+            for number, (payload, text) in enumerate(zip(payloads, texts, strict=True)):
+                if text and not payload.isascii():
+                    try:
+                        payload.decode()
+                    except UnicodeDecodeError:
+                        self._fail(Failure(INVALID_DATA, "text message not UTF-8"), [])
+                        good = b"".join(line + b"\n" for line in payloads[:number])
+                        return index, [good], Failure(INVALID_DATA, "text message not UTF-8")
+        payloads.append(b"")  # each payload with its "\n"
+        return index, [b"\n".join(payloads)], None
 
     def _read_head(self, data: bytes, index: int, events: list[Event]) -> int:
         """Take header bytes from `data` at `index`; check the first two as
