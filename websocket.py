@@ -238,9 +238,8 @@ class FrameReader:
     def _short_run(self, data: bytes, index: int) -> tuple[int, list[bytes], Failure | None]:
         """The whole short data messages from `index` on, unmasked with one
         XOR: where they end, their payloads each with its "\\n" (as one
-        piece), and the
-        failure that ends the reading if one is text but not UTF-8 (then
-        only the payloads before it, and the reader is done)."""
+        piece), and the failure that ends the reading if one is text but not
+        UTF-8 (then only the payloads before it, and the reader is done)."""
         start, end = index, len(data)
         keys: list[bytes] = []
         starts: list[int] = []  # each payload's first and last byte + 1, in the run
