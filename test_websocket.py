@@ -216,6 +216,69 @@ def test_receive_handled_stops_at_text_that_is_not_utf8() -> None:
     assert handled.end == Failure(websocket.INVALID_DATA, "text message not UTF-8")
 
 
+@pytest.mark.parametrize(
+    "payloads",
+    [
+        [b"ends in zero\x00", b"next"],
+        [b"\x00" * 6, b"", b"\x00" * 13],
+        [b"", b"\x00", b"\x00\x00"],
+        [b"caf\xc3\xa9", b"\x00\x00\x00\x00\x00\x00x"],
+    ],
+)
+def test_receive_handled_keeps_zero_bytes(payloads: list[bytes]) -> None:
+    """receive_handled, with a mask of zero bytes: payloads of zero bytes,
+    at either end or six in a row, come out whole, each a line."""
+    stream = b"".join(frame(BINARY, payload, mask=bytes(4)) for payload in payloads)
+    handled = FrameReader().receive_handled(stream)
+    assert handled == websocket.handle(FrameReader().receive(stream))
+    assert handled.data == b"".join(payload + b"\n" for payload in payloads)
+
+
+@pytest.mark.parametrize(
+    "long_frame",
+    [
+        frame(TEXT, b"x" * 125),
+        frame(TEXT, b"y" * 126),
+        frame(TEXT, b"z" * 127),
+        frame(TEXT, b"w" * 300),
+        frame(TEXT, b"short, in 16 bits", length_bytes=2),
+        frame(TEXT, b"short, in 64 bits", length_bytes=8),
+    ],
+)
+def test_receive_handled_reads_longer_frames_between_short_ones(long_frame: bytes) -> None:
+    """receive_handled: a frame of 125 bytes is the longest its fast path
+    takes; one with a 16- or 64-bit length, between short ones, is read
+    whole the long way, and the short ones after it the fast way again."""
+    stream = frame(TEXT, b"before") + long_frame + frame(TEXT, b"after")
+    handled = FrameReader().receive_handled(stream)
+    assert handled == websocket.handle(FrameReader().receive(stream))
+    assert handled.data.startswith(b"before\n")
+    assert handled.data.endswith(b"\nafter\n")
+    assert handled.data.count(b"\n") == 3
+
+
+@pytest.mark.parametrize(
+    "bad_frame",
+    [
+        frame(TEXT, b"unmasked", masked=False),
+        frame(TEXT, b"u" * 126, masked=False),
+        frame(TEXT, b"v" * 70_000, masked=False),
+        frame(TEXT, b"reserved bit", rsv=4),
+        frame(0x3, b"unknown opcode"),
+    ],
+)
+def test_receive_handled_fails_on_a_bad_frame_after_short_ones(bad_frame: bytes) -> None:
+    """receive_handled: a frame its fast path must not take (unmasked, in
+    any length encoding; a reserved bit; an unknown opcode) ends the
+    reading as receive does, after the lines before it."""
+    stream = frame(TEXT, b"before") + bad_frame + frame(TEXT, b"never")
+    handled = FrameReader().receive_handled(stream)
+    assert handled == websocket.handle(FrameReader().receive(stream))
+    assert handled.data == b"before\n"
+    assert isinstance(handled.end, Failure)
+    assert handled.end.code == websocket.PROTOCOL_ERROR
+
+
 def test_between_frames_is_false_inside_a_frame_and_a_message() -> None:
     """between_frames: false with half a header, half a payload, or a message's
     first fragment read; true again once the message is whole."""

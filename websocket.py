@@ -49,12 +49,13 @@ _KNOWN_OPCODES: Final = frozenset({CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG
 _FIN: Final = 0x80
 _FIN_TEXT: Final = _FIN | TEXT
 _SHORT_MESSAGE_STARTS: Final = frozenset({_FIN_TEXT, _FIN | BINARY})
-# What a short frame's header and masking key are XORed with: themselves.
-_HEADER_KEY: Final = bytes(6)
 _RESERVED: Final = 0x70  # RSV1-3: no extension is ever negotiated
 _MASKED: Final = 0x80
 _LENGTH_16: Final = 126  # the 7-bit length that says "16-bit length follows"
 _LENGTH_64: Final = 127  # ... "64-bit length follows"
+# A short masked frame's size is its second byte less this: the mask bit
+# off, the 2 bytes of header and 4 of key on.
+_SHORT_SIZE_OFFSET: Final = _MASKED - 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,46 +242,47 @@ class FrameReader:
         piece), and the failure that ends the reading if one is text but not
         UTF-8 (then only the payloads before it, and the reader is done)."""
         start, end = index, len(data)
-        keys: list[bytes] = []
-        starts: list[int] = []  # each payload's first and last byte + 1, in the run
-        stops: list[int] = []
-        texts: list[bool] = []
-        add_key, add_start, add_stop, add_text = (
-            keys.append,
-            starts.append,
-            stops.append,
-            texts.append,
-        )
-        while index + 1 < end:
-            first = data[index]
-            length = data[index + 1] - _MASKED
-            stop = index + 6 + length
-            if first not in _SHORT_MESSAGE_STARTS or not 0 <= length < _LENGTH_16 or stop > end:
+        heads: list[int] = []  # where each frame starts
+        add_head = heads.append
+        starts = _SHORT_MESSAGE_STARTS
+        last = end - 1
+        while index < last:
+            size = data[index + 1] - _SHORT_SIZE_OFFSET  # the frame's, if masked and short
+            if not 6 <= size < 132 or data[index] not in starts:  # 132: 6 + 126
                 break
-            add_key(_HEADER_KEY)
-            add_key((data[index + 2 : index + 6] * 32)[:length])  # 128 bytes cover 125
-            add_start(index + 6 - start)
-            add_stop(stop - start)
-            add_text(first == _FIN_TEXT)
-            index = stop
-        if not starts:
+            add_head(index)
+            index += size
+        if index > end:  # the last one is cut by the read's edge
+            index = heads.pop()
+        if not heads:
             return start, [], None
-        size = index - start
+        stops = [*heads[1:], index]
+        # One key for the run: each frame's mask, repeated from two bytes
+        # before the frame so that it falls on the payload as sent (the
+        # header is garbled, and left out).
+        key = b"".join(
+            [
+                (data[head + 2 : head + 6] * 34)[2 : stop - head + 2]
+                for head, stop in zip(heads, stops, strict=True)
+            ]
+        )
         plain = (
-            int.from_bytes(data[start:index], "little") ^ int.from_bytes(b"".join(keys), "little")
-        ).to_bytes(size, "little")
-        payloads = [plain[first:stop] for first, stop in zip(starts, stops, strict=True)]
-        if any(texts) and not b"".join(payloads).isascii():
-            for number, (payload, text) in enumerate(zip(payloads, texts, strict=True)):
-                if text and not payload.isascii():
-                    try:
-                        payload.decode()
-                    except UnicodeDecodeError:
-                        self._fail(Failure(INVALID_DATA, "text message not UTF-8"), [])
-                        good = b"".join(line + b"\n" for line in payloads[:number])
-                        return index, [good], Failure(INVALID_DATA, "text message not UTF-8")
+            int.from_bytes(data[:index], "little") ^ (int.from_bytes(key, "little") << 8 * start)
+        ).to_bytes(index, "little")
+        payloads = [plain[head + 6 : stop] for head, stop in zip(heads, stops, strict=True)]
         payloads.append(b"")  # each payload with its "\n"
-        return index, [b"\n".join(payloads)], None
+        lines = b"\n".join(payloads)
+        if lines.isascii():
+            return index, [lines], None
+        for number, head in enumerate(heads):  # rarer: check the text that is not ASCII
+            if data[head] == _FIN_TEXT and not payloads[number].isascii():
+                try:
+                    payloads[number].decode()
+                except UnicodeDecodeError:
+                    failure = Failure(INVALID_DATA, "text message not UTF-8")
+                    self._fail(failure, [])
+                    return index, [b"".join(line + b"\n" for line in payloads[:number])], failure
+        return index, [lines], None
 
     def _read_head(self, data: bytes, index: int, events: list[Event]) -> int:
         """Take header bytes from `data` at `index`; check the first two as
