@@ -294,7 +294,10 @@ class Writer:
         """Hand the turn's batch to every member, in one send each where the
         member has nothing queued already."""
         lines = batch.lines
-        turn_bytes = [wire.frame_lines(lines) for wire in self._wires]
+        wires = self._wires
+        # Each wire format's bytes for the turn, made when its first member
+        # needs them: a web port nobody uses costs the turn nothing.
+        turn_bytes: list[bytes | None] = [None] * len(wires)
         needs_own_copy = batch.needs_own_copy()
         # Per wire format, made when a member of it first needs its own copy:
         # the turn's bytes as a view, and where each line starts in them.
@@ -311,10 +314,12 @@ class Writer:
         sent_total = 0
         for conn in members:
             data = turn_bytes[conn.wire]
+            if data is None:
+                data = turn_bytes[conn.wire] = wires[conn.wire].frame_lines(lines)
             if conn in needs_own_copy:
                 wire = conn.wire
                 if wire not in cut_from:
-                    cut_from[wire] = (memoryview(data), self._wires[wire].frame_offsets(lines))
+                    cut_from[wire] = (memoryview(data), wires[wire].frame_offsets(lines))
                 data = batch.copy_for(conn, *cut_from[wire], conn.kind.frame)
                 if not data:
                     continue

@@ -167,6 +167,24 @@ def test_a_second_wire_format_is_made_once_per_turn() -> None:
         assert bytes(transport.received) == b"<" + line("a") + b">"
 
 
+def test_a_wire_format_without_members_is_not_made() -> None:
+    """Writer: while no member is on a wire format (a web port nobody
+    uses), the turn's lines are never framed for it."""
+    parts = Parts()
+    framed: list[list[bytes]] = []
+
+    def frame_lines(lines: list[bytes]) -> bytes:
+        framed.append(list(lines))
+        return b"".join(lines)
+
+    parts.writer.add_wire(frame_lines, lambda lines: list(accumulate(map(len, lines), initial=0)))
+    _, transport = parts.member("ann")
+    parts.room.batch.add_foreign(line("a"))
+    parts.writer.flush(parts.room)
+    assert bytes(transport.received) == line("a")
+    assert framed == []
+
+
 # --- the outbox ------------------------------------------------------------
 
 
