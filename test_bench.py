@@ -389,6 +389,34 @@ def test_server_frames_read_every_length_encoding(size: int, text: bool) -> None
         assert frames.frames == 2
 
 
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [b"\xc4\x81 holds the mark\n", b"next\n"],  # "\u0101": its second byte is 0x81
+        [b"\x81\n", b"\n"],
+        [b"x" * 125 + b"\n", b"y" * 126 + b"\n", b"z\n"],
+    ],
+)
+def test_server_frames_read_a_mark_inside_a_payload_the_long_way(lines: list[bytes]) -> None:
+    """messages(): a FRAME_MARK byte inside a payload, or a frame too long
+    for a 7-bit length, does not fool the split by marks."""
+    stream = websocket.frame_lines(lines)
+    frames = bench.ServerFrames()
+    assert fed(frames, stream, []) == b"".join(lines)
+    assert frames.frames == len(lines)
+
+
+@pytest.mark.parametrize(
+    ("kind", "websocket_"), [("chat", False), ("chat", True), ("nats", False), ("redis", False)]
+)
+@pytest.mark.parametrize("size", [0, 1, 120, 121, 200])
+def test_publish_all_is_each_publish_joined(kind: str, websocket_: bool, size: int) -> None:
+    """publish_all(): a sender's burst, the same bytes as publish() one by one."""
+    target = bench.Target("127.0.0.1", [1], kind, websocket=websocket_)
+    payloads = [b"p" * size, b"1:2:3:" + b"q" * size, b""]
+    assert target.publish_all(payloads) == b"".join(map(target.publish, payloads))
+
+
 def test_server_frames_without_lines_give_the_stream_as_it_was() -> None:
     """NATS's stream, which its frames cut anywhere, comes back whole and unmarked."""
     server = Connection(ConnectionType.SERVER)
