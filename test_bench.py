@@ -407,7 +407,8 @@ def test_server_frames_read_a_mark_inside_a_payload_the_long_way(lines: list[byt
 
 
 @pytest.mark.parametrize(
-    ("kind", "websocket_"), [("chat", False), ("chat", True), ("nats", False), ("redis", False)]
+    ("kind", "websocket_"),
+    [("chat", False), ("chat", True), ("nats", False), ("nats", True), ("redis", False)],
 )
 @pytest.mark.parametrize("size", [0, 1, 120, 121, 200])
 def test_publish_all_is_each_publish_joined(kind: str, websocket_: bool, size: int) -> None:
