@@ -266,10 +266,14 @@ class FrameReader:
                 for head, stop in zip(heads, stops, strict=True)
             ]
         )
+        # The run's bytes only (a read may hold many runs, between pings).
         plain = (
-            int.from_bytes(data[:index], "little") ^ (int.from_bytes(key, "little") << 8 * start)
-        ).to_bytes(index, "little")
-        payloads = [plain[head + 6 : stop] for head, stop in zip(heads, stops, strict=True)]
+            int.from_bytes(data[start:index], "little") ^ int.from_bytes(key, "little")
+        ).to_bytes(index - start, "little")
+        first = 6 - start  # where each payload starts in `plain`, after its header
+        payloads = [
+            plain[head + first : stop - start] for head, stop in zip(heads, stops, strict=True)
+        ]
         payloads.append(b"")  # each payload with its "\n"
         lines = b"\n".join(payloads)
         if lines.isascii():
