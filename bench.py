@@ -449,9 +449,9 @@ class ServerFrames:
     reads cut anywhere: its whole messages (the chat protocol's lines), or
     its payloads end to end (NATS's stream, which frames cut anywhere).
     Pings are kept for the caller to answer; `frames` counts the data
-    frames. A Python loop per frame, so for the probe and the latency
-    receivers, not for every client; the usual frame, whole, short and
-    unfragmented, takes the shortest way through it."""
+    frames. For the probe and the latency receivers, not for every client:
+    a read of whole short text frames (the usual one) is split by their
+    header byte, anything else read by a Python loop per frame."""
 
     def __init__(self) -> None:
         self.head = b""  # a header cut by the end of a read
