@@ -426,6 +426,8 @@ def client_frame(opcode: int, payload: bytes) -> bytes:
     return head + ZERO_MASK + payload
 
 
+# The longest payload a 7-bit length says (RFC 6455, 5.2).
+MAX_SHORT_LENGTH = 125
 # The header of a masked text frame for each payload length under 126.
 MASKED_TEXT_HEADERS = tuple(
     bytes((0x80 | TEXT_OPCODE, 0x80 | size)) + ZERO_MASK for size in range(126)
@@ -467,11 +469,17 @@ class ServerFrames:
         """The messages that `chunk` completes."""
         if not (self.left or self.head or self.partial) and chunk[:1] == FRAME_MARK:
             # The usual read, whole short text frames whose payloads hold no
-            # FRAME_MARK: each piece between marks is one, its length byte
-            # first (a mark inside a payload makes a piece whose length byte
-            # is wrong, and the loop below reads the chunk).
+            # FRAME_MARK: each piece between marks is one, its 7-bit length
+            # byte first. Any other read (a mark inside a payload, a frame
+            # cut by the read's edge, a longer frame, a control frame) has a
+            # piece whose first byte is not a short length or not its own,
+            # and the loop below reads the chunk.
             pieces = chunk.split(FRAME_MARK)[1:]
-            if all(pieces) and [piece[0] + 1 for piece in pieces] == list(map(len, pieces)):
+            if (
+                all(pieces)
+                and [piece[0] + 1 for piece in pieces] == list(map(len, pieces))
+                and max(map(len, pieces)) <= MAX_SHORT_LENGTH + 1
+            ):
                 self.frames += len(pieces)
                 return [piece[1:] for piece in pieces]
         return self._read(chunk, whole=True)

@@ -406,11 +406,36 @@ def test_server_frames_read_a_mark_inside_a_payload_the_long_way(lines: list[byt
     assert frames.frames == len(lines)
 
 
+def test_server_frames_read_every_cut_of_longer_frames_among_short_ones() -> None:
+    """messages(): a turn with 16-bit-length frames among short ones, cut
+    once anywhere (inside a header, 124 bytes into a payload, where the
+    split by marks would look right), gives its lines and count; and a mark
+    and a byte in a 16-bit frame's payload that would make two short frames
+    of it do not."""
+    lines = [b"hi\n", b"a" * 200 + b"\n", b"z" * 129 + b"\n", b"next\n"]
+    stream = websocket.frame_lines(lines)
+    for cut in range(len(stream) + 1):
+        frames = bench.ServerFrames()
+        assert fed(frames, stream, [cut]) == b"".join(lines), cut
+        assert frames.frames == len(lines)
+    lookalike = [b"x" * 123 + "\u0101".encode() + b"\x04yyyy\n"]  # 0x81, then 4: "4 bytes"
+    frames = bench.ServerFrames()
+    assert fed(frames, websocket.frame_lines(lookalike), []) == lookalike[0]
+    assert frames.frames == 1
+    # 129 bytes (length 0x0081), whose payload after its header's first
+    # three bytes reads as two short frames: "d" (100) and 0x1a (26).
+    cut_header = [b"d" + b"x" * 99 + "\u0101".encode() + b"\x1a" + b"y" * 26 + b"\n", b"ok\n"]
+    frames = bench.ServerFrames()
+    assert fed(frames, websocket.frame_lines(cut_header), [3]) == b"".join(cut_header)
+    assert frames.frames == 2
+
+
 @pytest.mark.parametrize(
     ("kind", "websocket_"),
     [("chat", False), ("chat", True), ("nats", False), ("nats", True), ("redis", False)],
 )
-@pytest.mark.parametrize("size", [0, 1, 120, 121, 200])
+# The longest payload then 120 and 121 bytes: the last SEND of a short frame, the first of a longer.
+@pytest.mark.parametrize("size", [0, 1, 114, 115, 120, 121, 200])
 def test_publish_all_is_each_publish_joined(kind: str, websocket_: bool, size: int) -> None:
     """publish_all(): a sender's burst, the same bytes as publish() one by one."""
     target = bench.Target("127.0.0.1", [1], kind, websocket=websocket_)
