@@ -297,7 +297,7 @@ class Writer:
         wires = self._wires
         # Each wire format's bytes for the turn, made when its first member
         # needs them: a web port nobody uses costs the turn nothing.
-        turn_bytes: list[bytes | None] = [None] * len(wires)
+        framed: list[bytes | None] = [None] * len(wires)
         needs_own_copy = batch.needs_own_copy()
         # Per wire format, made when a member of it first needs its own copy:
         # the turn's bytes as a view, and where each line starts in them.
@@ -313,9 +313,9 @@ class Writer:
         outbox = self.outbox
         sent_total = 0
         for conn in members:
-            data = turn_bytes[conn.wire]
+            data = framed[conn.wire]
             if data is None:
-                data = turn_bytes[conn.wire] = wires[conn.wire].frame_lines(lines)
+                data = framed[conn.wire] = wires[conn.wire].frame_lines(lines)
             if conn in needs_own_copy:
                 wire = conn.wire
                 if wire not in cut_from:

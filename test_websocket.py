@@ -216,6 +216,43 @@ def test_receive_handled_stops_at_text_that_is_not_utf8() -> None:
     assert handled.end == Failure(websocket.INVALID_DATA, "text message not UTF-8")
 
 
+def test_receive_handled_agrees_however_a_stream_is_cut_once_or_twice() -> None:
+    """receive_handled against handle(receive()), the stream cut once
+    anywhere, and twice (the second cut every 7 bytes after the first):
+    short frames of each kind, the longest short one, a 16-bit one, a ping,
+    a fragmented message with a ping inside, and frames cut by the read's
+    edge."""
+    stream = b"".join(
+        [
+            frame(TEXT, b"a"),
+            frame(BINARY, b"b"),
+            frame(TEXT, b""),
+            frame(TEXT, b"x" * 125),
+            frame(TEXT, b"y" * 126),
+            frame(PING, b"p"),
+            frame(TEXT, b"frag", fin=False),
+            frame(PING, b""),
+            frame(CONTINUATION, b"ment"),
+            frame(TEXT, "caf\u00e9".encode()),
+            frame(TEXT, b"c"),
+        ]
+    )
+    expected = websocket.handle(FrameReader().receive(stream))
+    assert (
+        expected.data
+        == b"a\nb\n\n" + b"x" * 125 + b"\n" + b"y" * 126 + "\nfragment\ncaf\u00e9\nc\n".encode()
+    )
+    for first in range(len(stream) + 1):
+        for second in [first, *range(first, len(stream) + 1, 7)]:
+            fast, slow = FrameReader(), FrameReader()
+            for start, end in pairwise([0, first, second, len(stream)]):
+                chunk = stream[start:end]
+                assert fast.receive_handled(chunk) == websocket.handle(slow.receive(chunk)), (
+                    first,
+                    second,
+                )
+
+
 @pytest.mark.parametrize(
     "payloads",
     [

@@ -244,11 +244,11 @@ class FrameReader:
         start, end = index, len(data)
         heads: list[int] = []  # where each frame starts
         add_head = heads.append
-        starts = _SHORT_MESSAGE_STARTS
+        first_bytes = _SHORT_MESSAGE_STARTS
         last = end - 1
         while index < last:
             size = data[index + 1] - _SHORT_SIZE_OFFSET  # the frame's, if masked and short
-            if not 6 <= size < 132 or data[index] not in starts:  # 132: 6 + 126
+            if not 6 <= size < 132 or data[index] not in first_bytes:  # 132: 6 + 126
                 break
             add_head(index)
             index += size
@@ -259,7 +259,8 @@ class FrameReader:
         stops = [*heads[1:], index]
         # One key for the run: each frame's mask, repeated from two bytes
         # before the frame so that it falls on the payload as sent (the
-        # header is garbled, and left out).
+        # header is garbled, and left out). 34 masks, 136 bytes, cover the
+        # 2 skipped and a frame's 131.
         key = b"".join(
             [
                 (data[head + 2 : head + 6] * 34)[2 : stop - head + 2]
@@ -270,7 +271,7 @@ class FrameReader:
         plain = (
             int.from_bytes(data[start:index], "little") ^ int.from_bytes(key, "little")
         ).to_bytes(index - start, "little")
-        first = 6 - start  # where each payload starts in `plain`, after its header
+        first = 6 - start  # + a frame's head: where its payload starts in `plain`
         payloads = [
             plain[head + first : stop - start] for head, stop in zip(heads, stops, strict=True)
         ]
