@@ -45,7 +45,8 @@ from conftest import (
 
 
 def scrape(address: tuple[str, int], request: bytes = b"GET /metrics HTTP/1.1\r\n\r\n") -> bytes:
-    """One HTTP request to the metrics port; the whole answer."""
+    """One HTTP request on a new connection (a scrape of the metrics port
+    unless told); everything until the server closes."""
     with socket.create_connection(address, timeout=TIMEOUT) as sock:
         sock.sendall(request)
         answer = b""

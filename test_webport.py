@@ -152,16 +152,6 @@ class Browser:
         self.ws.close()
 
 
-def http(address: tuple[str, int], request: bytes) -> bytes:
-    """Send `request` on a new connection; everything until the server closes."""
-    with socket.create_connection(address, timeout=TIMEOUT) as sock:
-        sock.sendall(request)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-    return answer
-
-
 def expect_closed_with(client: WebSocketClient, code: int, lines: list[bytes]) -> None:
     """`client` receives `lines`, then a close frame with `code`, then the end."""
     assert client.read_to_eof() == b"".join(line + b"\n" for line in lines)
@@ -327,7 +317,7 @@ def test_over_max_clients_a_websocket_is_told_and_closed_with_1008() -> None:
         late = ws_client(running)
         expect_closed_with(late, POLICY_VIOLATION, [SERVER_FULL])
         assert running.client().read_to_eof() == SERVER_FULL + b"\n"
-        page = http(web_address(running), PAGE_REQUEST)
+        page = scrape(web_address(running), PAGE_REQUEST)
         assert page.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
         assert running.server.stats.refused["server_full"] == 3
         browser = Browser(url(running))  # a library sees the same
@@ -404,7 +394,7 @@ def test_turned_away_clients_are_bounded_the_oldest_goes() -> None:
 
 def test_the_page_is_served_at_the_root(webbed: RunningServer) -> None:
     """GET / is the page: 200, HTML, its CSP; and the connection is freed."""
-    answer = http(web_address(webbed), PAGE_REQUEST)
+    answer = scrape(web_address(webbed), PAGE_REQUEST)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"\r\nContent-Type: text/html; charset=utf-8" in head
@@ -427,7 +417,7 @@ def test_bad_requests_get_their_status(
     webbed: RunningServer, request_bytes: bytes, status: bytes
 ) -> None:
     """Garbage 400, a huge head 431, elsewhere 404, another version 426, a bad key 400."""
-    answer = http(web_address(webbed), request_bytes)
+    answer = scrape(web_address(webbed), request_bytes)
     assert answer.startswith(b"HTTP/1.1 " + status), answer[:100]
     if status.startswith(b"426"):
         assert b"\r\nSec-WebSocket-Version: 13\r\n" in answer
@@ -810,7 +800,7 @@ def test_wss_refuses_a_plain_client(tls_files: TLSFiles) -> None:
     config = WebConfig(0, cert=str(tls_files.cert), key=str(tls_files.key))
     running = start_server(web=config)
     try:
-        answer = http(web_address(running), PAGE_REQUEST)
+        answer = scrape(web_address(running), PAGE_REQUEST)
         assert not answer.startswith(b"HTTP/1.1 200")
         poll(
             "the failed handshake to be counted",
