@@ -479,6 +479,22 @@ def tls_port_of(server: chat.ChatServer) -> int:
     return address[1]
 
 
+def sender_and_reader(
+    server: chat.ChatServer, pool: ThreadPoolExecutor
+) -> tuple[TLSClient, TLSClient]:
+    """Two TLS clients of an in-process server, "sender" and "reader",
+    connected and named on `pool`'s threads while the test turns the loop."""
+    address = ("127.0.0.1", tls_port_of(server))
+    clients = [pool.submit(TLSClient, address) for _ in range(2)]
+    turns(server, lambda: all(client.done() for client in clients), what="the handshakes")
+    sender, reader = (client.result() for client in clients)
+    for client, name in ((sender, "sender"), (reader, "reader")):
+        done = pool.submit(client.register, name)
+        turns(server, done.done, what="a name")
+        done.result()
+    return sender, reader
+
+
 def test_register_timeout_includes_the_handshake(tls_files: TLSFiles) -> None:
     """Unregistered connections: on the TLS port the handshake is part of --register-timeout."""
     clock = FakeClock()
@@ -516,22 +532,14 @@ def test_tls_burst_beyond_one_read_is_processed_without_more_input(
     # before the fix).
     monkeypatch.setattr(chat, "READ_SIZE", read_size)
     messages = [b"%05d " % index + b"x" * 94 for index in range(3000)]
-    with in_process(tls=tls_config(tls_files)) as server:
-        address = ("127.0.0.1", tls_port_of(server))
-        with ThreadPoolExecutor(2) as pool:
-            clients = [pool.submit(TLSClient, address) for _ in range(2)]
-            turns(server, lambda: all(client.done() for client in clients), what="the handshakes")
-            sender, reader = (client.result() for client in clients)
-            for client, name in ((sender, "sender"), (reader, "reader")):
-                done = pool.submit(client.register, name)
-                turns(server, done.done, what="a name")
-                done.result()
-            pool.submit(sender.send, sends(messages)).result(TIMEOUT)
-            relayed = pool.submit(reader.lines, len(messages))
-            turns(server, relayed.done, what="every line relayed")
-            assert relayed.result() == receives("sender", messages)
-            sender.close()
-            reader.close()
+    with in_process(tls=tls_config(tls_files)) as server, ThreadPoolExecutor(2) as pool:
+        sender, reader = sender_and_reader(server, pool)
+        pool.submit(sender.send, sends(messages)).result(TIMEOUT)
+        relayed = pool.submit(reader.lines, len(messages))
+        turns(server, relayed.done, what="every line relayed")
+        assert relayed.result() == receives("sender", messages)
+        sender.close()
+        reader.close()
 
 
 def test_tls_input_left_behind_a_long_backlog_is_read_without_more_input(
@@ -542,22 +550,14 @@ def test_tls_input_left_behind_a_long_backlog_is_read_without_more_input(
     # connection is not read again until they are processed; by then the
     # rest of the burst is decrypted in the transport and the kernel is
     # empty, and no event will come: only the read-again list brings it back.
-    with in_process(tls=tls_config(tls_files)) as server:
-        address = ("127.0.0.1", tls_port_of(server))
-        with ThreadPoolExecutor(2) as pool:
-            clients = [pool.submit(TLSClient, address) for _ in range(2)]
-            turns(server, lambda: all(client.done() for client in clients), what="the handshakes")
-            sender, reader = (client.result() for client in clients)
-            for client, name in ((sender, "sender"), (reader, "reader")):
-                done = pool.submit(client.register, name)
-                turns(server, done.done, what="a name")
-                done.result()
-            pool.submit(sender.send, b"\n" * 300_000 + b"SEND done\n").result(TIMEOUT)
-            relayed = pool.submit(reader.lines, 1)
-            turns(server, relayed.done, what="the line after the blank ones")
-            assert relayed.result() == receives("sender", [b"done"])
-            sender.close()
-            reader.close()
+    with in_process(tls=tls_config(tls_files)) as server, ThreadPoolExecutor(2) as pool:
+        sender, reader = sender_and_reader(server, pool)
+        pool.submit(sender.send, b"\n" * 300_000 + b"SEND done\n").result(TIMEOUT)
+        relayed = pool.submit(reader.lines, 1)
+        turns(server, relayed.done, what="the line after the blank ones")
+        assert relayed.result() == receives("sender", [b"done"])
+        sender.close()
+        reader.close()
 
 
 def test_tls_end_of_input_with_the_last_lines_in_one_packet(tls_server: RunningServer) -> None:
