@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ from conftest import (
     RunningServer,
     client_context,
     poll,
+    receives,
+    sends,
     start_server,
     username,
 )
@@ -183,6 +186,26 @@ def take_name_within(client: Client, name: str, seconds: float) -> None:
         return reply == []
 
     poll(f"{name!r} to be freed", taken, seconds)
+
+
+def send_until_closed(sender: Client, fast: Client, claimant: Client, name: str) -> list[bytes]:
+    """`sender` sends batches of 2 KB messages, each batch checked at
+    `fast`, until `claimant` can take `name`: the member that holds it
+    (which never reads) was closed and its name freed. Every message sent."""
+    sent: list[bytes] = []
+    deadline = time.monotonic() + 30
+    while True:
+        batch = [b"%06d " % (len(sent) + index) + b"z" * 2000 for index in range(16)]
+        sender.send(sends(batch))
+        assert sender.sync() == []
+        assert fast.sync() == receives("sender", batch)
+        sent += batch
+        claimant.send(username(name))
+        reply = claimant.sync()
+        if reply == []:
+            return sent  # the slow consumer is gone and its name is free
+        assert reply == [NAME_TAKEN]
+        assert time.monotonic() < deadline, f"{name!r} was never disconnected"
 
 
 def assert_cut_short(received: bytes, owed: bytes) -> None:

@@ -157,6 +157,7 @@ from chat_testing import (
     seed_session_two,
     send_lines,
     send_randomly_cut,
+    send_until_closed,
     take_name_within,
 )
 from conftest import (
@@ -1540,20 +1541,7 @@ def test_slow_consumer_is_disconnected_others_unaffected(
         sender = running.member("sender")
         fast = running.member("fast")
         claimant = running.client()
-        sent: list[bytes] = []
-        deadline = time.monotonic() + 30
-        while True:
-            batch = [b"%06d " % (len(sent) + i) + b"z" * 2000 for i in range(16)]
-            sender.send(b"".join(send_line(message) for message in batch))
-            assert sender.sync() == []
-            assert fast.sync() == [receive("sender", message) for message in batch]
-            sent += batch
-            claimant.send(username("slow"))
-            reply = claimant.sync()
-            if reply == []:
-                break  # the slow consumer is gone and its name is free
-            assert reply == [NAME_TAKEN]
-            assert time.monotonic() < deadline, "the slow consumer was never disconnected"
+        sent = send_until_closed(sender, fast, claimant, "slow")
         # The server closed it: its stream ends, and holds a prefix of what
         # was sent, in order.
         stream = b"".join(b"RECEIVE sender " + message + b"\n" for message in sent)

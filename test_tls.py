@@ -16,7 +16,6 @@ import logging
 import signal
 import socket
 import ssl
-import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -36,10 +35,10 @@ from chat_testing import (
     machine_settings,
     seed_session_one,
     seed_session_two,
+    send_until_closed,
     take_name_within,
 )
 from conftest import (
-    NAME_TAKEN,
     SYNC_REPLY,
     TIMED_OUT_WAITING,
     TIMEOUT,
@@ -61,7 +60,6 @@ from conftest import (
     sends,
     start_server,
     turns,
-    username,
 )
 from tls import TLSConfig, TLSTransport
 
@@ -726,20 +724,7 @@ def test_tls_slow_consumer_is_disconnected_others_unaffected(
         sender.register("sender")
         fast = running.member("fast")
         claimant = running.tls_client()
-        sent: list[bytes] = []
-        deadline = time.monotonic() + 30
-        while True:
-            batch = [b"%06d " % (len(sent) + index) + b"z" * 2000 for index in range(16)]
-            sender.send(sends(batch))
-            assert sender.sync() == []
-            assert fast.sync() == receives("sender", batch)
-            sent += batch
-            claimant.send(username("slow"))
-            reply = claimant.sync()
-            if reply == []:
-                break  # the slow consumer is gone and its name is free
-            assert reply == [NAME_TAKEN]
-            assert time.monotonic() < deadline, "the slow consumer was never disconnected"
+        sent = send_until_closed(sender, fast, claimant, "slow")
         stream = b"".join(line + b"\n" for line in receives("sender", sent))
         assert_cut_short(slow.read_to_eof(), stream)
         assert running.server.stats.disconnections[reason] == 1
