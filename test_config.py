@@ -623,28 +623,26 @@ def test_systemd_socket_activate_passes_tls_and_web(tls_files: TLSFiles) -> None
     assert re.search(web, log), log
 
 
-def test_systemd_socket_activate_tls_without_a_certificate_exits_2() -> None:
-    """Socket activation: a tls socket without --tls-cert and --tls-key: one line, exit 2."""
+@pytest.mark.parametrize(
+    ("fdname", "said"),
+    [
+        ("tls", "--tls-cert"),  # a tls socket without --tls-cert and --tls-key
+        ("http", "'http'"),  # a name other than chat, tls, web, metrics
+    ],
+)
+def test_systemd_socket_activate_with_a_socket_it_cannot_serve_exits_2(
+    fdname: str, said: str
+) -> None:
+    """Socket activation: a tls socket without a certificate, or a socket
+    named other than chat, tls, web or metrics: one line that says why, exit 2."""
     port = free_port()
-    with activated(f"--listen=127.0.0.1:{port}", "--fdname=tls") as process:
-        client = connect_when_listening(port)
-        assert process.wait(TIMEOUT) == 2
-        assert process.stderr is not None
-        ours = process.stderr.read().partition(b"\nExecing ")[2].partition(b"\n")[2]
-        assert "--tls-cert" in one_line(ours)
-        client.close()
-
-
-def test_systemd_socket_activate_with_a_name_not_ours_exits_2() -> None:
-    """Socket activation: a socket named other than chat, tls, web, metrics: one line, exit 2."""
-    port = free_port()
-    with activated(f"--listen=127.0.0.1:{port}", "--fdname=http") as process:
+    with activated(f"--listen=127.0.0.1:{port}", f"--fdname={fdname}") as process:
         client = connect_when_listening(port)
         assert process.wait(TIMEOUT) == 2
         assert process.stderr is not None
         # What systemd-socket-activate says before it runs chat.py, then chat.py's.
         ours = process.stderr.read().partition(b"\nExecing ")[2].partition(b"\n")[2]
-        assert "'http'" in one_line(ours)
+        assert said in one_line(ours)
         client.close()
 
 
