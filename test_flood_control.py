@@ -51,6 +51,7 @@ from host import Host, Member
 from output import STALL_CHECK
 from reactor import ChatServer
 from room import LocalRoom
+from test_metrics import answer_while_turning
 
 THROTTLED_LOG = "sends faster than --send-rate"
 
@@ -504,18 +505,7 @@ def scrape(server: ChatServer) -> str:
     with socket.create_connection(server.metrics.address, timeout=TIMEOUT) as sock:
         sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
         sock.setblocking(False)
-        answer = b""
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            assert time.monotonic() < deadline, f"no whole answer: {answer!r}"
-            server.run_once(max_wait=0.005)
-            try:
-                chunk = sock.recv(65536)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                return answer.decode()
-            answer += chunk
+        return answer_while_turning(server, sock).decode()
 
 
 def test_flood_control_is_off_by_default() -> None:
