@@ -130,6 +130,17 @@ def receives(name: str, messages: list[bytes]) -> list[bytes]:
 # --- Waiting -----------------------------------------------------------------
 
 
+def require_tool(found: str | None, missing: str, *, module: bool = False) -> str:
+    """`found` (a program's path, say), or: the test is skipped for want of
+    `missing`, or fails in CI, which installs everything the tests use
+    (.ci/run). `module`: the whole test module is skipped."""
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{missing} is missing", pytrace=False)
+        pytest.skip(f"{missing} is not installed", allow_module_level=module)
+    return found
+
+
 def poll(what: str, check: Callable[[], bool], timeout: float = TIMEOUT) -> float:
     """Call `check` until it is true; fail after `timeout` seconds; how long
     it took. For what a test cannot sync on (a name freed by a reset, a log

@@ -12,7 +12,6 @@ of different clients carry different addresses.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
 import subprocess
@@ -23,7 +22,7 @@ from typing import Final
 
 import pytest
 
-from conftest import TIMEOUT, free_port, listening_ports, poll
+from conftest import TIMEOUT, free_port, listening_ports, poll, require_tool
 
 # Debian installs it in /usr/sbin, which a user's PATH may lack.
 HAPROXY: Final = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin")
@@ -34,11 +33,7 @@ _START_ATTEMPTS: Final = 5
 def require_haproxy() -> str:
     """The haproxy program; the test is skipped without it, or fails in CI
     (.ci/run installs it)."""
-    if HAPROXY is None:
-        if os.environ.get("CI"):
-            pytest.fail("haproxy is missing", pytrace=False)
-        pytest.skip("haproxy is not installed")
-    return HAPROXY
+    return require_tool(HAPROXY, "haproxy")
 
 
 def haproxy_config(

@@ -15,7 +15,6 @@ import base64
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -33,7 +32,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 import bench
 import websocket
-from conftest import HERE, TIMEOUT
+from conftest import HERE, TIMEOUT, require_tool
 
 # (target, scenario) -> bench.py's arguments. Some put the target options
 # after the scenario, which bench.py accepts too.
@@ -154,11 +153,8 @@ def require(target: str) -> None:
         missing = "hiredis"
     elif target == "websockets-lib" and importlib.util.find_spec("websockets") is None:
         missing = "websockets"
-    if missing is None:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"{missing} is missing", pytrace=False)
-    pytest.skip(f"{missing} is not installed")
+    if missing is not None:
+        require_tool(None, missing)
 
 
 def run_bench(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

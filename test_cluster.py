@@ -45,6 +45,7 @@ from conftest import (
     in_process,
     launch,
     poll,
+    require_tool,
     run_chat,
     sends,
     turns,
@@ -56,12 +57,7 @@ hiredis = pytest.importorskip("hiredis")
 import cluster as cluster_module  # noqa: E402  (needs hiredis)
 import redis_link  # noqa: E402
 
-REDIS_SERVER = shutil.which("redis-server")
-# CI installs redis-server (.ci/run): there, a missing one is a failure.
-if REDIS_SERVER is None:
-    if os.environ.get("CI"):
-        pytest.fail("redis-server is missing", pytrace=False)
-    pytest.skip("redis-server is not installed", allow_module_level=True)
+REDIS_SERVER = require_tool(shutil.which("redis-server"), "redis-server", module=True)
 
 # How long anything that crosses servers (or waits for a lease) may take.
 DEADLINE = 15.0

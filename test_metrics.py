@@ -13,7 +13,6 @@ deadline), and one runs the real program on the real clock.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
 import socket
@@ -38,6 +37,7 @@ from conftest import (
     launch,
     poll,
     receive,
+    require_tool,
     send_line,
     start_server,
     turns,
@@ -417,11 +417,7 @@ def test_a_metrics_client_is_closed_exactly_at_its_deadline() -> None:
 
 def test_metrics_with_curl_as_in_the_readme() -> None:
     """Monitoring: `--metrics-port` on 127.0.0.1 by default, read with curl."""
-    curl = shutil.which("curl")
-    if curl is None:
-        if os.environ.get("CI"):
-            pytest.fail("curl is missing")
-        pytest.skip("curl is not installed")
+    curl = require_tool(shutil.which("curl"), "curl")
     with launch("--metrics-port", "0") as running:
         running.member("alice")
         found = poll_log(running, re.compile(r"metrics at http://127\.0\.0\.1:(\d+)/metrics"))

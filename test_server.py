@@ -189,6 +189,7 @@ from conftest import (
     raise_fd_limit,
     receive,
     receives,
+    require_tool,
     run_chat,
     send_line,
     sends,
@@ -902,12 +903,7 @@ def test_plain_clients_never_receive_an_iac_byte(server: RunningServer) -> None:
 @pytest.fixture
 def telnet_path() -> str:
     """The `telnet` program; CI must have it (.ci/run installs it)."""
-    path = shutil.which("telnet")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("telnet is missing", pytrace=False)
-        pytest.skip("telnet is not installed")
-    return path
+    return require_tool(shutil.which("telnet"), "telnet")
 
 
 def test_real_telnet_session_through_ctrl_c(
