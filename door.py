@@ -607,21 +607,10 @@ class TLSPort:
         self._schedule = schedule
         self._close = close
 
-    def open(
-        self,
-        door: Door,
-        host: str | None,
-        *,
-        keepalive: int,
-        reuse_port: bool,
-        listener: socket.socket | None = None,
-    ) -> None:
-        """Listen on `listener` if one is given (socket activation), else
-        bind the configured port."""
-        self.listener = listening_socket(
-            listener, host, self.config.port, keepalive=keepalive, reuse_port=reuse_port
-        )
-        door.open(self.listener, self.admit, plain=False)
+    def open(self, door: Door, listener: socket.socket) -> None:
+        """Let clients in through `door` from `listener`, the TLS port."""
+        self.listener = listener
+        door.open(listener, self.admit, plain=False)
 
     @property
     def address(self) -> tuple[str, int] | None:

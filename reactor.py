@@ -156,9 +156,14 @@ class ChatServer:
             proxy_networks=proxy_networks,
         )
         sockets = {} if sockets is None else sockets
-        self._listener = listening_socket(
-            sockets.get("chat"), host, port, keepalive=keepalive, reuse_port=reuse_port
-        )
+
+        def listen(name: str, port: int) -> socket.socket:
+            """The socket systemd passed as `name`, else a new one on `port`."""
+            return listening_socket(
+                sockets.get(name), host, port, keepalive=keepalive, reuse_port=reuse_port
+            )
+
+        self._listener = listen("chat", port)
         self._door.open(self._listener)
         flood_control = FloodControl(
             self._schedule, self._timers, self.stats, send_rate, send_burst
@@ -183,13 +188,7 @@ class ChatServer:
         try:
             if tls is not None and tls_context is not None:
                 self._tls = TLSPort(tls, tls_context, self._schedule, self._close)
-                self._tls.open(
-                    self._door,
-                    host,
-                    keepalive=keepalive,
-                    reuse_port=reuse_port,
-                    listener=sockets.get("tls"),
-                )
+                self._tls.open(self._door, listen("tls", tls.port))
             if web is not None:
                 self._web = WebPort(
                     web,
@@ -202,13 +201,7 @@ class ChatServer:
                     watch=self.watch,
                     unwatch=self.unwatch,
                 )
-                self._web.open(
-                    self._door,
-                    host,
-                    keepalive=keepalive,
-                    reuse_port=reuse_port,
-                    listener=sockets.get("web"),
-                )
+                self._web.open(self._door, listen("web", web.port))
             self._room: Room = room(self)
             self._processor.room = self._room
             if metrics_address is not None:

@@ -35,7 +35,7 @@ from typing import Final, cast
 import web
 import websocket
 from connection import READ_SIZE, Close, Connection, Kind, Schedule, Transport
-from door import Door, listener_address, listening_socket, reloaded_context
+from door import Door, listener_address, reloaded_context
 from timers import Timer, Timers
 from tls import TLSTransport, error_detail
 
@@ -411,21 +411,10 @@ class WebPort:
         self._pinged: dict[WebTransport, None] = {}
         self._idle_check: Timer | None = None
 
-    def open(
-        self,
-        door: Door,
-        host: str | None,
-        *,
-        keepalive: int,
-        reuse_port: bool,
-        listener: socket.socket | None = None,
-    ) -> None:
-        """Listen on `listener` if one is given (socket activation), else
-        bind the configured port."""
-        self.listener = listening_socket(
-            listener, host, self.config.port, keepalive=keepalive, reuse_port=reuse_port
-        )
-        door.open(self.listener, self.admit, turn_away=self.turn_away)
+    def open(self, door: Door, listener: socket.socket) -> None:
+        """Let clients in through `door` from `listener`, the web port."""
+        self.listener = listener
+        door.open(listener, self.admit, turn_away=self.turn_away)
 
     @property
     def address(self) -> tuple[str, int] | None:
